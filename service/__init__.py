@@ -1,0 +1,3 @@
+"""emrestore: diffusion-model restoration for volume electron microscopy."""
+
+__version__ = "0.1.0"

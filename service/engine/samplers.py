@@ -1,0 +1,142 @@
+"""Samplers: swappable reverse processes over a sequence of noise levels.
+
+A sampler gets a *denoiser* ``eps = denoiser(x, gamma)`` (conditioning already bound), the shape
+of the sample batch, the decreasing-noise sequence of alpha_bar values (from
+``NoiseSchedule.inference_alpha_bars``) and a CPU ``torch.Generator`` for all randomness, so the
+same seed gives the same result on any device.
+
+- ``ddpm``: ancestral sampling (the reference method; 200–1000 steps there).
+- ``ddim``: deterministic DDIM (eta = 0).
+- ``dpmpp2m``: DPM-Solver++(2M), a second-order multistep solver in data prediction; the default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _randn(shape, generator, device) -> torch.Tensor:
+    """Noise on the CPU (same numbers on every device). A list of generators splits the batch
+    into equal parts, one per generator, so each image's noise is independent of batching."""
+    if isinstance(generator, (list, tuple)):
+        n = len(generator)
+        part = (shape[0] // n,) + tuple(shape[1:])
+        return torch.cat([torch.randn(part, generator=g, dtype=torch.float32) for g in generator]).to(device)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def _x0(x: torch.Tensor, eps: torch.Tensor, a: float) -> torch.Tensor:
+    return ((x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)).clamp(-1.0, 1.0)
+
+
+def _gamma(batch: int, a: float, device) -> torch.Tensor:
+    return torch.full((batch,), math.sqrt(a), dtype=torch.float32, device=device)
+
+
+class Sampler(Protocol):
+    name: str
+    stochastic: bool
+
+    def sample(self, denoiser: Denoiser, shape: tuple[int, ...], alpha_bars: np.ndarray,
+               generator: torch.Generator, device: torch.device | str = "cpu",
+               callback: Callable[[int, int], None] | None = None) -> torch.Tensor: ...
+
+
+class AncestralSampler:
+    """DDPM ancestral sampling on a (respaced) sequence of levels."""
+    name = "ddpm"
+    stochastic = True
+
+    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None):
+        x = _randn(shape, generator, device)
+        n = len(alpha_bars) - 1
+        for i in range(n):
+            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
+            x0 = _x0(x, denoiser(x, _gamma(shape[0], a, device)), a)
+            if a_next >= 1.0:
+                x = x0
+            else:
+                beta = 1.0 - a / a_next
+                c0 = math.sqrt(a_next) * beta / (1.0 - a)
+                ct = math.sqrt(a / a_next) * (1.0 - a_next) / (1.0 - a)
+                var = beta * (1.0 - a_next) / (1.0 - a)
+                x = c0 * x0 + ct * x + math.sqrt(var) * _randn(shape, generator, device)
+            if callback:
+                callback(i + 1, n)
+        return x
+
+
+class DDIMSampler:
+    """Deterministic DDIM (eta = 0): only the starting noise is random."""
+    name = "ddim"
+    stochastic = False
+
+    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None):
+        x = _randn(shape, generator, device)
+        n = len(alpha_bars) - 1
+        for i in range(n):
+            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
+            x0 = _x0(x, denoiser(x, _gamma(shape[0], a, device)), a)
+            if a_next >= 1.0:
+                x = x0
+            else:
+                eps = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
+                x = math.sqrt(a_next) * x0 + math.sqrt(1.0 - a_next) * eps
+            if callback:
+                callback(i + 1, n)
+        return x
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, first order on the first and last step."""
+    name = "dpmpp2m"
+    stochastic = False
+
+    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None):
+        x = _randn(shape, generator, device)
+        n = len(alpha_bars) - 1
+        prev_x0, prev_h = None, None
+        for i in range(n):
+            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
+            x0 = _x0(x, denoiser(x, _gamma(shape[0], a, device)), a)
+            if a_next >= 1.0:
+                x = x0
+            else:
+                lam = 0.5 * math.log(a / (1.0 - a))
+                lam_next = 0.5 * math.log(a_next / (1.0 - a_next))
+                h = lam_next - lam
+                if prev_x0 is None:
+                    d = x0
+                else:
+                    r = prev_h / h
+                    d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * prev_x0
+                sigma, sigma_next = math.sqrt(1.0 - a), math.sqrt(1.0 - a_next)
+                x = (sigma_next / sigma) * x - math.sqrt(a_next) * math.expm1(-h) * d
+                prev_x0, prev_h = x0, h
+            if callback:
+                callback(i + 1, n)
+        return x
+
+
+SAMPLERS: dict[str, type] = {
+    "ddpm": AncestralSampler,
+    "ddim": DDIMSampler,
+    "dpmpp2m": DPMSolverPP2M,
+}
+#: Default sampler and step count, chosen from bench/quality.py's quality/speed curve.
+DEFAULT_SAMPLER = "dpmpp2m"
+DEFAULT_STEPS = 10
+#: Step spacing per sampler: few-step solvers do best with log-SNR spacing.
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "logsnr", "dpmpp2m": "logsnr"}
+
+
+def get_sampler(name: str):
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]()
