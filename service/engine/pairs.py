@@ -132,3 +132,39 @@ class IsotropicPairs:
             conds.append(c)
             targets.append(t)
         return np.stack(conds), np.stack(targets)
+
+
+class StackGapPairs:
+    """One registered isotropic pair: an anisotropic stack (Zs sections) and its isotropic
+    counterpart ((Zs−1)·k+1 sections, section i at k·i) — for fine-tuning from one image pair."""
+
+    def __init__(self, task: TaskSpec, low: np.ndarray, high: np.ndarray, norm: IntensityNorm | None = None):
+        k = task.factor
+        if task.name != "isotropic":
+            raise ValueError(f"task: gap pairs need the isotropic task, not {task.name}")
+        expect = ((low.shape[0] - 1) * k + 1,) + tuple(low.shape[1:])
+        if low.ndim != 3 or low.shape[0] < 2 or tuple(high.shape) != expect:
+            raise ValueError(f"target: shape {tuple(high.shape)} does not match input {tuple(low.shape)} "
+                             f"for isotropic ×{k} (expected {expect})")
+        self.task = task
+        self.norm = norm or IntensityNorm.from_volume(low)
+        self.low = self.norm.forward(low)
+        self.high = self.norm.forward(high)
+
+    def sample(self, batch: int, patch: int, rng: np.random.Generator):
+        k = self.task.factor
+        gaps = self.low.shape[0] - 1
+        H, W = self.high.shape[1:]
+        conds, targets = [], []
+        for _ in range(batch):
+            i = rng.integers(gaps)
+            y = rng.integers(max(H - patch, 0) + 1)
+            x = rng.integers(max(W - patch, 0) + 1)
+            planes = _crop_or_pad(self.high[k * i:k * i + k + 1], (patch, patch), y, x).copy()
+            planes[[0, k]] = _crop_or_pad(self.low[i:i + 2], (patch, patch), y, x)
+            if rng.random() < 0.5:
+                planes = planes[::-1]
+            c, t = _augment(planes[[0, k]], planes[1:k], rng)
+            conds.append(c)
+            targets.append(t)
+        return np.stack(conds), np.stack(targets)

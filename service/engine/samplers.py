@@ -111,7 +111,7 @@ class DPMSolverPP2M:
                 lam = 0.5 * math.log(a / (1.0 - a))
                 lam_next = 0.5 * math.log(a_next / (1.0 - a_next))
                 h = lam_next - lam
-                if prev_x0 is None:
+                if prev_x0 is None or prev_h <= 0 or h <= 0:
                     d = x0
                 else:
                     r = prev_h / h

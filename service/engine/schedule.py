@@ -56,9 +56,10 @@ class NoiseSchedule:
         elif spacing == "uniform":
             ts = np.round(np.linspace(T, 1, steps)).astype(int)
         elif spacing == "logsnr":
-            lam = np.log(ab[1:] / (1 - ab[1:]))
-            targets = np.linspace(lam[-1], lam[0], steps)
-            ts = np.array([int(np.argmin(np.abs(lam - v))) + 1 for v in targets])
+            # continuous levels (the network is conditioned on continuous gamma), evenly spaced in
+            # log-SNR between the noisiest and the least noisy training level
+            lam = np.linspace(np.log(ab[T] / (1 - ab[T])), np.log(ab[1] / (1 - ab[1])), steps)
+            return np.concatenate([1.0 / (1.0 + np.exp(-lam)), [1.0]])
         else:
             raise ValueError(f"spacing: unknown spacing {spacing!r}; choose trailing, uniform or logsnr")
         ts = np.maximum.accumulate(ts[::-1])[::-1]  # keep decreasing

@@ -62,11 +62,13 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None = None,
           resume: bool = False, progress: bool = True, mode: str = "supervised",
-          log: list | None = None) -> RestorationModel:
+          log: list | None = None, stop_at: int | None = None) -> RestorationModel:
     """Train ``model`` in place on ``pairs`` (an object with ``sample(batch, patch, rng)``).
 
     The saved and returned weights are the EMA weights. With ``resume`` and a ``train_state.pt``
-    at ``out_url``, training continues from its step with the same data order.
+    at ``out_url``, training continues from its step with the same data order and gives the same
+    weights as an uninterrupted run. ``stop_at`` ends this run early at that step (checkpointed),
+    for time-limited workers.
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -89,6 +91,8 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             start = int(state["step"])
             rng = state["rng"]
             gen.set_state(state["gen"])
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"])
             history = state.get("history", history)
     use_bf16 = device.type == "cuda"
     sched = model.schedule
@@ -104,7 +108,8 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
         model.training = _record(model, cfg, mode, step, history, time.time() - t0)
         model.save(out_url, train_state={"net": net.state_dict(), "ema": ema.state_dict(),
                                          "opt": opt.state_dict(), "step": step, "rng": rng,
-                                         "gen": gen.get_state(), "history": history})
+                                         "gen": gen.get_state(), "history": history,
+                                         "torch_rng": torch.get_rng_state()})
         model.net = net
 
     for step in range(start, cfg.steps):
@@ -143,6 +148,11 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
         bar.update(1)
         if log is not None:
             log.append(lv)
+        if stop_at is not None and step + 1 >= stop_at and step + 1 < cfg.steps:
+            save(step + 1)
+            bar.close()
+            model.net = ema.eval()
+            return model
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()

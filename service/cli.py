@@ -1,0 +1,342 @@
+"""The ``emrestore`` command line.
+
+Engine commands: synth, train, finetune, restore, models, demo. Service commands (serve, submit,
+jobs, cutout, worker, view) are registered by ``service.api.commands`` when present.
+Bad input prints one line ``emrestore: error: …`` naming the problem, exits 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+class CLIError(Exception):
+    """A one-line error for the user."""
+
+
+def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"{name}: expected {n} comma-separated integers, got {text!r}") from None
+    if len(vals) != n or min(vals) < 1:
+        raise CLIError(f"{name}: expected {n} comma-separated positive integers, got {text!r}")
+    return vals
+
+
+def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"{name}: expected {n} comma-separated numbers, got {text!r}") from None
+    if len(vals) != n or min(vals) <= 0:
+        raise CLIError(f"{name}: expected {n} comma-separated positive numbers (nm), got {text!r}")
+    return vals
+
+
+def _check_writable(path: str, name: str):
+    if "://" in path and not path.startswith("file://"):
+        return
+    p = path[7:] if path.startswith("file://") else path
+    parent = os.path.dirname(os.path.abspath(p)) or "."
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise CLIError(f"{name}: cannot write to {parent}")
+
+
+# --------------------------------------------------------------------------- synth
+def cmd_synth(a):
+    from .engine import phantom
+    from .volume.tiff import write_stack
+    shape = _ints(a.shape, 3, "--shape")
+    vx = _floats(a.voxel_size, 3, "--voxel-size") if a.voxel_size else (8.0, 8.0, 8.0)
+    if a.anisotropy < 1 or a.anisotropy > 16:
+        raise CLIError(f"--anisotropy: must be in [1, 16], got {a.anisotropy}")
+    _check_writable(a.out, "--out")
+    vol = phantom.make_phantom(shape, seed=a.seed)
+    truth = vol
+    k = a.anisotropy
+    if k > 1:
+        out = phantom.thick_sections(vol, k, mode=a.sectioning)
+        truth = vol[:(out.shape[0] - 1) * k + 1]
+        out_vx = (vx[0], vx[1], vx[2] * k)
+    else:
+        out, out_vx = vol, vx
+    if a.noise:
+        out = phantom.add_poisson_gaussian(out, photons=a.noise, seed=a.seed + 1)
+    write_stack(a.out, phantom.to_uint8(out), voxel_size_nm=out_vx)
+    if a.truth:
+        write_stack(a.truth, phantom.to_uint8(truth), voxel_size_nm=vx)
+    print(f"wrote {a.out}: {out.shape[0]} sections of {out.shape[1]}×{out.shape[2]} at "
+          f"{out_vx[0]:g}×{out_vx[1]:g}×{out_vx[2]:g} nm" + (f"; ground truth {a.truth}" if a.truth else ""))
+
+
+# --------------------------------------------------------------------------- train
+def _voxel_size(a, path):
+    from .volume.tiff import read_voxel_size
+    if a.voxel_size:
+        return _floats(a.voxel_size, 3, "--voxel-size")
+    vs = read_voxel_size(path)
+    if vs is None:
+        raise CLIError(f"--voxel-size: not given and {path} carries no voxel size")
+    return vs
+
+
+def _train_config(a):
+    from .engine.training import TrainConfig
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, patch=a.patch, lr=a.lr,
+                       warmup=min(a.warmup, max(1, a.steps // 5)), seed=a.seed, device=a.device,
+                       checkpoint_every=a.checkpoint_every)
+
+
+def cmd_train(a):
+    from .engine.model import RestorationModel
+    from .engine.pairs import IsotropicPairs, RegisteredPairs
+    from .engine.tasks import TaskSpec
+    from .engine.training import train
+    from .volume.tiff import read_stack
+    vol = read_stack(a.input)
+    vs = _voxel_size(a, a.input)
+    if a.task == "isotropic":
+        k = a.factor
+        if k is None:
+            if not a.self_supervised:
+                raise CLIError("--factor: required for supervised isotropic training")
+            k = int(round(vs[2] / vs[0]))
+        task = TaskSpec("isotropic", k)
+        if a.target:
+            raise CLIError("--target: isotropic training learns from --input alone "
+                           "(isotropic volume, or anisotropic with --self-supervised)")
+        if a.self_supervised and abs(vs[2] / vs[0] - k) > 0.5 * k:
+            print(f"note: voxel size {vs} suggests factor {vs[2] / vs[0]:.1f}, training factor {k}",
+                  file=sys.stderr)
+        pairs = IsotropicPairs(task, vol, self_supervised=a.self_supervised)
+        norm_in = norm_out = pairs.norm
+        model_vs = vs if a.self_supervised else (vs[0], vs[1], vs[2] * k)
+        mode = "self-supervised" if a.self_supervised else "supervised-isotropic"
+    else:
+        if a.self_supervised:
+            raise CLIError(f"--self-supervised: only for --task isotropic, not {a.task}")
+        if not a.target:
+            raise CLIError(f"--target: {a.task} training needs a registered --target stack")
+        task = TaskSpec(a.task, a.factor or (2 if a.task == "superres" else 1))
+        pairs = RegisteredPairs(task, vol, read_stack(a.target))
+        norm_in, norm_out = pairs.input_norm, pairs.target_norm
+        model_vs = vs
+        mode = "supervised"
+    _check_writable(a.out, "--out")
+    model = RestorationModel.create(task, a.preset, kind=a.kind, voxel_size_nm=model_vs, seed=a.seed)
+    model.input_norm, model.target_norm = norm_in, norm_out
+    model.name = a.name or os.path.basename(a.out.rstrip("/"))
+    if a.resume:
+        from .engine.model import read_metadata
+        try:
+            read_metadata(a.out)
+            model = RestorationModel.load(a.out)
+        except ValueError:
+            pass
+    print(f"training {model.kind} {task.name} ×{task.factor} ({a.preset}, "
+          f"{model.num_parameters / 1e6:.2f} M parameters) for {a.steps} steps → {a.out}", file=sys.stderr)
+    train(model, pairs, _train_config(a), out_url=a.out, resume=a.resume,
+          progress=not a.quiet, mode=mode)
+    print(f"saved model to {a.out} (final loss {model.training.get('final_loss')})")
+
+
+def cmd_finetune(a):
+    from .engine.model import RestorationModel
+    from .engine.pairs import IsotropicPairs, RegisteredPairs, StackGapPairs
+    from .engine.training import train
+    from .volume.tiff import read_stack
+    model = RestorationModel.load(a.model)
+    low = read_stack(a.input)
+    task = model.task
+    if task.name == "isotropic":
+        pairs = (StackGapPairs(task, low, read_stack(a.target)) if a.target
+                 else IsotropicPairs(task, low, self_supervised=True))
+        model.input_norm = model.target_norm = pairs.norm
+    else:
+        if not a.target:
+            raise CLIError(f"--target: fine-tuning a {task.name} model needs --target")
+        pairs = RegisteredPairs(task, low, read_stack(a.target))
+        model.input_norm, model.target_norm = pairs.input_norm, pairs.target_norm
+    _check_writable(a.out, "--out")
+    base = {k: model.training.get(k) for k in ("mode", "steps", "final_loss")}
+    base["url"] = a.model
+    model.training = {"base": base}
+    train(model, pairs, _train_config(a), out_url=a.out, progress=not a.quiet, mode="finetune")
+    print(f"saved fine-tuned model to {a.out} (final loss {model.training.get('final_loss')})")
+
+
+# --------------------------------------------------------------------------- restore
+def cmd_restore(a):
+    from .engine.model import RestorationModel
+    from .engine.restore import UNCERTAINTY_THRESHOLD, restore
+    from .volume.tiff import read_stack, read_voxel_size, write_stack
+    model = RestorationModel.load(a.model)
+    vol = read_stack(a.input)
+    if a.uncertainty and a.samples < 2:
+        raise CLIError("--uncertainty: needs --samples of at least 2")
+    if os.path.abspath(a.output) == os.path.abspath(a.input):
+        raise CLIError("--output: would overwrite --input")
+    _check_writable(a.output, "--output")
+    if a.uncertainty:
+        _check_writable(a.uncertainty, "--uncertainty")
+    from tqdm.auto import tqdm
+    bar = tqdm(total=None, desc="restore", unit="img", disable=a.quiet, dynamic_ncols=True)
+
+    def prog(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    res = restore(model, vol, sampler=a.sampler, steps=a.steps, samples=a.samples, seed=a.seed,
+                  tile=a.tile, overlap=a.overlap, device=a.device, progress=prog)
+    bar.close()
+    vs = read_voxel_size(a.input)
+    out_vs = None
+    if vs:
+        f = model.task.factor
+        out_vs = {"isotropic": (vs[0], vs[1], vs[2] / f), "superres": (vs[0] / f, vs[1] / f, vs[2]),
+                  "denoise": vs}[model.task.name]
+    write_stack(a.output, res.mean, voxel_size_nm=out_vs)
+    if a.uncertainty:
+        write_stack(a.uncertainty, res.std.astype(np.float32), voxel_size_nm=out_vs)
+    msg = (f"wrote {a.output}: {res.mean.shape[0]} sections of {res.mean.shape[1]}×{res.mean.shape[2]}, "
+           f"{res.images} images × {res.evaluations} network evaluations, {res.seconds:.1f} s")
+    if res.score is not None:
+        flag = "NEEDS FINE-TUNING" if res.needs_finetuning else "ok"
+        msg += f"; uncertainty score {res.score:.4f} (threshold {UNCERTAINTY_THRESHOLD}): {flag}"
+    print(msg)
+
+
+def cmd_models(a):
+    from .engine.model import list_models
+    models = list_models(a.dir)
+    if not models:
+        print(f"no models under {a.dir}")
+        return
+    print(f"{'name':24} {'task':10} {'factor':>6} {'preset':8} {'steps':>7}  url")
+    for m in models:
+        print(f"{m['name'][:24]:24} {m['task']:10} {m['factor']:>6} {m['preset']:8} "
+              f"{(m.get('training') or {}).get('steps', '-')!s:>7}  {m['url']}")
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+    run_demo(a.workdir, quick=a.quick, with_service=not a.no_service)
+
+
+# --------------------------------------------------------------------------- parser
+def _add_train_args(p, default_steps):
+    p.add_argument("--steps", type=int, default=default_steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--patch", type=int, default=64, help="training patch size (pixels)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    ap = argparse.ArgumentParser(prog="emrestore", description=__doc__.splitlines()[0])
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"emrestore {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic EM phantom as a TIFF stack")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", default="61,192,192", help="Z,Y,X of the isotropic phantom")
+    p.add_argument("--anisotropy", type=int, default=1, help="thick-section factor k (1: isotropic)")
+    p.add_argument("--sectioning", choices=["average", "sample"], default="average")
+    p.add_argument("--voxel-size", help="X,Y,Z nm of the isotropic phantom (default 8,8,8)")
+    p.add_argument("--noise", type=float, default=0.0, help="photons per unit intensity (0: no noise)")
+    p.add_argument("--truth", help="also write the isotropic ground truth here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--task", required=True, choices=["denoise", "superres", "isotropic"])
+    p.add_argument("--self-supervised", action="store_true",
+                   help="isotropic: learn from the anisotropic --input itself (lateral axes)")
+    p.add_argument("--input", required=True)
+    p.add_argument("--target")
+    p.add_argument("--voxel-size", help="X,Y,Z nm (default: from the TIFF)")
+    p.add_argument("--factor", type=int)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--kind", default="diffusion", choices=["diffusion", "regression"])
+    p.add_argument("--name")
+    p.add_argument("--out", required=True, help="model URL (a directory: file://, s3://, gs://, memory://)")
+    p.add_argument("--resume", action="store_true")
+    _add_train_args(p, 2000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a model from one image pair")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--target")
+    p.add_argument("--out", required=True)
+    _add_train_args(p, 300)
+    p.set_defaults(func=cmd_finetune, lr=2e-4)
+
+    p = sub.add_parser("restore", help="restore a TIFF stack")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--samples", type=int, default=1, help="K samples; mean is the output")
+    p.add_argument("--uncertainty", help="write the per-voxel standard deviation here (K ≥ 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("models", help="list the models in a model directory")
+    p.add_argument("dir", nargs="?", default=os.environ.get("EMRESTORE_MODELS", "models"))
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="phantom → train tiny model → restore → pictures")
+    p.add_argument("--workdir", default="demo-output")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
+    p.add_argument("--no-service", action="store_true", help="skip the precomputed/service part")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from .api import commands
+        commands.register(sub)
+    except ImportError:
+        pass
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        a.func(a)
+    except CLIError as e:
+        print(f"emrestore: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"emrestore: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emrestore: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
