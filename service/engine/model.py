@@ -38,7 +38,11 @@ def open_fs(url: str):
 
 
 class ModelError(ValueError):
-    """A model that cannot be found, read or used for the request."""
+    """A model that cannot be read or used for the request (e.g. model/task mismatch)."""
+
+
+class ModelNotFound(ModelError):
+    """No model at the URL."""
 
 
 @dataclass
@@ -142,7 +146,7 @@ def read_metadata(url: str) -> dict:
         fs, path = open_fs(url)
         raw = fs.cat_file(posixpath.join(path, "model.json"))
     except FileNotFoundError:
-        raise ModelError(f"model: no model at {url} (model.json not found)") from None
+        raise ModelNotFound(f"model: no model at {url} (model.json not found)") from None
     except ValueError as e:
         raise ModelError(f"model: cannot open {url}: {e}") from None
     try:

@@ -1,0 +1,160 @@
+"""Executors run a job's tasks: ``emrestore worker`` processes here, or Kubernetes pods (kube.py).
+
+Both follow the worker contract in docs/CONTRACTS.md: task I of T runs
+``emrestore worker --ledger URL --job ID --task-index I --num-tasks T``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class ExecutorStatus:
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    finished: bool = False
+    messages: list[str] = field(default_factory=list)
+
+
+class Executor(Protocol):
+    name: str
+
+    def launch(self, job_id: str, num_tasks: int, parallelism: int) -> None: ...
+    def status(self, job_id: str) -> ExecutorStatus: ...
+    def cancel(self, job_id: str) -> None: ...
+
+
+def worker_command(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int) -> list[str]:
+    cmd = [sys.executable, "-m", "service.cli", "worker", "--ledger", ledger_url, "--job", job_id,
+           "--num-tasks", str(num_tasks)]
+    if task_index is not None:
+        cmd += ["--task-index", str(task_index)]
+    return cmd
+
+
+class _LocalJob:
+    def __init__(self, job_id: str, num_tasks: int, parallelism: int):
+        self.job_id = job_id
+        self.num_tasks = num_tasks
+        self.parallelism = max(1, parallelism)
+        self.queue = list(range(num_tasks))
+        self.running: dict[int, subprocess.Popen] = {}
+        self.attempts = {i: 0 for i in range(num_tasks)}
+        self.succeeded: set[int] = set()
+        self.failed: set[int] = set()
+        self.messages: list[str] = []
+        self.cancelled = False
+        self.thread: threading.Thread | None = None
+
+
+class LocalExecutor:
+    """Runs each task as an ``emrestore worker`` subprocess, at most ``parallelism`` at once,
+    retrying a failed task up to ``max_retries`` times. Torch threads are split between workers."""
+    name = "local"
+
+    def __init__(self, ledger_url: str, max_retries: int = 2, default_parallelism: int = 1,
+                 env: dict | None = None, log_dir: str | None = None):
+        self.ledger_url = ledger_url
+        self.max_retries = max_retries
+        self.default_parallelism = default_parallelism
+        self.env = env or {}
+        self.log_dir = log_dir
+        self._jobs: dict[str, _LocalJob] = {}
+        self._lock = threading.Lock()
+
+    def launch(self, job_id: str, num_tasks: int, parallelism: int) -> None:
+        with self._lock:
+            old = self._jobs.get(job_id)
+            if old is not None and old.thread is not None and old.thread.is_alive():
+                return  # already running
+            job = _LocalJob(job_id, num_tasks, parallelism or self.default_parallelism)
+            self._jobs[job_id] = job
+        job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name=f"local-{job_id}")
+        job.thread.start()
+
+    def _spawn(self, job: _LocalJob, i: int) -> subprocess.Popen:
+        env = dict(os.environ)
+        env.update(self.env)
+        threads = max(1, (os.cpu_count() or 1) // job.parallelism)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env["JOB_COMPLETION_INDEX"] = str(i)
+        from ..volume.stores import ENDPOINTS_ENV, endpoints_json
+        if ENDPOINTS_ENV not in env and endpoints_json() != "[]":
+            env[ENDPOINTS_ENV] = endpoints_json()  # workers reach the same S3-compatible aliases
+        out = subprocess.DEVNULL
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, f"{job.job_id}-{i}-{job.attempts[i]}.log"), "wb")
+        job.attempts[i] += 1
+        return subprocess.Popen(worker_command(self.ledger_url, job.job_id, None, job.num_tasks),
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+    def _run(self, job: _LocalJob):
+        while not job.cancelled and (job.queue or job.running):
+            while job.queue and len(job.running) < job.parallelism and not job.cancelled:
+                i = job.queue.pop(0)
+                job.running[i] = self._spawn(job, i)
+            time.sleep(0.1)
+            for i, proc in list(job.running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del job.running[i]
+                if rc == 0:
+                    job.succeeded.add(i)
+                elif rc == 2 or job.attempts[i] > self.max_retries:
+                    job.failed.add(i)
+                    job.messages.append(f"task {i} failed with exit code {rc} after {job.attempts[i]} attempt(s)")
+                else:
+                    job.messages.append(f"task {i} exited with code {rc}; retrying")
+                    job.queue.append(i)
+        if job.cancelled:
+            for proc in job.running.values():
+                proc.terminate()
+            for proc in job.running.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            job.running.clear()
+
+    def status(self, job_id: str) -> ExecutorStatus:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return ExecutorStatus(finished=True, messages=["not launched by this executor"])
+        alive = job.thread is not None and job.thread.is_alive()
+        return ExecutorStatus(active=len(job.running), succeeded=len(job.succeeded), failed=len(job.failed),
+                              finished=not alive, messages=list(job.messages))
+
+    def known(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def cancel(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.cancelled = True
+        if job.thread is not None:
+            job.thread.join(timeout=15)
+
+    def kill_task(self, job_id: str, task_index: int) -> bool:
+        """Kill a running task's process (SIGKILL), as a crash would; for failure tests."""
+        job = self._jobs.get(job_id)
+        proc = job.running.get(task_index) if job else None
+        if proc is None:
+            return False
+        proc.kill()
+        return True
+
+    def shutdown(self) -> None:
+        for job_id in list(self._jobs):
+            self.cancel(job_id)

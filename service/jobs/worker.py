@@ -1,0 +1,237 @@
+"""The worker: one entry point for local processes and Kubernetes Indexed Job pods.
+
+``run_task(ledger_url, job_id, task_index, num_tasks)`` processes blocks task_index,
+task_index + T, … of the job's plan: for each block without a completion marker it takes a lease
+(renewed by a heartbeat), reads the source region (the next block is read while the model works
+on this one), restores it, writes the output chunks (mip 0, lower scales, uncertainty), records a
+completion marker with the output digest, and releases the lease. Blocks are idempotent: noise
+seeds derive from the job seed and the block, so a re-run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..engine.model import RestorationModel
+from ..engine.normalize import IntensityNorm
+from ..engine.restore import derive_seed, restore
+from ..volume import precomputed as pc
+from ..volume.blocks import Block, Plan, assemble_isotropic, crop_to_write_box, plan_blocks
+from .ledger import Ledger
+
+LEASE_TTL_S = float(os.environ.get("EMRESTORE_LEASE_TTL", "120"))
+EXIT_BAD_INPUT = 2  # the Kubernetes podFailurePolicy fails an index at once on this code
+
+
+def job_plan(job: dict) -> tuple[Plan, list[Block]]:
+    """The job's plan and its selected blocks (all, or the incremental subset), deterministic."""
+    src = pc.open_source(job["source"], job.get("mip", 0))
+    out = pc.open_layer(job["output"], 0, "output")
+    scale = tuple(job["plan"]["scale_xyz"])
+    region = None
+    if job.get("region_start_xyz") is not None:
+        s, e = job["region_start_xyz"], job["region_stop_xyz"]
+        region = ((s[2], s[1], s[0]), (e[2], e[1], e[0]))
+    plan = plan_blocks(src, out, scale, job["plan"]["block_size_xyz"], job["plan"]["lateral_context"], region)
+    sel = job["plan"].get("block_indices")
+    blocks = list(plan.blocks) if sel is None else [plan.blocks[i] for i in sel]
+    return plan, blocks
+
+
+class _Heartbeat:
+    """Renews a block lease every ttl/3 seconds while the block is processed."""
+
+    def __init__(self, ledger: Ledger, job_id: str, index: int, owner: str, ttl: float):
+        self.args = (job_id, index, owner, ttl)
+        self.ledger = ledger
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        job_id, index, owner, ttl = self.args
+        while not self.stop.wait(ttl / 3):
+            self.ledger.renew_lease(job_id, index, owner, ttl)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def restore_block(job: dict, block: Block, model: RestorationModel, source: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Restore one block's read region; returns (mean, std) cropped to the write box."""
+    p = job["plan"]
+    norm = IntensityNorm.from_dict(p["norm"])
+    fx, _, k = p["scale_xyz"]
+    # noise seed: job seed + the block's lateral origin; images (gaps/sections) add their global index
+    seed = derive_seed(job["seed"], block.read_start[1], block.read_start[2])
+    res = restore(model, source, sampler=job["sampler"], steps=job["steps"], samples=job["samples"],
+                  seed=seed, norm=norm, tile=p.get("tile", 256), overlap=p.get("overlap", 32),
+                  image_ids_offset=block.read_start[0], out_dtype=p["output_dtype"],
+                  device=os.environ.get("EMRESTORE_DEVICE", "auto"))
+    if k > 1:
+        mean = assemble_isotropic(res.mean, block.sections[0], block, k)
+        std = assemble_isotropic(res.std, block.sections[0], block, k) if res.std is not None else None
+    else:
+        mean = crop_to_write_box(res.mean, block, (fx, fx, 1))
+        std = crop_to_write_box(res.std, block, (fx, fx, 1)) if res.std is not None else None
+    return mean, std
+
+
+def write_block(job: dict, block: Block, mean: np.ndarray, std: np.ndarray | None) -> str:
+    pc.write_zyx(job["output"], block.write_start, mean)
+    pc.write_downsampled(job["output"], block.write_start, mean)
+    if job.get("uncertainty_output") and std is not None:
+        enc = pc.encode_uncertainty(std, "float32")
+        pc.write_zyx(job["uncertainty_output"], block.write_start, enc)
+        pc.write_downsampled(job["uncertainty_output"], block.write_start, enc)
+    return hashlib.sha256(np.ascontiguousarray(mean).tobytes()).hexdigest()
+
+
+def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | None = None,
+             owner: str | None = None, lease_ttl_s: float | None = None, log=print) -> int:
+    """Process this task's blocks; returns the number of blocks this call completed."""
+    ledger = Ledger(ledger_url)
+    rec = ledger.get_job(job_id)
+    job = rec.spec
+    if job.get("kind") == "train":
+        return run_training(ledger, job_id, job, log=log)
+    T = int(num_tasks or job["plan"].get("num_tasks", 1))
+    if not 0 <= task_index < T:
+        raise ValueError(f"task-index: {task_index} must be in [0, {T})")
+    owner = owner or f"{socket.gethostname()}:{os.getpid()}:{task_index}"
+    ttl = lease_ttl_s or LEASE_TTL_S
+    _, blocks = job_plan(job)
+    mine = list(range(task_index, len(blocks), T))
+    model = RestorationModel.load(job["plan"]["model_url"])
+    done_count = 0
+    pool = ThreadPoolExecutor(max_workers=1)  # reads the next block while the model runs
+
+    def read(i):
+        b = blocks[i]
+        return pc.read_zyx(job["source"], b.read_start, b.read_stop, job.get("mip", 0))
+
+    todo = [i for i in mine if i not in ledger.done_blocks(job_id)]
+
+    def process(i: int, data: np.ndarray) -> bool:
+        """True when block i is done (by us or by another worker), False when leased elsewhere."""
+        nonlocal done_count
+        if i in ledger.done_blocks(job_id):
+            return True
+        if not ledger.try_acquire_lease(job_id, i, owner, ttl):
+            return False
+        try:
+            if ledger.block_info(job_id, i) is not None:  # finished by another worker meanwhile
+                return True
+            with _Heartbeat(ledger, job_id, i, owner, ttl):
+                t0 = time.time()
+                mean, std = restore_block(job, blocks[i], model, data)
+                digest = write_block(job, blocks[i], mean, std)
+                secs = time.time() - t0
+            ledger.mark_block_done(job_id, i, {"worker": owner, "seconds": round(secs, 3),
+                                               "sha256": digest, "voxels": int(mean.size)})
+            done_count += 1
+            log(f"[worker {task_index}] block {i} done in {secs:.1f} s")
+            return True
+        finally:
+            ledger.release_lease(job_id, i, owner)
+
+    deferred = []
+    pending = pool.submit(read, todo[0]) if todo else None
+    for n, i in enumerate(todo):
+        data = pending.result()
+        pending = pool.submit(read, todo[n + 1]) if n + 1 < len(todo) else None
+        if ledger.cancel_requested(job_id):
+            log(f"[worker {task_index}] job cancelled; stopping")
+            pool.shutdown(wait=False, cancel_futures=True)
+            return done_count
+        if not process(i, data):
+            log(f"[worker {task_index}] block {i} is leased by another worker; coming back to it")
+            deferred.append(i)
+    # blocks leased by others: wait until they are done, or take them over when the lease expires
+    deadline = time.time() + 2 * ttl + 10
+    while deferred and time.time() < deadline and not ledger.cancel_requested(job_id):
+        time.sleep(min(5.0, ttl / 4))
+        deferred = [i for i in deferred if not process(i, read(i))]
+    pool.shutdown(wait=False, cancel_futures=True)
+    return done_count
+
+
+def run_training(ledger: Ledger, job_id: str, job: dict, log=print) -> int:
+    """A train job is one block: read the training region, train, save the model."""
+    from ..engine.pairs import IsotropicPairs, StackGapPairs
+    from ..engine.tasks import TaskSpec
+    from ..engine.training import TrainConfig, train
+    if 0 in ledger.done_blocks(job_id):
+        return 0
+    owner = f"{socket.gethostname()}:{os.getpid()}:train"
+    if not ledger.try_acquire_lease(job_id, 0, owner, LEASE_TTL_S):
+        return 0
+    try:
+        p = job["plan"]
+        (z0, y0, x0), (z1, y1, x1) = p["read_start_zyx"], p["read_stop_zyx"]
+        vol = pc.read_zyx(job["source"], (z0, y0, x0), (z1, y1, x1), job.get("mip", 0))
+        task = TaskSpec("isotropic", p["factor"])
+        if job.get("base_model"):
+            model = RestorationModel.load(job["base_model"])
+            if job.get("target"):
+                hi = pc.read_zyx(job["target"], *p["target_box_zyx"])
+                pairs = StackGapPairs(model.task, vol, hi)
+            else:
+                pairs = IsotropicPairs(model.task, vol, self_supervised=True)
+            mode = "finetune"
+            model.training = {"base": {"url": job["base_model"]}}
+        else:
+            model = RestorationModel.create(task, job["preset"], voxel_size_nm=p["voxel_size_nm"],
+                                            seed=job["seed"])
+            pairs = IsotropicPairs(task, vol, self_supervised=True)
+            mode = "self-supervised"
+        model.input_norm = model.target_norm = pairs.norm
+        model.name = job["output_model"].rstrip("/").rsplit("/", 1)[-1]
+        cfg = TrainConfig(steps=job["steps"], batch_size=job["batch_size"], patch=job["patch"],
+                          lr=2e-4 if mode == "finetune" else 1e-3,
+                          warmup=min(100, max(1, job["steps"] // 5)), seed=job["seed"],
+                          checkpoint_every=max(50, job["steps"] // 10),
+                          device=os.environ.get("EMRESTORE_DEVICE", "auto"))
+        with _Heartbeat(ledger, job_id, 0, owner, LEASE_TTL_S):
+            losses: list[float] = []
+            train(model, pairs, cfg, out_url=job["output_model"], resume=True, progress=False,
+                  mode=mode, log=losses)
+        ledger.mark_block_done(job_id, 0, {"worker": owner, "final_loss": model.training.get("final_loss"),
+                                           "model": job["output_model"]})
+        ledger.add_event(job_id, "trained", f"model saved to {job['output_model']} "
+                                            f"(final loss {model.training.get('final_loss')})")
+        return 1
+    finally:
+        ledger.release_lease(job_id, 0, owner)
+
+
+def main_worker(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int | None) -> int:
+    """CLI body of ``emrestore worker``; returns the process exit code."""
+    if task_index is None:
+        env = os.environ.get("JOB_COMPLETION_INDEX")
+        if env is None:
+            print("emrestore: error: --task-index: not given and $JOB_COMPLETION_INDEX is unset", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        task_index = int(env)
+    try:
+        from ..volume.stores import register_from_env
+        register_from_env()
+        n = run_task(ledger_url, job_id, task_index, num_tasks,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ValueError, KeyError) as e:
+        print(f"emrestore: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"[worker {task_index}] finished: {n} block(s) restored", file=sys.stderr)
+    return 0

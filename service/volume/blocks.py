@@ -1,0 +1,345 @@
+"""Block planning: read region = write region + context, writes chunk-aligned (as in daisy).
+
+Coordinates are absolute voxel coordinates in zyx order: write boxes in output voxels, read
+boxes and regions in source voxels. For an isotropic task by odd k, output z voxel j lies at
+source position ``t = (j − h)/k`` with ``h = (k−1)/2``, between sections ``floor(t)`` and
+``ceil(t)``; a write block ``[j0, j1)`` therefore reads sections
+``floor((j0 − h)/k) … ceil((j1 − 1 − h)/k)``, clipped to the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from service.volume.precomputed import VolumeInfo, _as_vec3, _fmt_box, output_geometry
+from service.volume.stores import VolumeError
+
+__all__ = [
+    "Block",
+    "Plan",
+    "plan_blocks",
+    "sections_for_write_z",
+    "assemble_isotropic",
+    "crop_to_write_box",
+]
+
+Vec3 = tuple[int, int, int]
+
+
+def _floordiv(a: int, b: int) -> int:
+    return a // b
+
+
+def _ceildiv(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work: restore ``read`` (source voxels) and write ``write`` (output voxels).
+
+    ``sections=(i0, i1)`` is the inclusive range of source sections read by an isotropic task
+    (None otherwise); the read z range is then ``[i0, i1 + 1)``.
+    """
+
+    index: int
+    write_start: Vec3
+    write_stop: Vec3
+    read_start: Vec3
+    read_stop: Vec3
+    sections: tuple[int, int] | None = None
+
+    @property
+    def write_shape(self) -> Vec3:
+        """Shape (Z, Y, X) of the write box."""
+        return tuple(b - a for a, b in zip(self.write_start, self.write_stop))  # type: ignore[return-value]
+
+    @property
+    def read_shape(self) -> Vec3:
+        """Shape (Z, Y, X) of the read box."""
+        return tuple(b - a for a, b in zip(self.read_start, self.read_stop))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "index": self.index,
+            "write_start": list(self.write_start),
+            "write_stop": list(self.write_stop),
+            "read_start": list(self.read_start),
+            "read_stop": list(self.read_stop),
+            "sections": list(self.sections) if self.sections is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Block":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            index=int(d["index"]),
+            write_start=tuple(int(v) for v in d["write_start"]),  # type: ignore[arg-type]
+            write_stop=tuple(int(v) for v in d["write_stop"]),  # type: ignore[arg-type]
+            read_start=tuple(int(v) for v in d["read_start"]),  # type: ignore[arg-type]
+            read_stop=tuple(int(v) for v in d["read_stop"]),  # type: ignore[arg-type]
+            sections=tuple(int(v) for v in d["sections"]) if d.get("sections") is not None else None,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Blocks of a job and the output box they cover.
+
+    ``region`` is the requested source box (or None for the whole volume); ``snapped_region``
+    is the output box actually written (snapped outward to the write grid) and ``message``
+    says so in words.
+    """
+
+    blocks: tuple[Block, ...]
+    scale_xyz: Vec3
+    block_size_xyz: Vec3
+    lateral_context: int
+    write_start: Vec3
+    write_stop: Vec3
+    region: tuple[Vec3, Vec3] | None = None
+    snapped_region: tuple[Vec3, Vec3] | None = None
+    message: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "blocks": [b.to_dict() for b in self.blocks],
+            "scale_xyz": list(self.scale_xyz),
+            "block_size_xyz": list(self.block_size_xyz),
+            "lateral_context": self.lateral_context,
+            "write_start": list(self.write_start),
+            "write_stop": list(self.write_stop),
+            "region": [list(self.region[0]), list(self.region[1])] if self.region else None,
+            "snapped_region": [list(self.snapped_region[0]), list(self.snapped_region[1])] if self.snapped_region else None,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """Inverse of :meth:`to_dict`."""
+
+        def box(v):
+            return (tuple(int(x) for x in v[0]), tuple(int(x) for x in v[1])) if v else None
+
+        return cls(
+            blocks=tuple(Block.from_dict(b) for b in d["blocks"]),
+            scale_xyz=tuple(int(v) for v in d["scale_xyz"]),  # type: ignore[arg-type]
+            block_size_xyz=tuple(int(v) for v in d["block_size_xyz"]),  # type: ignore[arg-type]
+            lateral_context=int(d["lateral_context"]),
+            write_start=tuple(int(v) for v in d["write_start"]),  # type: ignore[arg-type]
+            write_stop=tuple(int(v) for v in d["write_stop"]),  # type: ignore[arg-type]
+            region=box(d.get("region")),  # type: ignore[arg-type]
+            snapped_region=box(d.get("snapped_region")),  # type: ignore[arg-type]
+            message=d.get("message"),
+        )
+
+
+def sections_for_write_z(j0: int, j1: int, k: int, first_section: int, last_section: int) -> tuple[int, int]:
+    """Inclusive source sections ``(i0, i1)`` needed to restore output z ``[j0, j1)`` by odd k."""
+    h = (k - 1) // 2
+    i0 = _floordiv(j0 - h, k)
+    i1 = _ceildiv(j1 - 1 - h, k)
+    return max(i0, first_section), min(i1, last_section)
+
+
+def _check_output(source: VolumeInfo, output: VolumeInfo, scale: Vec3) -> None:
+    expected = output_geometry(source, scale, dtype=output.dtype)
+    if (
+        expected.size_xyz != output.size_xyz
+        or expected.voxel_offset_xyz != output.voxel_offset_xyz
+        or not np.allclose(expected.resolution_nm_xyz, output.resolution_nm_xyz, rtol=1e-6)
+    ):
+        raise VolumeError(
+            "output",
+            f"output size {list(output.size_xyz)} offset {list(output.voxel_offset_xyz)} resolution "
+            f"{list(output.resolution_nm_xyz)} does not match the source scaled by {list(scale)}: size "
+            f"{list(expected.size_xyz)} offset {list(expected.voxel_offset_xyz)} resolution {list(expected.resolution_nm_xyz)}",
+        )
+
+
+def plan_blocks(
+    source: VolumeInfo,
+    output: VolumeInfo,
+    scale_xyz: Sequence[int],
+    block_size_xyz: Sequence[int],
+    lateral_context: int,
+    region: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> Plan:
+    """Split the output (or the output box of ``region``) into chunk-aligned write blocks.
+
+    ``block_size_xyz`` is in output voxels and must be a multiple of
+    ``output.write_alignment_zyx`` (the chunk size, times the largest downsampling factor when
+    the layer has lower scales). ``lateral_context`` is extra source voxels read on each side
+    in x and y (clipped at the volume). ``region=(start_zyx, stop_zyx)`` in source voxels is
+    mapped to output voxels and snapped outward to the write grid, clipped at the upper bound.
+    """
+    scale = _as_vec3(scale_xyz, "scale", positive=True)
+    fx, fy, k = scale
+    _check_output(source, output, scale)  # also validates the scale (odd k, fx == fy)
+    if output.chunk_size_xyz[2] % k:
+        raise VolumeError("chunk_size", f"output chunk z {output.chunk_size_xyz[2]} is not a multiple of k={k}; allowed: m·{k}")
+    bx, by, bz = _as_vec3(block_size_xyz, "block_size", positive=True)
+    block_zyx = (bz, by, bx)
+    unit = output.write_alignment_zyx
+    if any(b % u for b, u in zip(block_zyx, unit)):
+        raise VolumeError(
+            "block_size",
+            f"{[bx, by, bz]} (xyz) is not a multiple of the write grid {[unit[2], unit[1], unit[0]]} (xyz: chunk size "
+            "times the largest downsampling factor)",
+        )
+    try:
+        ctx = int(lateral_context)
+        if ctx != lateral_context or ctx < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise VolumeError("lateral_context", f"{lateral_context!r}; allowed: an integer >= 0 (source voxels)") from None
+
+    src_lo, src_hi = source.start_zyx, source.stop_zyx
+    out_lo, out_hi = output.start_zyx, output.stop_zyx
+    scale_zyx = (k, fy, fx)
+
+    message = None
+    region_box = None
+    snapped = None
+    if region is None:
+        w_lo, w_hi = out_lo, out_hi
+    else:
+        try:
+            r_start, r_stop = region
+        except (TypeError, ValueError):
+            raise VolumeError("region", f"{region!r} must be (start_zyx, stop_zyx) in source voxels") from None
+        r_start = _as_vec3(r_start, "region")
+        r_stop = _as_vec3(r_stop, "region")
+        if any(b <= a for a, b in zip(r_start, r_stop)):
+            raise VolumeError("region", f"{_fmt_box(r_start, r_stop)} is empty; it must lie within the source bounds {_fmt_box(src_lo, src_hi)}")
+        if any(a < l for a, l in zip(r_start, src_lo)) or any(b > h for b, h in zip(r_stop, src_hi)):
+            raise VolumeError("region", f"{_fmt_box(r_start, r_stop)} lies outside the source bounds {_fmt_box(src_lo, src_hi)}")
+        region_box = (r_start, r_stop)
+        # output voxels whose centres lie in the source box, clipped to the output layer (an
+        # isotropic layer spans the first to the last section centre only)
+        o_start = [max(a * s, l) for a, s, l in zip(r_start, scale_zyx, out_lo)]
+        o_stop = [min(b * s, h) for b, s, h in zip(r_stop, scale_zyx, out_hi)]
+        w_lo = tuple(l + _floordiv(a - l, u) * u for a, l, u in zip(o_start, out_lo, unit))
+        w_hi = tuple(min(h, l + _ceildiv(b - l, u) * u) for b, l, h, u in zip(o_stop, out_lo, out_hi, unit))
+        snapped = (w_lo, w_hi)
+        src_equiv_lo = [_floordiv(a, s) for a, s in zip(w_lo, scale_zyx)]
+        src_equiv_hi = [_ceildiv(b, s) for b, s in zip(w_hi, scale_zyx)]
+        changed = tuple(w_lo) != tuple(o_start) or tuple(w_hi) != tuple(o_stop)
+        verb = "was snapped outward to" if changed else "already lies on"
+        message = (
+            f"region {_fmt_box(r_start, r_stop)} (source voxels) {verb} output chunk boundaries "
+            f"(write grid zyx {list(unit)}): output voxels {_fmt_box(w_lo, w_hi)} are written, "
+            f"covering source voxels {_fmt_box(src_equiv_lo, src_equiv_hi)}"
+        )
+
+    first_sec, last_sec = src_lo[0], src_hi[0] - 1
+    blocks: list[Block] = []
+    for z0 in range(w_lo[0], w_hi[0], bz):
+        z1 = min(z0 + bz, w_hi[0])
+        if k > 1:
+            i0, i1 = sections_for_write_z(z0, z1, k, first_sec, last_sec)
+            rz0, rz1, sections = i0, i1 + 1, (i0, i1)
+        else:
+            rz0, rz1, sections = z0, z1, None
+        for y0 in range(w_lo[1], w_hi[1], by):
+            y1 = min(y0 + by, w_hi[1])
+            ry0 = max(src_lo[1], _floordiv(y0, fy) - ctx)
+            ry1 = min(src_hi[1], _ceildiv(y1, fy) + ctx)
+            for x0 in range(w_lo[2], w_hi[2], bx):
+                x1 = min(x0 + bx, w_hi[2])
+                rx0 = max(src_lo[2], _floordiv(x0, fx) - ctx)
+                rx1 = min(src_hi[2], _ceildiv(x1, fx) + ctx)
+                blocks.append(
+                    Block(
+                        index=len(blocks),
+                        write_start=(z0, y0, x0),
+                        write_stop=(z1, y1, x1),
+                        read_start=(rz0, ry0, rx0),
+                        read_stop=(rz1, ry1, rx1),
+                        sections=sections,
+                    )
+                )
+    return Plan(
+        blocks=tuple(blocks),
+        scale_xyz=scale,
+        block_size_xyz=(bx, by, bz),
+        lateral_context=ctx,
+        write_start=tuple(int(v) for v in w_lo),  # type: ignore[arg-type]
+        write_stop=tuple(int(v) for v in w_hi),  # type: ignore[arg-type]
+        region=region_box,
+        snapped_region=snapped,  # type: ignore[arg-type]
+        message=message,
+    )
+
+
+def _lateral_slices(restored: np.ndarray, block: Block, f: int) -> tuple[slice, slice]:
+    exp = tuple(s * f for s in block.read_shape[1:])
+    if tuple(restored.shape[1:]) != exp:
+        raise VolumeError(
+            "restored",
+            f"lateral shape {tuple(restored.shape[1:])} does not match the block's read box {block.read_shape[1:]} times {f} = {exp}",
+        )
+    (_, wy0, wx0), (_, wy1, wx1) = block.write_start, block.write_stop
+    _, ry0, rx0 = block.read_start
+    oy, ox = wy0 - f * ry0, wx0 - f * rx0
+    return slice(oy, oy + (wy1 - wy0)), slice(ox, ox + (wx1 - wx0))
+
+
+def assemble_isotropic(restored: np.ndarray, i0: int, block: Block, k: int, out_z_size: int | None = None) -> np.ndarray:
+    """The block's write box from an isotropic restoration of sections ``i0 …``.
+
+    ``restored`` is (Z', Y, X) with ``restored[k·(i − i0)]`` = source section i and the k−1
+    restored sections between; Y, X are the block's read box. Output voxel j takes
+    ``restored[j − (k−1)/2 − k·i0]``; voxels before the first or after the last restored
+    section (outside the data; none in layers made by ``output_geometry``) are 0. ``out_z_size``, when given, is the output layer's z size
+    and is checked against the block.
+    """
+    restored = np.asarray(restored)
+    if restored.ndim != 3:
+        raise VolumeError("restored", f"shape {restored.shape} must be (Z, Y, X)")
+    if k < 1 or k % 2 == 0:
+        raise VolumeError("scale", f"k={k}; allowed: odd k >= 1")
+    if block.sections is not None:
+        s0, s1 = block.sections
+        if not (i0 <= s0 and i0 + (restored.shape[0] - 1) / k >= s1):
+            raise VolumeError(
+                "restored",
+                f"{restored.shape[0]} sections from section {i0} by k={k} do not cover the block's sections {s0}..{s1}",
+            )
+    wz0, wz1 = block.write_start[0], block.write_stop[0]
+    if out_z_size is not None and wz1 - wz0 > out_z_size:
+        raise VolumeError("block", f"write z {wz0}:{wz1} is longer than the output z size {out_z_size}")
+    ys, xs = _lateral_slices(restored, block, 1)
+    h = (k - 1) // 2
+    idx = np.arange(wz0, wz1) - h - k * i0
+    inside = (idx >= 0) & (idx < restored.shape[0])
+    out = np.zeros((wz1 - wz0, ys.stop - ys.start, xs.stop - xs.start), dtype=restored.dtype)
+    out[inside] = restored[idx[inside], ys, xs]
+    return out
+
+
+def crop_to_write_box(restored: np.ndarray, block: Block, scale_xyz: Sequence[int] = (1, 1, 1)) -> np.ndarray:
+    """The block's write box from a denoise/super-resolution result of the read box (k = 1).
+
+    ``restored`` is (read Z, read Y·f, read X·f).
+    """
+    fx, fy, k = _as_vec3(scale_xyz, "scale", positive=True)
+    if k != 1:
+        raise VolumeError("scale", f"k={k}; use assemble_isotropic for isotropic blocks")
+    restored = np.asarray(restored)
+    if restored.ndim != 3 or restored.shape[0] != block.read_shape[0]:
+        raise VolumeError("restored", f"shape {restored.shape} does not match the block's read z extent {block.read_shape[0]}")
+    ys, xs = _lateral_slices(restored, block, fx)
+    oz = block.write_start[0] - block.read_start[0]
+    return np.ascontiguousarray(restored[oz:oz + block.write_shape[0], ys, xs])

@@ -1,0 +1,380 @@
+"""Storage URLs, credentials and fsspec access: the one module that knows about stores.
+
+URLs used by emrestore:
+
+- ``file:///abs/path`` (plain local paths are normalised to this form),
+- ``memory://path`` (fsspec's in-memory filesystem; not visible to cloud-volume),
+- ``s3://bucket/key`` and ``gs://bucket/key`` (default credentials of the process),
+- ``https://host/path`` (read-only, e.g. public Precomputed layers),
+- ``ALIAS://bucket/key`` for an S3-compatible endpoint registered with
+  :func:`register_s3_endpoint` (cloud-volume cannot parse ``s3://http://host:port/...``).
+
+Registration is per process: every process (service, worker) that touches an aliased URL
+must call :func:`register_s3_endpoint` before using it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+__all__ = [
+    "VolumeError",
+    "SourceNotFound",
+    "StoreUnreachable",
+    "PermissionDenied",
+    "S3Endpoint",
+    "register_s3_endpoint",
+    "registered_endpoint",
+    "normalize_url",
+    "open_fs",
+    "join_url",
+    "object_exists",
+    "translate_store_error",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Errors (shared by stores, precomputed and blocks)
+# --------------------------------------------------------------------------------------
+
+
+class VolumeError(ValueError):
+    """Bad volume input; ``field`` names the offending request field, the message is one line."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        text = " ".join(str(message).split())  # one line, no colour codes' newlines
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        super().__init__(f"{field}: {text}")
+
+
+class SourceNotFound(VolumeError):
+    """The named layer or object does not exist."""
+
+
+class StoreUnreachable(VolumeError):
+    """The store could not be contacted (closed port, DNS failure, timeout)."""
+
+
+class PermissionDenied(VolumeError):
+    """The store refused the request (bad credentials or no access)."""
+
+
+# --------------------------------------------------------------------------------------
+# S3-compatible endpoints
+# --------------------------------------------------------------------------------------
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_BASE_SCHEMES = {"file", "memory", "s3", "gs", "mem", "http", "https"}
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """A registered S3-compatible endpoint reachable as ``alias://bucket/key``."""
+
+    alias: str
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    secret_path: str
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` reaching this endpoint."""
+        return {
+            "key": self.access_key_id,
+            "secret": self.secret_access_key,
+            "endpoint_url": self.endpoint_url,
+        }
+
+
+_ENDPOINTS: dict[str, S3Endpoint] = {}
+_LOCK = threading.Lock()
+
+
+def register_s3_endpoint(
+    alias: str,
+    endpoint_url: str,
+    access_key_id: str,
+    secret_access_key: str,
+    cloud_volume_dir: str | os.PathLike | None = None,
+) -> S3Endpoint:
+    """Make ``alias://bucket/key`` reach ``endpoint_url`` for cloud-volume and fsspec.
+
+    Adds a cloud-files alias and writes ``<cloud_volume_dir>/secrets/<alias>-secret.json``
+    (``cloud_volume_dir`` defaults to ``$CLOUD_VOLUME_DIR`` or ``~/.cloudvolume``). cloud-files
+    reads its secrets directory once at import, so it is pointed at this directory here;
+    use one secrets directory per process. Re-registering an alias with other values resets
+    cloud-files' S3 connection pools so the new credentials take effect.
+    """
+    import cloudfiles.interfaces
+    import cloudfiles.paths
+    import cloudfiles.secrets
+
+    if not re.fullmatch(r"[a-z][a-z0-9]*", alias or ""):
+        raise VolumeError("alias", f"{alias!r} is not allowed; use lower-case letters and digits")
+    if alias in _BASE_SCHEMES or alias in cloudfiles.paths.ALLOWED_FORMATS:
+        raise VolumeError("alias", f"{alias!r} collides with a built-in protocol or format")
+    if not re.match(r"^https?://[^/]+", endpoint_url or ""):
+        raise VolumeError(
+            "endpoint_url", f"{endpoint_url!r} must be http://host[:port] or https://host[:port]"
+        )
+    endpoint_url = endpoint_url.rstrip("/")
+
+    base = cloud_volume_dir or os.environ.get("CLOUD_VOLUME_DIR") or cloudfiles.secrets.CLOUD_VOLUME_DIR
+    secrets_dir = Path(base).expanduser().resolve() / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    secret_path = secrets_dir / f"{alias}-secret.json"
+    payload = {"AWS_ACCESS_KEY_ID": access_key_id, "AWS_SECRET_ACCESS_KEY": secret_access_key}
+    tmp = secret_path.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, secret_path)
+
+    endpoint = S3Endpoint(alias, endpoint_url, access_key_id, secret_access_key, str(secret_path))
+    with _LOCK:
+        previous = _ENDPOINTS.get(alias)
+        _ENDPOINTS[alias] = endpoint
+        # cloud-files computes its secrets directory at import time; secretpath() reads this
+        # module global on each call, so pointing it here makes the file above the one used.
+        cloudfiles.secrets.CLOUD_VOLUME_SECRETS_DIR = str(secrets_dir)
+        try:
+            import cloudvolume.secrets
+
+            cloudvolume.secrets.CLOUD_VOLUME_DIR = str(secrets_dir.parent)
+        except ImportError:  # pragma: no cover - cloud-volume is a dependency
+            pass
+        cloudfiles.paths.add_alias(alias, f"s3://{endpoint_url}/")
+        if previous is not None and previous != endpoint:
+            # Pools are keyed by (alias, bucket) and keep the credentials they were built with.
+            cloudfiles.secrets.AWS_CREDENTIALS_CACHE.clear()
+            cloudfiles.interfaces.reset_connection_pools()
+    return endpoint
+
+
+ENDPOINTS_ENV = "EMRESTORE_S3_ENDPOINTS"
+
+
+def register_from_env(environ: dict | None = None) -> list[S3Endpoint]:
+    """Register the S3-compatible endpoints named in ``$EMRESTORE_S3_ENDPOINTS``.
+
+    The variable holds a JSON list (inline, or the path of a JSON file) of objects with
+    ``alias``, ``endpoint_url``, ``access_key_id`` and ``secret_access_key``. The service and
+    every worker call this at start-up, so aliases reach the same store in all processes.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(ENDPOINTS_ENV, "").strip()
+    if not raw:
+        return []
+    if not raw.startswith("["):
+        try:
+            raw = Path(raw).read_text()
+        except OSError as exc:
+            raise VolumeError(ENDPOINTS_ENV, f"cannot read {raw}: {exc}") from None
+    try:
+        items = json.loads(raw)
+        return [register_s3_endpoint(d["alias"], d["endpoint_url"], d["access_key_id"], d["secret_access_key"])
+                for d in items]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VolumeError(ENDPOINTS_ENV, f"must be a JSON list of {{alias, endpoint_url, access_key_id, "
+                                         f"secret_access_key}} objects ({exc})") from None
+
+
+def endpoints_json() -> str:
+    """The registered endpoints as the JSON that ``register_from_env`` reads (for child processes)."""
+    return json.dumps([{"alias": e.alias, "endpoint_url": e.endpoint_url, "access_key_id": e.access_key_id,
+                        "secret_access_key": e.secret_access_key} for e in _ENDPOINTS.values()])
+
+
+def registered_endpoint(alias: str) -> S3Endpoint | None:
+    """The endpoint registered under ``alias`` in this process, or None."""
+    return _ENDPOINTS.get(alias)
+
+
+# --------------------------------------------------------------------------------------
+# URLs
+# --------------------------------------------------------------------------------------
+
+
+def _scheme(url: str) -> str | None:
+    m = _SCHEME_RE.match(url)
+    return m.group(1).lower() if m else None
+
+
+def normalize_url(url: str | os.PathLike) -> str:
+    """Canonical form of a store URL: local paths become ``file:///abs/path``.
+
+    A leading ``precomputed://`` is dropped and trailing slashes are removed, so two spellings
+    of the same layer compare equal.
+    """
+    url = os.fspath(url)
+    if not isinstance(url, str) or not url.strip():
+        raise VolumeError("url", "must be a non-empty path or URL")
+    url = url.strip()
+    if url.startswith("precomputed://"):
+        url = url[len("precomputed://"):]
+    scheme = _scheme(url)
+    if scheme is None:
+        return "file://" + os.path.abspath(os.path.expanduser(url))
+    if scheme == "file":
+        rest = url[len("file://"):]
+        return "file://" + os.path.abspath(os.path.expanduser(rest))
+    head, rest = url.split("://", 1)
+    rest = rest.rstrip("/")
+    if not rest:
+        raise VolumeError("url", f"{url!r} names no bucket or path")
+    return f"{scheme}://{rest}"
+
+
+def join_url(url: str, *parts: str) -> str:
+    """``url`` with path components appended using '/'."""
+    url = normalize_url(url)
+    tail = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+    return f"{url}/{tail}" if tail else url
+
+
+# --------------------------------------------------------------------------------------
+# fsspec
+# --------------------------------------------------------------------------------------
+
+
+def _s3fs(storage_options: dict[str, Any], fail_fast: bool):
+    import s3fs
+
+    opts = dict(storage_options)
+    if fail_fast:
+        opts["config_kwargs"] = {
+            "retries": {"max_attempts": 1, "mode": "standard"},
+            "connect_timeout": 3,
+            "read_timeout": 10,
+        }
+    fs = s3fs.S3FileSystem(**opts)
+    if fail_fast:
+        fs.retries = 1  # s3fs's own retry loop (class attribute, not a constructor argument)
+    return fs
+
+
+def open_fs(url: str, *, fail_fast: bool = False):
+    """``(filesystem, path)`` for an fsspec filesystem holding ``url``.
+
+    Supports ``file://`` and plain paths, ``memory://``, ``s3://``, ``gs://`` (needs gcsfs),
+    ``http(s)://`` (read-only) and registered aliases (s3fs with the alias's endpoint and credentials). ``fail_fast``
+    turns off retries so that a probe of an unreachable store returns within seconds.
+    """
+    url = normalize_url(url)
+    scheme = _scheme(url)
+    rest = url.split("://", 1)[1]
+    if scheme == "file":
+        return fsspec.filesystem("file"), rest
+    if scheme == "memory":
+        fs = fsspec.filesystem("memory")
+        return fs, fs._strip_protocol(url)
+    if scheme == "s3":
+        return _s3fs({}, fail_fast), rest
+    if scheme in ("http", "https"):
+        return fsspec.filesystem("http"), url
+    if scheme == "gs":
+        try:
+            fs = fsspec.filesystem("gs")
+        except ImportError as exc:
+            raise VolumeError("url", f"{url} needs the gcsfs package for fsspec access") from exc
+        return fs, rest
+    endpoint = _ENDPOINTS.get(scheme)
+    if endpoint is not None:
+        return _s3fs(endpoint.storage_options(), fail_fast), rest
+    allowed = ", ".join(["file://", "memory://", "s3://", "gs://", "http(s)://"] + [f"{a}://" for a in sorted(_ENDPOINTS)])
+    raise VolumeError("url", f"scheme {scheme}:// of {url} is not supported; allowed: {allowed}")
+
+
+# --------------------------------------------------------------------------------------
+# Error translation and probes
+# --------------------------------------------------------------------------------------
+
+_DENIED_CODES = {
+    "403",
+    "401",
+    "AccessDenied",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+}
+_MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code") or "") or None
+    return None
+
+
+def translate_store_error(exc: BaseException, url: str, field: str) -> VolumeError | None:
+    """The VolumeError for a store exception (denied, unreachable, missing), or None."""
+    if isinstance(exc, VolumeError):
+        return exc
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in chain:
+        code = _client_error_code(e)
+        if code in _DENIED_CODES:
+            return PermissionDenied(field, f"access to {url} was refused ({code}); check the credentials registered for this store")
+        if code in _MISSING_CODES:
+            return SourceNotFound(field, f"{url} does not exist ({code})")
+    for e in chain:
+        if isinstance(e, PermissionError):
+            return PermissionDenied(field, f"access to {url} was refused ({e})")
+        name = type(e).__name__
+        module = type(e).__module__ or ""
+        if isinstance(e, (ConnectionError, TimeoutError)) or (
+            name
+            in {
+                "EndpointConnectionError",
+                "ConnectTimeoutError",
+                "ReadTimeoutError",
+                "ConnectionClosedError",
+                "NewConnectionError",
+                "MaxRetryError",
+                "ClientConnectorError",
+                "ServerDisconnectedError",
+            }
+        ) or (module.startswith("requests") and name in {"ConnectionError", "Timeout", "ConnectTimeout"}):
+            return StoreUnreachable(field, f"the store holding {url} is unreachable ({name}: {e})")
+    for e in chain:
+        if isinstance(e, FileNotFoundError):
+            return SourceNotFound(field, f"{url} does not exist")
+    return None
+
+
+def object_exists(url: str, field: str = "url") -> bool:
+    """Whether the object at ``url`` exists, probing without retries.
+
+    Raises StoreUnreachable or PermissionDenied (with ``field``) when the store cannot say.
+    A missing bucket counts as a missing object.
+    """
+    fs, path = open_fs(url, fail_fast=True)
+    try:
+        fs.info(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - translated below
+        err = translate_store_error(exc, url, field)
+        if isinstance(err, SourceNotFound):
+            return False
+        if err is not None:
+            raise err from exc
+        raise StoreUnreachable(field, f"could not check {url} ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,155 @@
+"""Shared pytest fixtures.
+
+S3: ``s3_endpoint`` runs one moto server for the whole session, on 127.0.0.1 and a free port,
+with IAM authentication switched on: requests must be signed with the yielded keys (an IAM
+user with an allow-all policy), so tests prove that credentials really travel through the
+registered alias. The moto server runs in this process; do not POST /moto-api/reset (it would
+delete the IAM user) and note that in-process ``mock_aws`` would see authentication enforced too.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass(frozen=True)
+class S3TestEndpoint:
+    """A running moto S3 endpoint registered under ``alias``."""
+
+    alias: str
+    bucket: str
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    cloud_volume_dir: str
+
+    def url(self, *parts: str) -> str:
+        """``alias://bucket/parts...``"""
+        tail = "/".join(p.strip("/") for p in parts if p)
+        return f"{self.alias}://{self.bucket}/{tail}" if tail else f"{self.alias}://{self.bucket}"
+
+    def client(self, **overrides):
+        """A boto3 S3 client for this endpoint (keys can be overridden)."""
+        import boto3
+
+        kwargs = dict(
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name="us-east-1",
+        )
+        kwargs.update(overrides)
+        return boto3.client("s3", **kwargs)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """Moto S3 server with IAM auth, a bucket, and the alias ``lab`` registered via stores."""
+    import boto3
+    import requests
+    from moto.server import ThreadedMotoServer
+
+    from service.volume import stores
+
+    cv_dir = tmp_path_factory.mktemp("cloudvolume")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CLOUD_VOLUME_DIR", str(cv_dir))
+    # Keep ambient AWS settings from leaking into boto3/s3fs clients made by the tests.
+    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        mp.delenv(var, raising=False)
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint_url = f"http://{host}:{port}"
+    try:
+        admin = dict(endpoint_url=endpoint_url, aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap", region_name="us-east-1")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="emrestore-test")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="emrestore-test", PolicyName="allow-all", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="emrestore-test")["AccessKey"]
+        bucket = "emrestore-test"
+        boto3.client("s3", **admin).create_bucket(Bucket=bucket)
+        # From here on every request must carry a valid signature of an IAM user's key.
+        previous = requests.post(f"{endpoint_url}/moto-api/reset-auth", data=b"0", timeout=10).json()[
+            "PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"
+        ]
+        stores.register_s3_endpoint("lab", endpoint_url, key["AccessKeyId"], key["SecretAccessKey"], cloud_volume_dir=str(cv_dir))
+        yield S3TestEndpoint(
+            alias="lab",
+            bucket=bucket,
+            endpoint_url=endpoint_url,
+            access_key_id=key["AccessKeyId"],
+            secret_access_key=key["SecretAccessKey"],
+            cloud_volume_dir=str(cv_dir),
+        )
+        requests.post(f"{endpoint_url}/moto-api/reset-auth", data=str(previous).encode(), timeout=10)
+    finally:
+        server.stop()
+        mp.undo()
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_root(request, tmp_path):
+    """A fresh root URL for layers: a tmp_path directory, or a unique prefix on the moto bucket."""
+    if request.param == "file":
+        return f"file://{tmp_path}"
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return endpoint.url(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def ramp_volume():
+    """Factory for a phantom-like (Z, Y, X) ramp: section i is constant ``base + step·i`` plus a lateral pattern."""
+    import numpy as np
+
+    def make(z: int = 5, y: int = 40, x: int = 48, dtype: str = "uint8", base: int = 10, step: int = 30):
+        zz = (base + step * np.arange(z))[:, None, None]
+        yy = (np.arange(y) % 4)[None, :, None]
+        xx = (np.arange(x) % 3)[None, None, :]
+        return (zz + yy + xx).astype(dtype)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_iso_model(tmp_path_factory):
+    """A tiny self-supervised isotropic model (k = 3) trained for a few seconds on a phantom, and
+    the anisotropic phantom stack it was trained on: (model_url, stack (Z, Y, X) uint8)."""
+    from service.engine import phantom
+    from service.engine.model import RestorationModel
+    from service.engine.pairs import IsotropicPairs
+    from service.engine.tasks import TaskSpec
+    from service.engine.training import TrainConfig, train
+
+    iso = phantom.make_phantom((25, 64, 64), seed=3)
+    stack = phantom.to_uint8(phantom.thick_sections(iso, 3, mode="sample"))
+    task = TaskSpec("isotropic", 3)
+    model = RestorationModel.create(task, "tiny", voxel_size_nm=(8, 8, 24), seed=0)
+    pairs = IsotropicPairs(task, stack, self_supervised=True)
+    model.input_norm = model.target_norm = pairs.norm
+    model.name = "tiny-iso3"
+    root = tmp_path_factory.mktemp("models")
+    url = f"file://{root}/tiny-iso3"
+    train(model, pairs, TrainConfig(steps=40, batch_size=4, patch=32, warmup=5, lr=2e-3), out_url=url,
+          progress=False, mode="self-supervised")
+    return url, stack
+
+
+@pytest.fixture
+def phantom_layer(tmp_path, tiny_iso_model):
+    """A precomputed source layer (file://) holding a 9-section anisotropic phantom, 96×80 sections."""
+    from service.engine import phantom
+    from service.volume import precomputed as pc
+
+    iso = phantom.make_phantom((25, 80, 96), seed=5)
+    stack = phantom.to_uint8(phantom.thick_sections(iso, 3, mode="sample"))
+    url = f"file://{tmp_path}/src"
+    pc.create_source_layer(url, stack, (8, 8, 24), (0, 0, 0), (32, 32, 3))
+    return url, stack

@@ -1,0 +1,195 @@
+"""Jobs end to end: manager + ledger + local worker processes + precomputed layers on file://."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from service.errors import FailedPrecondition, NotFound, RequestError, ResourceExhausted, status_of
+from service.jobs.executors import LocalExecutor
+from service.jobs.manager import JobManager
+from service.jobs.spec import CutoutSpec, RestoreSpec, TrainSpec
+from service.volume import precomputed as pc
+
+
+def wait_state(mgr, job_id, states=("SUCCEEDED", "FAILED", "CANCELLED"), timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = mgr.get(job_id)
+        if st.state in states:
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {mgr.get(job_id).state} after {timeout} s")
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMRESTORE_LEASE_TTL", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    made = []
+
+    def make(block=(64, 64, 0), parallelism=1):
+        ledger = f"file://{tmp_path}/ledger"
+        m = JobManager(ledger, LocalExecutor(ledger, default_parallelism=parallelism,
+                                             log_dir=str(tmp_path / "logs")),
+                       models_dir=None, poll_interval_s=0.2, block_size_xyz=block)
+        m.start()
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def read_all(url):
+    info = pc.open_layer(url)
+    return pc.read_zyx(url, info.start_zyx, info.stop_zyx)
+
+
+def test_region_job_writes_restored_layer(manager, phantom_layer, tiny_iso_model, tmp_path):
+    src, stack = phantom_layer
+    model_url, _ = tiny_iso_model
+    mgr = manager()
+    out = f"file://{tmp_path}/out"
+    st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, region_start_xyz=(10, 10, 2),
+                                region_stop_xyz=(40, 40, 5), steps=3))
+    assert st.state == "RUNNING" and st.blocks_total >= 1
+    assert any("snapped outward" in e for e in st.events)
+    st = wait_state(mgr, st.job_id)
+    assert st.state == "SUCCEEDED", st.message
+    info = pc.open_layer(out)
+    assert info.resolution_nm_xyz == (8.0, 8.0, 8.0)
+    assert info.voxel_offset_xyz == (0, 0, 1) and info.size_xyz == (96, 80, 25)
+    written = pc.read_zyx(out, info.start_zyx, info.stop_zyx, fill_missing=True)
+    # the snapped box holds restored data: source sections at their centres, generated between
+    sec = 3  # source section 3 sits at output z 3·3 + 1 = 10, relative index 9
+    np.testing.assert_array_equal(written[9, 0:64, 0:64], stack[sec, 0:64, 0:64])
+    assert written[10, 0:64, 0:64].std() > 0
+    assert written[:, 64:, 64:].max() == 0  # outside the snapped region nothing was written
+    mip1 = pc.read_zyx(out, (1, 0, 0), (16, 32, 32), mip=1)  # the snapped box at the lower scale
+    assert mip1.shape == (15, 32, 32) and mip1.std() > 0
+
+
+def test_whole_job_is_deterministic_and_incremental(manager, phantom_layer, tiny_iso_model, tmp_path):
+    src, stack = phantom_layer
+    model_url, _ = tiny_iso_model
+    mgr = manager(parallelism=2)
+    a, b = f"file://{tmp_path}/a", f"file://{tmp_path}/b"
+    ua = f"file://{tmp_path}/ua"
+    ja = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, uncertainty_output=ua, samples=2, steps=3))
+    jb = mgr.submit(RestoreSpec(source=src, model=model_url, output=b, uncertainty_output=None, samples=2, steps=3,
+                                parallelism=1))
+    assert wait_state(mgr, ja.job_id).state == "SUCCEEDED"
+    assert wait_state(mgr, jb.job_id).state == "SUCCEEDED"
+    va, vb = read_all(a), read_all(b)
+    np.testing.assert_array_equal(va, vb)  # 2 workers vs 1 worker: the same bytes
+    np.testing.assert_array_equal(va[::3], stack)  # every source section at its centre
+    unc = read_all(ua)
+    assert unc.dtype == np.float32 and np.all(unc[::3] == 0) and unc[1::3].mean() > 0
+    # incremental: nothing missing → nothing to do; after deleting chunks, only those blocks run
+    again = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=3))
+    assert again.state == "SUCCEEDED" and again.blocks_total == 0
+    key = "_".join(f"{r:g}" for r in pc.open_layer(a).resolution_nm_xyz)
+    chunk_dir = tmp_path / "a" / key
+    victim = sorted(os.listdir(chunk_dir))[0]
+    os.remove(chunk_dir / victim)
+    inc = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=3))
+    assert inc.blocks_total == 1
+    assert wait_state(mgr, inc.job_id).state == "SUCCEEDED"
+    np.testing.assert_array_equal(read_all(a), vb)
+
+
+def test_kill_worker_and_restart_service(manager, phantom_layer, tiny_iso_model, tmp_path):
+    """A worker killed mid-block and a restarted service: no block lost, output bit-identical."""
+    src, _ = phantom_layer
+    model_url, _ = tiny_iso_model
+    ref_mgr = manager()
+    ref = ref_mgr.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/ref", steps=3))
+    assert wait_state(ref_mgr, ref.job_id).state == "SUCCEEDED"
+    ref_mgr.close()
+
+    m1 = manager()
+    out = f"file://{tmp_path}/killed"
+    job = m1.submit(RestoreSpec(source=src, model=model_url, output=out, steps=3))
+    t0 = time.time()
+    killed = False
+    while time.time() - t0 < 120 and not killed:  # wait until a block is leased but not done
+        done = m1.ledger.done_blocks(job.job_id)
+        for i in range(job.blocks_total):
+            lease = m1.ledger.get_lease(job.job_id, i)
+            if i not in done and lease is not None and len(done) >= 1:
+                killed = m1.executor.kill_task(job.job_id, 0)
+                break
+        time.sleep(0.05)
+    assert killed, "no block was in progress to kill"
+    m1.close()  # the service goes down with its workers; the ledger says RUNNING
+    assert m1.ledger.get_job(job.job_id).state == "RUNNING"
+    m2 = manager()  # restart on the same ledger
+    st = wait_state(m2, job.job_id)
+    assert st.state == "SUCCEEDED" and st.blocks_done == st.blocks_total
+    np.testing.assert_array_equal(read_all(out), read_all(f"file://{tmp_path}/ref"))
+    assert any("resum" in e for e in st.events)
+
+
+def test_cancel_and_errors(manager, phantom_layer, tiny_iso_model, tmp_path):
+    src, _ = phantom_layer
+    model_url, _ = tiny_iso_model
+    mgr = manager()
+    st = mgr.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/c", steps=50))
+    c = mgr.cancel(st.job_id)
+    assert c.state == "CANCELLED"
+    with pytest.raises(FailedPrecondition):
+        mgr.cancel(st.job_id)
+    cases = [
+        (RestoreSpec(source=src, model=model_url, output=src), "INVALID_ARGUMENT", "output"),
+        (RestoreSpec(source=f"file://{tmp_path}/nope", model=model_url, output=f"file://{tmp_path}/x"), "NOT_FOUND", "source"),
+        (RestoreSpec(source=src, model=f"file://{tmp_path}/nomodel", output=f"file://{tmp_path}/x"), "NOT_FOUND", "model"),
+        (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", steps=0), "INVALID_ARGUMENT", "steps"),
+        (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", samples=1,
+                     uncertainty_output=f"file://{tmp_path}/u"), "INVALID_ARGUMENT", "uncertainty_output"),
+        (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", region_start_xyz=(0, 0, 0),
+                     region_stop_xyz=(500, 10, 2)), "INVALID_ARGUMENT", "region"),
+        (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", region_start_xyz=(5, 5, 2),
+                     region_stop_xyz=(5, 10, 3)), "INVALID_ARGUMENT", "region"),
+        (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", sampler="magic"), "INVALID_ARGUMENT", "sampler"),
+    ]
+    for spec, code, field in cases:
+        with pytest.raises(Exception) as e:
+            mgr.submit(spec)
+        got_code, msg = status_of(e.value)
+        assert got_code == code and msg.startswith(field), (spec, got_code, msg)
+        assert not os.path.exists(tmp_path / "x")  # nothing written
+    with pytest.raises(Exception) as e:
+        mgr.get("01aaaaaaaaaaaaaaaaaaaaaaaa")
+    assert status_of(e.value)[0] == "NOT_FOUND"
+
+
+def test_cutout_and_limits(manager, phantom_layer, tiny_iso_model):
+    src, stack = phantom_layer
+    model_url, _ = tiny_iso_model
+    mgr = manager()
+    mgr.max_cutout_voxels = 20_000
+    r = mgr.cutout(CutoutSpec(source=src, model=model_url, region_start_xyz=(8, 8, 2), region_stop_xyz=(40, 40, 4),
+                              steps=3, samples=2))
+    assert r.mean_zyx.shape == (4, 32, 32) and r.std_zyx.shape == (4, 32, 32)
+    np.testing.assert_array_equal(r.mean_zyx[0], stack[2, 8:40, 8:40])
+    assert r.output_start_xyz == (8, 8, 7) and r.resolution_nm_xyz == (8.0, 8.0, 8.0)
+    with pytest.raises(ResourceExhausted, match="20000"):
+        mgr.cutout(CutoutSpec(source=src, model=model_url, region_start_xyz=(0, 0, 0), region_stop_xyz=(96, 80, 9)))
+
+
+def test_train_job_makes_a_usable_model(manager, phantom_layer, tmp_path):
+    src, _ = phantom_layer
+    mgr = manager()
+    out_model = f"file://{tmp_path}/models/trained"
+    st = mgr.submit(TrainSpec(source=src, output_model=out_model, steps=8, batch_size=2, patch=32))
+    st = wait_state(mgr, st.job_id)
+    assert st.state == "SUCCEEDED", st.message
+    from service.engine.model import read_metadata
+    meta = read_metadata(out_model)
+    assert meta["task"] == "isotropic" and meta["factor"] == 3 and meta["training"]["steps"] == 8
+    with pytest.raises(RequestError) as e:
+        mgr.submit(TrainSpec(source=src, output_model=out_model, steps=0))
+    assert e.value.field == "steps"
