@@ -5,6 +5,7 @@
 # CPU wheel where one is provided locally and to PyPI's CUDA build elsewhere (see README).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -13,7 +14,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" uv
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[test]"
 	touch $(STAMP)
 
@@ -26,7 +28,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/quality.py
+	$(PY) bench/speed.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) demo-output

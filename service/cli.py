@@ -176,10 +176,11 @@ def cmd_finetune(a):
 # --------------------------------------------------------------------------- restore
 def cmd_restore(a):
     from .engine.model import RestorationModel
-    from .engine.restore import UNCERTAINTY_THRESHOLD, restore
+    from .engine.restore import UNCERTAINTY_THRESHOLD, restore, validate_request
     from .volume.tiff import read_stack, read_voxel_size, write_stack
     model = RestorationModel.load(a.model)
     vol = read_stack(a.input)
+    validate_request(model, vol, a.sampler, a.steps, a.samples)
     if a.uncertainty and a.samples < 2:
         raise CLIError("--uncertainty: needs --samples of at least 2")
     if os.path.abspath(a.output) == os.path.abspath(a.input):
@@ -247,7 +248,7 @@ def _add_train_args(p, default_steps):
 
 def build_parser() -> argparse.ArgumentParser:
     from .engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-    ap = argparse.ArgumentParser(prog="emrestore", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="emrestore", description="emrestore: diffusion-model restoration for volume electron microscopy (denoise, super-resolution, isotropic z).")
     from . import __version__
     ap.add_argument("--version", action="version", version=f"emrestore {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -312,11 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-service", action="store_true", help="skip the precomputed/service part")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from .api import commands
-        commands.register(sub)
-    except ImportError:
-        pass
+    from .api import commands
+    commands.register(sub)
+    from connector import commands as connector_commands
+    connector_commands.register(sub)
     return ap
 
 
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        a.func(a)
+        rc = a.func(a)
     except CLIError as e:
         print(f"emrestore: error: {e}", file=sys.stderr)
         return 2
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emrestore: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

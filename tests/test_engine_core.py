@@ -53,17 +53,16 @@ def test_schedule_matches_reference_recipe():
 
 
 def _gaussian_denoiser(sigma_data):
-    """Exact epsilon-prediction for data ~ N(0, sigma_data²) per pixel."""
+    """Exact data prediction E[x0 | x] for data ~ N(0, sigma_data²) per pixel."""
     def den(x, gamma):
         a = (gamma ** 2)[:, None, None, None]
-        return torch.sqrt(1 - a) * x / (a * sigma_data ** 2 + 1 - a)
+        return torch.sqrt(a) * sigma_data ** 2 * x / (a * sigma_data ** 2 + 1 - a)
     return den
 
 
 def _point_denoiser(x0):
     def den(x, gamma):
-        a = (gamma ** 2)[:, None, None, None]
-        return (x - torch.sqrt(a) * x0) / torch.sqrt(1 - a)
+        return x0.expand_as(x)
     return den
 
 

@@ -57,6 +57,12 @@ class RestorationModel:
     target_norm: IntensityNorm | None = None
     training: dict = field(default_factory=dict)
     name: str = ""
+    #: Residual diffusion: the network generates (target − base)·residual_scale, where base is the
+    #: classical estimate (``tasks.base_prediction``). None: it generates the target itself.
+    residual_scale: float | None = None
+    #: What the network predicts: "v" (v = γ·ε − sqrt(1−γ²)·x0, stable at every noise level, good
+    #: for few-step sampling) or "eps" (the reference's ε-prediction).
+    prediction: str = "v"
 
     @classmethod
     def create(cls, task: TaskSpec, preset: str = "tiny", kind: str = "diffusion",
@@ -69,6 +75,14 @@ class RestorationModel:
         torch.manual_seed(seed)
         return cls(task=task, net=UNet(cfg), preset=preset, kind=kind,
                    voxel_size_nm=tuple(voxel_size_nm) if voxel_size_nm else None)
+
+    def x0_from_output(self, out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """The network's output at noisy sample x and level gamma → predicted clean sample."""
+        g = gamma.reshape(-1, 1, 1, 1).to(out.dtype)
+        s = torch.sqrt((1 - g * g).clamp_min(0))
+        if self.prediction == "v":
+            return g * x - s * out
+        return (x - s * out) / g.clamp_min(1e-4)
 
     @property
     def num_parameters(self) -> int:
@@ -90,6 +104,8 @@ class RestorationModel:
             "input_norm": self.input_norm.to_dict() if self.input_norm else None,
             "target_norm": self.target_norm.to_dict() if self.target_norm else None,
             "training": self.training,
+            "residual_scale": self.residual_scale,
+            "prediction": self.prediction,
             "code_version": __version__,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -129,7 +145,8 @@ class RestorationModel:
                 voxel_size_nm=tuple(meta["voxel_size_nm"]) if meta.get("voxel_size_nm") else None,
                 input_norm=IntensityNorm.from_dict(meta["input_norm"]) if meta.get("input_norm") else None,
                 target_norm=IntensityNorm.from_dict(meta["target_norm"]) if meta.get("target_norm") else None,
-                training=meta.get("training", {}), name=meta.get("name", ""))
+                training=meta.get("training", {}), name=meta.get("name", ""),
+                residual_scale=meta.get("residual_scale"), prediction=meta.get("prediction", "eps"))
         return m
 
     def load_train_state(self, url: str) -> dict | None:

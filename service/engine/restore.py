@@ -20,6 +20,7 @@ from .model import ModelError, RestorationModel
 from .normalize import IntensityNorm
 from .pairs import upsample
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
+from .tasks import base_prediction
 from .tiling import TiledDenoiser, auto_max_batch
 from .training import resolve_device
 
@@ -50,6 +51,16 @@ class RestoreResult:
     @property
     def evaluations_per_image(self) -> int:
         return self.evaluations
+
+
+class _DataPrediction:
+    """Network output (v or ε) → predicted clean sample, for the samplers."""
+
+    def __init__(self, model: RestorationModel, tiled: TiledDenoiser):
+        self.model, self.tiled = model, tiled
+
+    def __call__(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return self.model.x0_from_output(self.tiled(x, gamma), x, gamma)
 
 
 def output_norm(model: RestorationModel, input_norm: IntensityNorm) -> IntensityNorm:
@@ -137,11 +148,16 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
             x = x.clamp(-1, 1).reshape(len(chunk), 1, Co, H, W)
             evals = 1
         else:
-            den = TiledDenoiser(net, cond, K, tile, overlap, mb, mult, autocast)
+            tiled = TiledDenoiser(net, cond, K, tile, overlap, mb, mult, autocast)
+            den = _DataPrediction(model, tiled)
             gens = [torch.Generator().manual_seed(derive_seed(seed, image_ids_offset + i)) for i, _ in chunk]
-            x = smp.sample(den, (len(chunk) * K, Co, H, W), alpha_bars, gens, dev)
+            rs = model.residual_scale
+            x = smp.sample(den, (len(chunk) * K, Co, H, W), alpha_bars, gens, dev,
+                           clip=2.0 * rs if rs else 1.0)
             x = x.reshape(len(chunk), K, Co, H, W)
-            evals = den.evaluations
+            if rs:
+                x = (base_prediction(task, cond)[:, None] + x / rs).clamp(-1.0, 1.0)
+            evals = tiled.evaluations
         means[g0:g0 + len(chunk)] = x.mean(1).float().cpu().numpy()
         if stds is not None:
             stds[g0:g0 + len(chunk)] = x.std(1, unbiased=True).float().cpu().numpy()

@@ -1,9 +1,11 @@
 """Samplers: swappable reverse processes over a sequence of noise levels.
 
-A sampler gets a *denoiser* ``eps = denoiser(x, gamma)`` (conditioning already bound), the shape
+A sampler gets a *denoiser* ``x0 = denoiser(x, gamma)`` — the prediction of the clean sample
+from the noisy one at noise level gamma = sqrt(alpha_bar), conditioning already bound — the shape
 of the sample batch, the decreasing-noise sequence of alpha_bar values (from
 ``NoiseSchedule.inference_alpha_bars``) and a CPU ``torch.Generator`` for all randomness, so the
-same seed gives the same result on any device.
+same seed gives the same result on any device. Predicted clean samples are clipped to ±``clip``
+(the data range).
 
 - ``ddpm``: ancestral sampling (the reference method; 200–1000 steps there).
 - ``ddim``: deterministic DDIM (eta = 0).
@@ -31,8 +33,8 @@ def _randn(shape, generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def _x0(x: torch.Tensor, eps: torch.Tensor, a: float) -> torch.Tensor:
-    return ((x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)).clamp(-1.0, 1.0)
+def _x0(x0: torch.Tensor, clip: float) -> torch.Tensor:
+    return x0.clamp(-clip, clip)
 
 
 def _gamma(batch: int, a: float, device) -> torch.Tensor:
@@ -45,7 +47,7 @@ class Sampler(Protocol):
 
     def sample(self, denoiser: Denoiser, shape: tuple[int, ...], alpha_bars: np.ndarray,
                generator: torch.Generator, device: torch.device | str = "cpu",
-               callback: Callable[[int, int], None] | None = None) -> torch.Tensor: ...
+               callback: Callable[[int, int], None] | None = None, clip: float = 1.0) -> torch.Tensor: ...
 
 
 class AncestralSampler:
@@ -53,12 +55,12 @@ class AncestralSampler:
     name = "ddpm"
     stochastic = True
 
-    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None):
+    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None, clip=1.0):
         x = _randn(shape, generator, device)
         n = len(alpha_bars) - 1
         for i in range(n):
             a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
-            x0 = _x0(x, denoiser(x, _gamma(shape[0], a, device)), a)
+            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
             if a_next >= 1.0:
                 x = x0
             else:
@@ -77,12 +79,12 @@ class DDIMSampler:
     name = "ddim"
     stochastic = False
 
-    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None):
+    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None, clip=1.0):
         x = _randn(shape, generator, device)
         n = len(alpha_bars) - 1
         for i in range(n):
             a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
-            x0 = _x0(x, denoiser(x, _gamma(shape[0], a, device)), a)
+            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
             if a_next >= 1.0:
                 x = x0
             else:
@@ -98,13 +100,13 @@ class DPMSolverPP2M:
     name = "dpmpp2m"
     stochastic = False
 
-    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None):
+    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None, clip=1.0):
         x = _randn(shape, generator, device)
         n = len(alpha_bars) - 1
         prev_x0, prev_h = None, None
         for i in range(n):
             a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
-            x0 = _x0(x, denoiser(x, _gamma(shape[0], a, device)), a)
+            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
             if a_next >= 1.0:
                 x = x0
             else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 TASKS = ("denoise", "superres", "isotropic")
 SUPERRES_FACTORS = (2, 4)
 ISOTROPIC_FACTORS = range(2, 17)
@@ -42,3 +44,16 @@ class TaskSpec:
         if self.name == "isotropic":
             return (num_sections - 1) * self.factor + 1
         return num_sections
+
+
+def base_prediction(task: TaskSpec, cond: torch.Tensor) -> torch.Tensor:
+    """The classical estimate the diffusion model refines (residual diffusion).
+
+    Isotropic: linear interpolation between the two sections (channel j−1 at weight j/k);
+    denoise and super-resolution: the (upsampled) input itself. (B, Cc, H, W) → (B, Co, H, W).
+    """
+    if task.name == "isotropic":
+        k = task.factor
+        w = torch.arange(1, k, dtype=cond.dtype, device=cond.device)[None, :, None, None] / k
+        return (1 - w) * cond[:, :1] + w * cond[:, 1:2]
+    return cond[:, :1]

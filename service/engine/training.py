@@ -1,6 +1,7 @@
 """Training and fine-tuning loop (AdamW, warm-up, EMA, gradient clipping, seeds, resume).
 
-Diffusion models learn epsilon-prediction with MSE at continuous noise levels; the regression
+Diffusion models learn v-prediction (or the reference's ε-prediction) with MSE at continuous
+noise levels; the regression
 baseline (``kind="regression"``) learns the target directly with L1 (CARE-style).
 """
 
@@ -17,6 +18,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import RestorationModel
+from .tasks import base_prediction
+
+
+def estimate_residual_scale(task, pairs, patch: int, seed: int, batches: int = 8) -> float:
+    """1 / standard deviation of (target − base): scales residuals to unit variance."""
+    rng = np.random.default_rng(seed + 7919)
+    res = []
+    for _ in range(batches):
+        cond, target = pairs.sample(8, patch, rng)
+        res.append((torch.from_numpy(target) - base_prediction(task, torch.from_numpy(cond))).reshape(-1))
+    std = float(torch.cat(res).std())
+    return float(1.0 / max(std, 0.02))
 
 
 @dataclass
@@ -32,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     device: str = "auto"
+    residual: bool = True  # diffusion models refine the classical estimate (see tasks.base_prediction)
 
     def validate(self):
         if self.steps < 1:
@@ -94,6 +108,9 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             if "torch_rng" in state:
                 torch.set_rng_state(state["torch_rng"])
             history = state.get("history", history)
+            model.residual_scale = state.get("residual_scale", model.residual_scale)
+    if model.kind == "diffusion" and cfg.residual and model.residual_scale is None and start == 0:
+        model.residual_scale = estimate_residual_scale(model.task, pairs, cfg.patch, cfg.seed)
     use_bf16 = device.type == "cuda"
     sched = model.schedule
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.task.name}",
@@ -109,7 +126,8 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
         model.save(out_url, train_state={"net": net.state_dict(), "ema": ema.state_dict(),
                                          "opt": opt.state_dict(), "step": step, "rng": rng,
                                          "gen": gen.get_state(), "history": history,
-                                         "torch_rng": torch.get_rng_state()})
+                                         "torch_rng": torch.get_rng_state(),
+                                         "residual_scale": model.residual_scale})
         model.net = net
 
     for step in range(start, cfg.steps):
@@ -123,9 +141,14 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
                 gamma = sched.sample_gammas(target.shape[0], gen).to(device)
                 noise = torch.randn(target.shape, generator=gen).to(device)
                 g4 = gamma[:, None, None, None]
-                noisy = g4 * target + torch.sqrt(1 - g4 ** 2) * noise
+                x0 = target
+                if model.residual_scale:
+                    x0 = (target - base_prediction(model.task, cond)) * model.residual_scale
+                sig = torch.sqrt(1 - g4 ** 2)
+                noisy = g4 * x0 + sig * noise
                 pred = net(torch.cat([noisy, cond], 1), gamma)
-                loss = F.mse_loss(pred.float(), noise)
+                want = g4 * noise - sig * x0 if model.prediction == "v" else noise
+                loss = F.mse_loss(pred.float(), want)
             else:
                 pred = net(cond)
                 loss = F.l1_loss(pred.float(), target)
@@ -152,16 +175,14 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             save(step + 1)
             bar.close()
             model.net = ema.eval()
+            model.training = _record(model, cfg, mode, step + 1, history, time.time() - t0)
             return model
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()
+    save(cfg.steps)
     model.net = ema
     model.training = _record(model, cfg, mode, cfg.steps, history, time.time() - t0)
-    if out_url:
-        model.save(out_url, train_state={"net": net.state_dict(), "ema": ema.state_dict(),
-                                         "opt": opt.state_dict(), "step": cfg.steps, "rng": rng,
-                                         "gen": gen.get_state(), "history": history})
     ema.eval()
     return model
 

@@ -246,6 +246,7 @@ class JobManager:
         return self.get(rec.job_id)
 
     def _submit_train(self, spec: TrainSpec) -> JobStatus:
+        spec.output_model = self.resolve_model(spec.output_model)
         src = pc.open_source(spec.source, spec.mip)
         rx, ry, rz = src.resolution_nm_xyz
         factor = spec.factor or int(round(rz / rx))
@@ -335,8 +336,8 @@ class JobManager:
             raise RequestError("page_size", f"{page_size!r} must be in [1, 1000]")
         try:
             recs, token = self.ledger.list_jobs(state, page_size, page_token or None)
-        except ValueError as e:
-            raise RequestError("page_token", str(e).split(":", 1)[-1]) from None
+        except ValueError:
+            raise RequestError("page_token", f"{page_token!r} is not a token returned by a previous list") from None
         return [self.get(r.job_id) for r in recs], token or ""
 
     def cancel(self, job_id: str) -> JobStatus:
@@ -438,8 +439,8 @@ class JobManager:
         if rec.blocks_done >= rec.num_blocks:
             if rec.state == PENDING:
                 self.ledger.set_state(job_id, RUNNING, "")
+            self._on_success(job_id, spec)  # register outputs first: SUCCEEDED means registered too
             self.ledger.set_state(job_id, SUCCEEDED, f"{rec.num_blocks} block(s) done")
-            self._on_success(job_id, spec)
             return
         known = getattr(self.executor, "known", None)
         if known is not None and not known(job_id):
@@ -467,5 +468,9 @@ class JobManager:
         except ImportError:
             self.ledger.add_event(job_id, "register", "connectors are not installed; outputs not registered")
             return
-        for msg in register_job_outputs(job_id, spec, targets):
+        try:
+            messages = register_job_outputs(job_id, spec, targets)
+        except Exception as e:  # noqa: BLE001 - registration never fails a finished restoration
+            messages = [f"registration failed: {type(e).__name__}: {e}"]
+        for msg in messages:
             self.ledger.add_event(job_id, "register", msg)

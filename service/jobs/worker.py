@@ -76,6 +76,10 @@ def restore_block(job: dict, block: Block, model: RestorationModel, source: np.n
     fx, _, k = p["scale_xyz"]
     # noise seed: job seed + the block's lateral origin; images (gaps/sections) add their global index
     seed = derive_seed(job["seed"], block.read_start[1], block.read_start[2])
+    if k > 1 and source.shape[0] == 1:
+        # the layer's last chunk can hold just the last section: nothing to generate
+        mean = assemble_isotropic(source.astype(p["output_dtype"]), block.sections[0], block, k)
+        return mean, np.zeros(mean.shape, np.float32) if job["samples"] > 1 else None
     res = restore(model, source, sampler=job["sampler"], steps=job["steps"], samples=job["samples"],
                   seed=seed, norm=norm, tile=p.get("tile", 256), overlap=p.get("overlap", 32),
                   image_ids_offset=block.read_start[0], out_dtype=p["output_dtype"],

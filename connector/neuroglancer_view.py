@@ -1,0 +1,564 @@
+"""Neuroglancer: an interactive viewer with a restore-region action, and state files/links.
+
+:class:`RestoreViewer` opens a ``neuroglancer.Viewer`` (the Python package's built-in server,
+bound to 127.0.0.1 by default) on a Precomputed source and adds:
+
+- a **restore-region** action bound to ``shift+keyr``: with a box in the annotation layer
+  ``"restore region"`` (draw one with the bounding-box tool) it restores that box; without one it
+  restores a block (``block_xyz``, default 128×128×8 source voxels) centred on the mouse position
+  (or on the view centre when the mouse is not over the data);
+- a **next-model** action bound to ``shift+keym`` that cycles through the server's models
+  (:meth:`RestoreViewer.set_model` sets one);
+- progress in the viewer's status messages (key ``emrestore``), and the restored and
+  uncertainty layers added to the viewer when the job succeeds.
+
+``file://`` layers are published to the browser by a small CORS static file server
+(:class:`connector.static_server.StaticFileServer`) on 127.0.0.1; the viewer uses
+``precomputed://http://127.0.0.1:PORT/…`` sources for them.
+
+:func:`state_for_layers`, :func:`write_state` and :func:`state_link` write a Neuroglancer state
+(JSON) or link showing a source, a restored and an uncertainty layer (used by the demo and by
+the ``neuroglancer`` register target).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .util import ConnectorError, default_output_url, public_url, request_id
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RestoreViewer", "state_for_layers", "write_state", "state_link", "UNCERTAINTY_SHADER",
+           "RESTORE_ACTION", "RESTORE_KEY", "NEXT_MODEL_ACTION", "NEXT_MODEL_KEY", "ANNOTATION_LAYER"]
+
+RESTORE_ACTION = "emrestore-restore-region"
+RESTORE_KEY = "shift+keyr"
+NEXT_MODEL_ACTION = "emrestore-next-model"
+NEXT_MODEL_KEY = "shift+keym"
+ANNOTATION_LAYER = "restore region"
+STATUS_KEY = "emrestore"
+DEFAULT_NG_LINK_PREFIX = "https://neuroglancer-demo.appspot.com"
+
+UNCERTAINTY_SHADER = """#uicontrol invlerp normalized
+void main() {
+  emitRGB(colormapJet(normalized()));
+}
+"""
+
+
+# ----------------------------------------------------------------------------- state files / links
+def _ng_source(url: str, prefix_map: Any = None) -> str:
+    return "precomputed://" + public_url(url, prefix_map)
+
+
+def state_for_layers(source: str | None, restored: str | None = None, uncertainty: str | None = None,
+                     *, prefix_map: Any = None, names: dict | None = None,
+                     position_xyz: Sequence[float] | None = None,
+                     resolution_nm_xyz: Sequence[float] | None = None,
+                     existing: dict | None = None) -> dict:
+    """A Neuroglancer state (JSON dict) with image layers for ``source``, ``restored`` and
+    ``uncertainty`` (heat-map shader). ``position_xyz`` is in units of ``resolution_nm_xyz``
+    (the global dimensions; default: the restored layer's resolution when known). Layers already
+    in ``existing`` (a state to update) are kept; layers with the same name are replaced."""
+    names = {"source": "source", "restored": "restored", "uncertainty": "uncertainty", **(names or {})}
+    state = json.loads(json.dumps(existing)) if existing else {}
+    layers = [layer for layer in state.get("layers", []) if isinstance(layer, dict)]
+
+    def put(layer: dict) -> None:
+        for i, old in enumerate(layers):
+            if old.get("name") == layer["name"]:
+                layers[i] = layer
+                return
+        layers.append(layer)
+
+    if source:
+        put({"type": "image", "source": _ng_source(source, prefix_map), "name": names["source"]})
+    if restored:
+        put({"type": "image", "source": _ng_source(restored, prefix_map), "name": names["restored"]})
+    if uncertainty:
+        put({"type": "image", "source": _ng_source(uncertainty, prefix_map), "name": names["uncertainty"],
+             "shader": UNCERTAINTY_SHADER, "opacity": 0.6, "blend": "additive"})
+    state["layers"] = layers
+    if resolution_nm_xyz is not None:
+        state["dimensions"] = {ax: [float(f"{float(r) * 1e-9:.12g}"), "m"] for ax, r in zip("xyz", resolution_nm_xyz)}
+    if position_xyz is not None:
+        state["position"] = [float(v) for v in position_xyz]
+    state.setdefault("crossSectionScale", 1.0)
+    state.setdefault("layout", "4panel")
+    if restored:
+        state["selectedLayer"] = {"layer": names["restored"], "visible": True}
+    return state
+
+
+def state_link(state: dict, prefix: str = DEFAULT_NG_LINK_PREFIX) -> str:
+    """A Neuroglancer link (``<prefix>/#!<url-encoded JSON>``) opening ``state``."""
+    text = json.dumps(state, separators=(",", ":"))
+    return prefix.rstrip("/") + "/#!" + urllib.parse.quote(text, safe="")
+
+
+def _region_centre_out(spec: dict, restored_geom: dict | None) -> list[float] | None:
+    """Centre of the restored region in output voxels (xyz), from the job spec."""
+    start, stop = spec.get("region_start_xyz"), spec.get("region_stop_xyz")
+    plan = spec.get("plan") or {}
+    scale = plan.get("scale_xyz") or [1, 1, 1]
+    if start and stop:
+        k = scale[2]
+        h = (k - 1) / 2 if k > 1 else 0
+        cx = (start[0] + stop[0]) / 2 * scale[0]
+        cy = (start[1] + stop[1]) / 2 * scale[1]
+        cz = ((start[2] + stop[2] - 1) / 2) * k + h + 0.5 if k > 1 else (start[2] + stop[2]) / 2
+        return [cx, cy, cz]
+    if restored_geom:
+        return [o + s / 2 for o, s in zip(restored_geom["voxel_offset_xyz"], restored_geom["size_xyz"])]
+    return None
+
+
+def write_state(path_or_url: str, source: str | None, restored: str | None = None,
+                uncertainty: str | None = None, *, prefix_map: Any = None, names: dict | None = None,
+                position_xyz: Sequence[float] | None = None, resolution_nm_xyz: Sequence[float] | None = None,
+                update: bool = True, link_prefix: str = DEFAULT_NG_LINK_PREFIX) -> tuple[str, str]:
+    """Write (or update) a Neuroglancer state JSON file; returns (where, link).
+
+    ``path_or_url``: a local path, ``file://`` URL or any store cloud-files can write (gs://, s3://).
+    When ``resolution_nm_xyz`` is not given it is read from the restored layer (or the source).
+    """
+    existing = _read_json(path_or_url) if update else None
+    if resolution_nm_xyz is None:
+        for u in (restored, source):
+            if u:
+                try:
+                    from .util import layer_geometry
+                    g = layer_geometry(u)
+                    resolution_nm_xyz = g["resolution_nm_xyz"]
+                    if position_xyz is None:
+                        position_xyz = [o + s / 2 for o, s in zip(g["voxel_offset_xyz"], g["size_xyz"])]
+                    break
+                except Exception:  # noqa: BLE001 - a state without dimensions still opens
+                    continue
+    state = state_for_layers(source, restored, uncertainty, prefix_map=prefix_map, names=names,
+                             position_xyz=position_xyz, resolution_nm_xyz=resolution_nm_xyz, existing=existing)
+    _write_json(path_or_url, state)
+    return path_or_url, state_link(state, link_prefix)
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[7:]
+    if "://" not in url:
+        return url
+    return None
+
+
+def _read_json(url: str) -> dict | None:
+    local = _local_path(url)
+    try:
+        if local is not None:
+            if not os.path.exists(local):
+                return None
+            with open(local, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            from cloudfiles import CloudFiles
+            base, name = url.rsplit("/", 1)
+            raw = CloudFiles(base).get(name)
+            if raw is None:
+                return None
+            data = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(url: str, data: dict) -> None:
+    text = json.dumps(data, indent=2)
+    local = _local_path(url)
+    if local is not None:
+        d = os.path.dirname(os.path.abspath(local))
+        os.makedirs(d, exist_ok=True)
+        tmp = local + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, local)
+        return
+    if url.startswith(("http://", "https://")):
+        raise ConnectorError("url", f"{url}: cannot write a state file to an http(s) URL; give a path, "
+                                    "file://, gs:// or s3:// URL")
+    from cloudfiles import CloudFiles
+    base, name = url.rsplit("/", 1)
+    CloudFiles(base).put(name, text.encode(), content_type="application/json", compress=None)
+
+
+def register_state_target(job_id: str, spec: dict, target: dict) -> str:
+    """The ``neuroglancer`` register target: write/update a state JSON at ``target['url']``.
+
+    Options: ``public_url_map`` (see :func:`connector.util.public_url`), ``include_source``
+    (default true), ``layer_name`` (default ``restored <job>``), ``link_prefix``.
+    """
+    from .util import option
+    url = (target.get("url") or "").strip()
+    if not url:
+        raise ConnectorError("url", "required: where to write the Neuroglancer state JSON")
+    opts = target.get("options") or {}
+    short = job_id[-8:]
+    names = {"source": "source", "restored": option(opts, "layer_name", f"restored {short}"),
+             "uncertainty": f"uncertainty {short}"}
+    include_source = str(option(opts, "include_source", "true")).lower() not in ("0", "false", "no")
+    prefix_map = option(opts, "public_url_map")
+    restored, unc = spec.get("output"), spec.get("uncertainty_output")
+    geom = None
+    try:
+        from .util import layer_geometry
+        geom = layer_geometry(restored)
+    except Exception:  # noqa: BLE001
+        pass
+    where, link = write_state(url, spec.get("source") if include_source else None, restored, unc,
+                              prefix_map=prefix_map, names=names,
+                              position_xyz=_region_centre_out(spec, geom),
+                              resolution_nm_xyz=geom["resolution_nm_xyz"] if geom else None,
+                              link_prefix=option(opts, "link_prefix", DEFAULT_NG_LINK_PREFIX))
+    return f"neuroglancer: wrote state {where} with layer '{names['restored']}'" + (
+        f" and '{names['uncertainty']}'" if unc else "") + f"; link: {link[:120]}{'…' if len(link) > 120 else ''}"
+
+
+# ----------------------------------------------------------------------------- interactive viewer
+@dataclass
+class ViewerJob:
+    job_id: str
+    start_xyz: list[int]
+    stop_xyz: list[int]
+    model: str
+    output: str
+    uncertainty: str | None
+    state: str = "PENDING"
+    message: str = ""
+    layers: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class RestoreViewer:
+    """A Neuroglancer viewer on ``source`` with a restore-region action (see module docstring).
+
+    ``server``: HOST:PORT of the gRPC service (or pass ``client``). ``model``: model name (default:
+    the first of the server's models). ``output_dir``: where restored layers go (a URL prefix;
+    default next to the source). ``samples``/``steps``: sampling settings (samples ≥ 2 also writes
+    an uncertainty layer). ``prefix_map``: public URLs for non-file, non-http layers.
+    """
+
+    def __init__(self, source: str, server: str = "127.0.0.1:50051", *, model: str | None = None,
+                 token: str | None = None, client=None, block_xyz: Sequence[int] = (128, 128, 8),
+                 samples: int = 1, steps: int = 0, output_dir: str | None = None,
+                 bind_address: str = "127.0.0.1", port: int = 0, prefix_map: Any = None,
+                 register_in: list[dict] | None = None, static_server=None):
+        import neuroglancer
+
+        from service.volume.stores import normalize_url
+        from .static_server import StaticFileServer
+        from .util import layer_geometry
+
+        self.source = normalize_url(source[len("precomputed://"):] if source.startswith("precomputed://") else source)
+        self.geom = layer_geometry(self.source)
+        if client is None:
+            from service.api.client import EmrestoreClient
+            client = EmrestoreClient(server, token=token)
+        self.client = client
+        self.block_xyz = [int(v) for v in block_xyz]
+        if len(self.block_xyz) != 3 or min(self.block_xyz) < 1:
+            raise ConnectorError("block", f"{list(block_xyz)} must be three positive integers")
+        self.samples = int(samples)
+        self.steps = int(steps)
+        self.output_dir = output_dir
+        self.prefix_map = prefix_map
+        self.register_in = register_in or []
+        self.jobs: list[ViewerJob] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._owns_static = False
+        self.static = static_server
+        if self.source.startswith("file://") and self.static is None:
+            self.static = StaticFileServer(bind_address, 0)
+            self._owns_static = True
+        if self.static is not None and self.source.startswith("file://"):
+            parent = os.path.dirname(self.source[7:].rstrip("/"))
+            if self.static.url_for_path(parent) is None:
+                self.static.add("data", parent)
+            if output_dir and output_dir.startswith("file://"):
+                if self.static.url_for_path(output_dir[7:]) is None:
+                    os.makedirs(output_dir[7:], exist_ok=True)
+                    self.static.add("out", output_dir[7:])
+        self.models = self._load_models()
+        self.model = model or (self.models[0] if self.models else None)
+        if self.model is None:
+            raise ConnectorError("model", "the server lists no models; give --model NAME_OR_URL")
+
+        neuroglancer.set_server_bind_address(bind_address, port)
+        self.viewer = neuroglancer.Viewer()
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _load_models(self) -> list[str]:
+        try:
+            return [m["name"] for m in self.client.models() if m.get("name")]
+        except Exception as e:  # noqa: BLE001 - shown in the status bar
+            log.warning("cannot list models: %s", e)
+            return []
+
+    def browser_url(self, layer_url: str) -> str:
+        """The URL the browser reads ``layer_url`` from (static server for file://)."""
+        if layer_url.startswith("file://") and self.static is not None:
+            u = self.static.url_for_path(layer_url[7:])
+            if u is not None:
+                return u
+            parent = os.path.dirname(layer_url[7:].rstrip("/"))
+            name = f"d{len(self.static._httpd.mounts)}"  # noqa: SLF001
+            self.static.add(name, parent)
+            return self.static.url_for_path(layer_url[7:])  # type: ignore[return-value]
+        return public_url(layer_url, self.prefix_map)
+
+    def _setup(self) -> None:
+        import neuroglancer
+        g = self.geom
+        dims = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=g["resolution_nm_xyz"])
+        self.dimensions = dims
+        with self.viewer.txn() as s:
+            s.dimensions = dims
+            s.position = [o + n / 2 for o, n in zip(g["voxel_offset_xyz"], g["size_xyz"])]
+            s.layers["source"] = neuroglancer.ImageLayer(source="precomputed://" + self.browser_url(self.source))
+            s.layers[ANNOTATION_LAYER] = neuroglancer.LocalAnnotationLayer(dimensions=dims)
+            s.layout = "4panel"
+            s.selected_layer.layer = "source"
+        self.viewer.actions.add(RESTORE_ACTION, self._on_restore_action)
+        self.viewer.actions.add(NEXT_MODEL_ACTION, self._on_next_model)
+        with self.viewer.config_state.txn() as s:
+            s.input_event_bindings.viewer[RESTORE_KEY] = RESTORE_ACTION
+            s.input_event_bindings.viewer[NEXT_MODEL_KEY] = NEXT_MODEL_ACTION
+        self.status(f"emrestore: {RESTORE_KEY.replace('key', '')} restores the box in '{ANNOTATION_LAYER}' "
+                    f"(or a {'×'.join(map(str, self.block_xyz))} block at the mouse); model {self.model} "
+                    f"({NEXT_MODEL_KEY.replace('key', '')}: next model)")
+
+    @property
+    def url(self) -> str:
+        return str(self.viewer)
+
+    def status(self, text: str) -> None:
+        with self.viewer.config_state.txn() as s:
+            s.status_messages[STATUS_KEY] = text
+
+    def bindings(self) -> dict:
+        """The viewer's key bindings (proof the action is registered)."""
+        return dict(self.viewer.config_state.state.input_event_bindings.viewer.to_json())
+
+    # ------------------------------------------------------------------ models
+    def set_model(self, name: str) -> None:
+        if self.models and name not in self.models and "://" not in name and not name.startswith("/"):
+            raise ConnectorError("model", f"{name!r} is not on the server; choose one of {', '.join(self.models)}")
+        self.model = name
+        self.status(f"emrestore: model {name}")
+
+    def _on_next_model(self, action_state) -> None:
+        self.models = self._load_models() or self.models
+        if not self.models:
+            self.status("emrestore: the server lists no models")
+            return
+        i = self.models.index(self.model) if self.model in self.models else -1
+        self.set_model(self.models[(i + 1) % len(self.models)])
+
+    # ------------------------------------------------------------------ region
+    def _bounds(self) -> tuple[list[int], list[int]]:
+        lo = list(self.geom["voxel_offset_xyz"])
+        hi = [o + s for o, s in zip(lo, self.geom["size_xyz"])]
+        return lo, hi
+
+    def box_from_annotations(self, state=None) -> tuple[list[int], list[int]] | None:
+        """The last bounding box of the "restore region" layer, in source voxels (clipped)."""
+        state = state if state is not None else self.viewer.state
+        try:
+            layer = state.layers[ANNOTATION_LAYER]
+        except KeyError:
+            return None
+        boxes = [a for a in getattr(layer, "annotations", []) if getattr(a, "type", "") == "axis_aligned_bounding_box"]
+        if not boxes:
+            return None
+        a = boxes[-1]
+        pa, pb = [float(v) for v in a.point_a], [float(v) for v in a.point_b]
+        start = [int(math.floor(min(p, q))) for p, q in zip(pa, pb)]
+        stop = [int(math.ceil(max(p, q))) for p, q in zip(pa, pb)]
+        stop = [max(b, a + 1) for a, b in zip(start, stop)]
+        return self._clip(start, stop)
+
+    def block_at(self, centre_xyz: Sequence[float]) -> tuple[list[int], list[int]]:
+        """A ``block_xyz`` block centred on ``centre_xyz`` (source voxels), shifted into the bounds."""
+        lo, hi = self._bounds()
+        start, stop = [], []
+        for c, b, l, h in zip(centre_xyz, self.block_xyz, lo, hi):
+            b = min(b, h - l)
+            s = int(math.floor(c - b / 2))
+            s = max(l, min(s, h - b))
+            start.append(s)
+            stop.append(s + b)
+        return start, stop
+
+    def _clip(self, start, stop):
+        lo, hi = self._bounds()
+        s = [max(a, l) for a, l in zip(start, lo)]
+        e = [min(b, h) for b, h in zip(stop, hi)]
+        if any(b <= a for a, b in zip(s, e)):
+            raise ConnectorError("region", f"the box {start}–{stop} lies outside the source bounds {lo}–{hi}")
+        return s, e
+
+    def region_for(self, action_state=None) -> tuple[list[int], list[int], str]:
+        """(start, stop, how) of the region the action restores."""
+        vs = getattr(action_state, "viewer_state", None) if action_state is not None else None
+        box = self.box_from_annotations(vs)
+        if box is not None:
+            return box[0], box[1], "annotation box"
+        mouse = getattr(action_state, "mouse_voxel_coordinates", None) if action_state is not None else None
+        if mouse is not None and len(mouse) >= 3:
+            s, e = self.block_at(mouse[:3])
+            return s, e, "block at the mouse"
+        pos = (vs.position if vs is not None and vs.position is not None else self.viewer.state.position)
+        s, e = self.block_at(list(pos)[:3])
+        return s, e, "block at the view centre"
+
+    # ------------------------------------------------------------------ restoring
+    def _on_restore_action(self, action_state) -> None:
+        try:
+            start, stop, how = self.region_for(action_state)
+        except ConnectorError as e:
+            self.status(f"emrestore: {e}")
+            return
+        t = threading.Thread(target=self._run_job, args=(start, stop, how), daemon=True, name="ng-restore")
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def restore(self, start_xyz: Sequence[int], stop_xyz: Sequence[int], wait: bool = False) -> threading.Thread:
+        """Restore a box (source voxels) as the action would; returns the worker thread."""
+        start, stop = self._clip(list(start_xyz), list(stop_xyz))
+        t = threading.Thread(target=self._run_job, args=(start, stop, "box"), daemon=True, name="ng-restore")
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+        if wait:
+            t.join()
+        return t
+
+    def _outputs(self) -> tuple[str, str | None]:
+        rid = request_id()
+        if self.output_dir:
+            base = self.output_dir.rstrip("/") + "/" + os.path.basename(self.source.rstrip("/"))
+            out = f"{base}_restored_{rid}"
+            unc = f"{base}_uncertainty_{rid}" if self.samples >= 2 else None
+        else:
+            out = default_output_url(self.source, rid)
+            unc = default_output_url(self.source, rid, "uncertainty") if self.samples >= 2 else None
+        return out, unc
+
+    def _run_job(self, start: list[int], stop: list[int], how: str) -> None:
+        from service.api.client import EmrestoreError
+        output, unc = self._outputs()
+        box = f"{start}–{stop}"
+        self.status(f"emrestore: submitting {how} {box} with model {self.model} …")
+        try:
+            info = self.client.restore_region(self.source, self.model, output, start, stop, uncertainty=unc,
+                                              samples=self.samples, steps=self.steps,
+                                              register_in=self.register_in,
+                                              labels={"emrestore-origin": "neuroglancer"})
+        except EmrestoreError as e:
+            self.status(f"emrestore: {e.code_name}: {e.message}")
+            with self._lock:
+                self.jobs.append(ViewerJob("", start, stop, str(self.model), output, unc, "FAILED", e.message,
+                                           error=f"{e.code_name}: {e.message}"))
+            return
+        job = ViewerJob(info.job_id, start, stop, str(self.model), output, unc, info.state, info.message)
+        with self._lock:
+            self.jobs.append(job)
+        short = info.job_id[-8:]
+
+        def progress(u) -> None:
+            job.state = u.state
+            pct = f"{100 * u.blocks_done / u.blocks_total:.0f}%" if u.blocks_total else ""
+            self.status(f"emrestore: job {short} {u.state} {u.blocks_done}/{u.blocks_total} blocks {pct} "
+                        f"{('— ' + u.message) if u.message else ''}".rstrip())
+
+        try:
+            final = self.client.wait(info.job_id, progress=progress)
+        except EmrestoreError as e:
+            job.state, job.error = "FAILED", f"{e.code_name}: {e.message}"
+            self.status(f"emrestore: job {short}: {job.error}")
+            return
+        job.state, job.message = final.state, final.message
+        if final.state != "SUCCEEDED":
+            job.error = final.message
+            self.status(f"emrestore: job {short} {final.state}: {final.message}")
+            return
+        self._add_result_layers(job, short)
+        self.status(f"emrestore: job {short} done — added layer 'restored {short}'"
+                    + (f" and 'uncertainty {short}'" if unc else "") + f" ({how} {box})")
+
+    def _add_result_layers(self, job: ViewerJob, short: str) -> None:
+        import neuroglancer
+        name = f"restored {short}"
+        with self.viewer.txn() as s:
+            s.layers[name] = neuroglancer.ImageLayer(source="precomputed://" + self.browser_url(job.output))
+            job.layers.append(name)
+            if job.uncertainty:
+                uname = f"uncertainty {short}"
+                s.layers[uname] = neuroglancer.ImageLayer(
+                    source="precomputed://" + self.browser_url(job.uncertainty), shader=UNCERTAINTY_SHADER,
+                    opacity=0.6)
+                job.layers.append(uname)
+            s.selected_layer.layer = name
+
+    def wait_idle(self, timeout: float = 300.0) -> None:
+        """Wait for every started job thread (tests)."""
+        t_end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            alive = [t for t in threads if t.is_alive()]
+            if not alive:
+                return
+            left = t_end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("emrestore viewer jobs still running")
+            alive[0].join(timeout=min(left, 1.0))
+
+    def close(self) -> None:
+        try:
+            import neuroglancer
+            neuroglancer.stop()
+        except Exception:  # noqa: BLE001
+            pass
+        if self._owns_static and self.static is not None:
+            self.static.close()
+
+
+def run_view(source: str, server: str, model: str | None, token: str | None, block_xyz, samples: int,
+             steps: int, bind: str, port: int, open_browser: bool, output_dir: str | None,
+             stop: Callable[[], bool] | None = None, prefix_map: Any = None) -> None:
+    """``emrestore view``: open the viewer and keep serving until interrupted."""
+    v = RestoreViewer(source, server, model=model, token=token, block_xyz=block_xyz, samples=samples, steps=steps,
+                      bind_address=bind, port=port, output_dir=output_dir, prefix_map=prefix_map)
+    print(f"Neuroglancer: {v.url}", flush=True)
+    print(f"  {RESTORE_KEY.replace('key', '')}: restore the box in the '{ANNOTATION_LAYER}' annotation layer, "
+          f"or a {'×'.join(map(str, v.block_xyz))} block at the mouse; model: {v.model}; "
+          f"{NEXT_MODEL_KEY.replace('key', '')}: next model ({', '.join(v.models) or 'none listed'})", flush=True)
+    if open_browser:
+        import webbrowser
+        webbrowser.open(v.url)
+    try:
+        while not (stop and stop()):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        v.close()

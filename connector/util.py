@@ -1,0 +1,206 @@
+"""Helpers shared by the connectors: layer URLs as browsers see them, names, layer geometry.
+
+Platforms (Neuroglancer in a browser, webKnossos, CATMAID) read Precomputed layers over HTTP(S)
+or gs://, never from ``file://``. :func:`public_url` turns a layer URL of the service into the URL
+a platform should use:
+
+- ``http(s)://…`` is returned unchanged;
+- ``gs://bucket/path`` stays ``gs://…`` (Neuroglancer, webKnossos and CATMAID read it) unless
+  ``https=True``, which gives ``https://storage.googleapis.com/bucket/path``;
+- ``s3://bucket/path`` → ``https://bucket.s3.amazonaws.com/path`` (public buckets);
+- anything else needs a prefix mapping ``"file:///data/=https://files.lab.org/data/"`` (several
+  separated by ``;`` or given as a dict), e.g. a web server that serves the layer directories
+  with CORS (``emrestore view`` starts one on 127.0.0.1 for ``file://`` layers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "ConnectorError",
+    "parse_prefix_map",
+    "public_url",
+    "default_output_url",
+    "request_id",
+    "safe_name",
+    "layer_geometry",
+    "option",
+    "resolve_secret",
+]
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+class ConnectorError(ValueError):
+    """A connector problem for a person: ``field`` names the option or request field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.detail = " ".join(str(message).split())
+        super().__init__(f"{field}: {self.detail}")
+
+
+def request_id(n: int = 8) -> str:
+    """A short random id (Crockford base32, lowercase) used to name default output layers."""
+    return "".join(secrets.choice(_CROCKFORD) for _ in range(n))
+
+
+def default_output_url(source: str, short: str, kind: str = "restored") -> str:
+    """``<source>_<kind>_<short>``: a layer next to the source (same store, same parent)."""
+    base = str(source).strip().rstrip("/")
+    if not base:
+        raise ConnectorError("source", "required: a precomputed layer URL")
+    if base.startswith("precomputed://"):
+        base = base[len("precomputed://"):]
+    return f"{base}_{kind}_{short}"
+
+
+def safe_name(text: str, max_len: int = 64) -> str:
+    """Letters, digits, ``-``, ``_`` and ``.`` only (dataset and stack names on the platforms)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._-")
+    return (name or "layer")[:max_len]
+
+
+def parse_prefix_map(value: Any) -> list[tuple[str, str]]:
+    """Prefix mappings from ``"A=B;C=D"``, a JSON object string, a dict or a list of pairs."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                pairs = list(json.loads(text).items())
+            except (ValueError, AttributeError):
+                raise ConnectorError("public_url_map", f"{value!r} is not a JSON object") from None
+        else:
+            pairs = []
+            for part in text.split(";"):
+                part = part.strip()
+                if not part:
+                    continue
+                if "=" not in part:
+                    raise ConnectorError("public_url_map", f"{part!r}: expected PREFIX=PUBLIC_PREFIX")
+                a, b = part.split("=", 1)
+                pairs.append((a.strip(), b.strip()))
+    else:
+        pairs = [tuple(p) for p in value]
+    out = []
+    for a, b in pairs:
+        if not a or not b:
+            raise ConnectorError("public_url_map", f"empty prefix in {a!r}={b!r}")
+        out.append((str(a), str(b)))
+    # longest prefix first
+    return sorted(out, key=lambda p: -len(p[0]))
+
+
+def _as_file_url(url: str) -> str:
+    if "://" not in url:
+        return "file://" + os.path.abspath(url)
+    return url
+
+
+def public_url(url: str, prefix_map: Any = None, *, https: bool = False, field: str = "url") -> str:
+    """The URL a browser-based platform reads ``url`` from (see the module docstring)."""
+    u = str(url).strip()
+    if u.startswith("precomputed://"):
+        u = u[len("precomputed://"):]
+    u = _as_file_url(u).rstrip("/")
+    for prefix, repl in parse_prefix_map(prefix_map):
+        p = _as_file_url(prefix).rstrip("/")
+        if u == p or u.startswith(p + "/"):
+            return repl.rstrip("/") + u[len(p):]
+    if u.startswith(("http://", "https://")):
+        return u
+    if u.startswith("gs://"):
+        return "https://storage.googleapis.com/" + u[5:] if https else u
+    if u.startswith("s3://"):
+        bucket, _, key = u[5:].partition("/")
+        return f"https://{bucket}.s3.amazonaws.com/{key}"
+    raise ConnectorError(field, f"{url} is not reachable from a browser or a remote platform; give a "
+                                "public_url_map such as 'file:///data/=https://files.example.org/data/' "
+                                "(a web server with CORS that serves the layer directories)")
+
+
+def layer_geometry(url: str) -> dict:
+    """Geometry of a Precomputed layer from its info file (mip 0 plus the number of scales)."""
+    from service.volume import precomputed as pc
+
+    info = pc.open_layer(url, 0, "layer")
+    raw = _read_info_json(url)
+    scales = raw.get("scales", []) if raw else []
+    return {
+        "url": url,
+        "size_xyz": list(info.size_xyz),
+        "voxel_offset_xyz": list(info.voxel_offset_xyz),
+        "resolution_nm_xyz": [float(r) for r in info.resolution_nm_xyz],
+        "chunk_size_xyz": list(info.chunk_size_xyz),
+        "dtype": info.dtype,
+        "num_scales": max(1, len(scales)),
+        "scale_keys": [s.get("key") for s in scales],
+        "downsample_factors_xyz": [list(f) for f in info.downsample_factors_xyz],
+    }
+
+
+def _read_info_json(url: str) -> dict | None:
+    try:
+        from cloudfiles import CloudFiles
+
+        from service.volume.stores import normalize_url
+
+        data = CloudFiles(normalize_url(url)).get("info")
+        return json.loads(data) if data else None
+    except Exception:  # noqa: BLE001 - geometry from open_layer is enough
+        return None
+
+
+def option(options: Mapping[str, Any] | None, name: str, default: Any = None) -> Any:
+    """``options[name]`` with ``-``/``_`` spellings accepted; ``default`` when missing or empty."""
+    if not options:
+        return default
+    for key in (name, name.replace("_", "-"), name.replace("-", "_")):
+        if key in options and options[key] not in (None, ""):
+            return options[key]
+    return default
+
+
+def resolve_secret(options: Mapping[str, Any] | None, name: str = "token") -> str | None:
+    """A secret from ``options``: ``<name>`` itself, ``<name>_env`` (an environment variable
+    name) or ``<name>_file`` (first non-comment line of a file). None when none is given."""
+    direct = option(options, name)
+    if direct:
+        return str(direct).strip()
+    env = option(options, f"{name}_env")
+    if env:
+        val = os.environ.get(str(env), "").strip()
+        if not val:
+            raise ConnectorError(f"{name}_env", f"environment variable {env} is unset or empty")
+        return val
+    path = option(options, f"{name}_file")
+    if path:
+        try:
+            with open(str(path), encoding="utf-8") as f:
+                for line in f:
+                    line = line.split("#", 1)[0].strip()
+                    if line:
+                        return line
+        except OSError as e:
+            raise ConnectorError(f"{name}_file", f"cannot read {path}: {e.strerror or e}") from None
+        raise ConnectorError(f"{name}_file", f"{path} holds no {name}")
+    return None
+
+
+def as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in re.split(r"[,\s]+", value) if v]
+    if isinstance(value, Iterable):
+        return [str(v) for v in value]
+    return [str(value)]

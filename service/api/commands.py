@@ -1,0 +1,501 @@
+"""Service commands of the ``emrestore`` CLI: serve, submit, jobs, cutout, remote-models, worker.
+
+Client commands talk to ``--server`` (default ``$EMRESTORE_SERVER`` or 127.0.0.1:50051) with
+the bearer token from ``--token-file`` or ``$EMRESTORE_TOKEN`` (and ``--tls-ca`` /
+``$EMRESTORE_TLS_CA`` for TLS). Errors print one line ``emrestore: error: <CODE>: <message>``
+and exit 2 for bad input (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, …) or 1 for
+server and job failures (UNAVAILABLE, INTERNAL, a FAILED or CANCELLED job).
+
+Module import stays light (no grpc/torch): ``emrestore worker`` runs in every worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+#: status codes that mean the request itself was wrong (exit 2); anything else exits 1.
+BAD_INPUT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+                             "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
+                             "PERMISSION_DENIED"})
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class CommandError(Exception):
+    """A one-line error with a gRPC-style code name."""
+
+    def __init__(self, code: str, message: str):
+        self.code, self.message = code, message
+        super().__init__(f"{code}: {message}")
+
+
+def _bad(message: str) -> CommandError:
+    return CommandError("INVALID_ARGUMENT", message)
+
+
+def _exit_code(code: str) -> int:
+    return EXIT_BAD_INPUT if code in BAD_INPUT_CODES else EXIT_FAILURE
+
+
+def _fail(code: str, message: str) -> None:
+    print(f"emrestore: error: {code}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(_exit_code(code))
+
+
+def _handled(fn):
+    """Run a command; EmrestoreError/CommandError/ValueError → one error line and SystemExit."""
+    @functools.wraps(fn)
+    def wrapper(a):
+        from .client import EmrestoreError
+        try:
+            rc = fn(a)
+        except EmrestoreError as e:
+            _fail(e.code_name, e.message)
+        except CommandError as e:
+            _fail(e.code, e.message)
+        except KeyboardInterrupt:
+            raise
+        except (ValueError, KeyError, FileNotFoundError, PermissionError) as e:
+            from ..errors import status_of
+            code, msg = status_of(e)
+            _fail(code if code != "INTERNAL" else "INVALID_ARGUMENT", msg)
+        if rc:
+            raise SystemExit(rc)
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+def parse_region(text: str, name: str = "--region") -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``X0,Y0,Z0:X1,Y1,Z1`` → ((x0, y0, z0), (x1, y1, z1)); start inclusive, stop exclusive."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (tuple(int(v) for v in p.split(",")) for p in parts)
+        if len(start) != 3 or len(stop) != 3:
+            raise ValueError
+    except ValueError:
+        raise _bad(f"{name}: expected X0,Y0,Z0:X1,Y1,Z1 (source voxels, stop exclusive), got {text!r}") from None
+    if min(start) < 0:
+        raise _bad(f"{name}: start {list(start)} must be ≥ 0")
+    if any(b <= a for a, b in zip(start, stop)):
+        raise _bad(f"{name}: start {list(start)} must be < stop {list(stop)} on every axis")
+    return start, stop  # type: ignore[return-value]
+
+
+def _read_token(a) -> str | None:
+    if getattr(a, "token_file", None):
+        from .auth import read_token_file
+        try:
+            tokens = read_token_file(a.token_file)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        return tokens[0]
+    return os.environ.get("EMRESTORE_TOKEN") or None
+
+
+def _client(a):
+    from .client import EmrestoreClient
+    tls = a.tls_ca or os.environ.get("EMRESTORE_TLS_CA") or None
+    return EmrestoreClient(a.server, token=_read_token(a), tls_ca=tls, timeout=a.timeout)
+
+
+def _add_client_args(p) -> None:
+    g = p.add_argument_group("server connection")
+    g.add_argument("--server", default=os.environ.get("EMRESTORE_SERVER", DEFAULT_SERVER),
+                   help="HOST:PORT of the emrestore server (default $EMRESTORE_SERVER or %(default)s)")
+    g.add_argument("--token-file", help="file holding the bearer token (default: $EMRESTORE_TOKEN)")
+    g.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS server (default: $EMRESTORE_TLS_CA)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default %(default)s)")
+
+
+def _add_sampling_args(p) -> None:
+    p.add_argument("--sampler", default="", help="dpmpp2m (default), ddim or ddpm")
+    p.add_argument("--steps", type=int, default=0, help="sampler steps (0: server default, 10)")
+    p.add_argument("--samples", type=int, default=0, help="samples per image; ≥ 2 for uncertainty (0: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mip", type=int, default=0, help="source scale (0: full resolution)")
+
+
+def _check_sampling(a) -> None:
+    for name in ("steps", "samples", "seed", "mip"):
+        v = getattr(a, name)
+        if v < 0:
+            raise _bad(f"--{name}: must be ≥ 0, got {v}")
+
+
+# ----------------------------------------------------------------------------- formatting
+def _rate(vps: float) -> str:
+    if vps <= 0:
+        return "- vox/s"
+    for unit, div in (("Gvox/s", 1e9), ("Mvox/s", 1e6), ("kvox/s", 1e3)):
+        if vps >= div:
+            return f"{vps / div:.1f} {unit}"
+    return f"{vps:.0f} vox/s"
+
+
+def _eta(s: float) -> str:
+    if s <= 0:
+        return "-"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _job_dict(j) -> dict:
+    from dataclasses import asdict
+    return asdict(j)
+
+
+def _print_job(j) -> None:
+    print(f"job_id:      {j.job_id}")
+    print(f"kind:        {j.kind}")
+    print(f"state:       {j.state}")
+    print(f"message:     {j.message}")
+    print(f"progress:    {j.blocks_done}/{j.blocks_total} blocks, {_rate(j.voxels_per_second)}, "
+          f"ETA {_eta(j.eta_seconds)}")
+    print(f"created:     {_when(j.created)}")
+    print(f"updated:     {_when(j.updated)}")
+    for k, v in sorted(j.outputs.items()):
+        print(f"{k + ':':12} {v}")
+    spec = {k: v for k, v in j.spec.items() if k != "plan"}
+    if spec:
+        print("spec:        " + json.dumps(spec, sort_keys=True))
+    if j.events:
+        print("events:")
+        for e in j.events:
+            print(f"  {e}")
+
+
+class _Progress:
+    """A tqdm bar on stderr for job updates: blocks, voxels/s and the server's ETA."""
+
+    def __init__(self, job_id: str, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.job_id = job_id
+        if not quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True, desc=job_id[-8:],
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} blocks "
+                                       "[{elapsed}{postfix}]")
+
+    def __call__(self, u) -> None:
+        if self.bar is None:
+            return
+        if u.blocks_total and self.bar.total != u.blocks_total:
+            self.bar.total = u.blocks_total
+        self.bar.n = u.blocks_done
+        self.bar.set_postfix_str(f"{u.state}, {_rate(u.voxels_per_second)}, ETA {_eta(u.eta_seconds)}",
+                                 refresh=False)
+        self.bar.refresh()
+        for e in u.new_events:
+            self.bar.write(f"  {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _wait(c, job_id: str, quiet: bool, timeout: float | None = None) -> int:
+    bar = _Progress(job_id, quiet)
+    try:
+        final = c.wait(job_id, progress=bar, timeout=timeout)
+    finally:
+        bar.close()
+    line = f"job {final.job_id} {final.state}" + (f": {final.message}" if final.message else "")
+    if final.state == "SUCCEEDED":
+        print(line)
+        for k, v in sorted(final.outputs.items()):
+            print(f"  {k}: {v}")
+        return 0
+    print(f"emrestore: error: {final.state}: {line}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+# ----------------------------------------------------------------------------- commands
+@_handled
+def cmd_serve(a):
+    import logging
+
+    from ..jobs.manager import JobManager
+    from .auth import load_tokens
+    from .server import serve
+    if not 0 <= a.port <= 65535:
+        raise _bad(f"--port: must be in [0, 65535], got {a.port}")
+    if a.workers < 1:
+        raise _bad(f"--workers: must be ≥ 1, got {a.workers}")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise _bad("--tls-cert/--tls-key: give both or neither")
+    data = os.path.abspath(a.data_dir)
+    ledger = a.ledger or "file://" + os.path.join(data, "ledger")
+    models = a.models or os.environ.get("EMRESTORE_MODELS") or os.path.join(data, "models")
+    if ledger.startswith("file://"):
+        os.makedirs(ledger[len("file://"):], exist_ok=True)
+    elif "://" not in ledger:
+        ledger = "file://" + os.path.abspath(ledger)
+        os.makedirs(ledger[len("file://"):], exist_ok=True)
+    if "://" not in models:
+        models = os.path.abspath(models)
+        os.makedirs(models, exist_ok=True)
+    try:
+        tokens = load_tokens(token_file=a.token_file) if a.token_file else load_tokens()
+    except ValueError as e:
+        raise _bad(str(e)) from None
+    if a.executor == "local":
+        from ..jobs.executors import LocalExecutor
+        executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"))
+    else:
+        from dataclasses import replace
+
+        from ..jobs.kube import KubeConfig, KubernetesExecutor
+        cfg = KubeConfig.from_env()
+        if not cfg.ledger_url:
+            cfg = replace(cfg, ledger_url=ledger)
+        if cfg.ledger_url.startswith("file://"):
+            print("emrestore: warning: worker pods need a shared ledger (gs://, s3://); "
+                  f"{cfg.ledger_url} is local", file=sys.stderr)
+        try:
+            executor = KubernetesExecutor(cfg)
+        except Exception as e:  # noqa: BLE001 - no cluster, bad kubeconfig, bad settings
+            raise CommandError("FAILED_PRECONDITION", f"--executor kubernetes: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels)
+
+    def ready(port):
+        scheme = "TLS" if a.tls_cert else "plaintext"
+        print(f"emrestore: serving on {a.host}:{port} ({scheme}, auth {'on' if tokens else 'off'}; "
+              f"ledger {ledger}; models {models}; {a.executor} executor)", file=sys.stderr, flush=True)
+
+    serve(manager, a.host, a.port, token=tokens or None, tls_cert=a.tls_cert, tls_key=a.tls_key,
+          max_workers=a.rpc_threads, grace_s=a.grace, on_ready=ready)
+    print("emrestore: server stopped", file=sys.stderr)
+
+
+@_handled
+def cmd_submit(a):
+    _check_sampling(a)
+    if a.parallelism < 0:
+        raise _bad(f"--parallelism: must be ≥ 0, got {a.parallelism}")
+    if a.uncertainty and a.samples < 2:
+        raise _bad("--uncertainty: needs --samples of at least 2")
+    region = parse_region(a.region) if a.region else None
+    kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
+              steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism)
+    with _client(a) as c:
+        if region is not None:
+            job = c.restore_region(a.source, a.model, a.output, region[0], region[1], **kw)
+        else:
+            job = c.restore_dataset(a.source, a.model, a.output, **kw)
+        print(job.job_id, flush=True)
+        print(f"submitted restore job {job.job_id}: {job.blocks_total} block(s), {job.state}"
+              + (f" ({job.message})" if job.message else ""), file=sys.stderr, flush=True)
+        if a.wait:
+            return _wait(c, job.job_id, a.quiet)
+    return 0
+
+
+@_handled
+def cmd_jobs(a):
+    with _client(a) as c:
+        if a.jobs_command == "ls":
+            if a.limit < 0:
+                raise _bad(f"--limit: must be ≥ 0, got {a.limit}")
+            jobs = []
+            for j in c.list_jobs(state=a.state, page_size=min(max(a.limit, 1), 1000) if a.limit else 100):
+                jobs.append(j)
+                if a.limit and len(jobs) >= a.limit:
+                    break
+            if a.json:
+                print(json.dumps([_job_dict(j) for j in jobs], indent=2))
+                return 0
+            if not jobs:
+                print("no jobs" + (f" in state {a.state.upper()}" if a.state else ""))
+                return 0
+            print(f"{'job_id':26}  {'kind':7} {'state':9} {'blocks':>13}  {'created':19}  message")
+            for j in jobs:
+                print(f"{j.job_id:26}  {j.kind:7} {j.state:9} {f'{j.blocks_done}/{j.blocks_total}':>13}  "
+                      f"{_when(j.created):19}  {j.message[:60]}")
+            return 0
+        if a.jobs_command == "get":
+            j = c.get_job(a.job_id)
+            if a.json:
+                print(json.dumps(_job_dict(j), indent=2))
+            else:
+                _print_job(j)
+            return 0
+        if a.jobs_command == "watch":
+            return _wait(c, a.job_id, a.quiet)
+        if a.jobs_command == "cancel":
+            j = c.cancel(a.job_id)
+            print(f"job {j.job_id} {j.state}" + (f": {j.message}" if j.message else ""))
+            return 0
+    raise _bad(f"jobs: unknown subcommand {a.jobs_command!r}")  # pragma: no cover - argparse checks
+
+
+@_handled
+def cmd_cutout(a):
+    _check_sampling(a)
+    if a.uncertainty and a.samples < 2:
+        raise _bad("--uncertainty: needs --samples of at least 2")
+    start, stop = parse_region(a.region)
+    for name, path in (("--out", a.out), ("--uncertainty", a.uncertainty)):
+        if path and not path.lower().endswith((".tif", ".tiff")):
+            raise _bad(f"{name}: {path!r} must be a .tif file")
+    from ..volume.tiff import write_stack
+    with _client(a) as c:
+        mean, std, meta = c.cutout(a.source, a.model, start, stop, mip=a.mip, sampler=a.sampler,
+                                   steps=a.steps, samples=a.samples, seed=a.seed)
+    write_stack(a.out, mean, voxel_size_nm=meta["resolution_nm_xyz"])
+    msg = (f"wrote {a.out}: {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]} {meta['dtype']}, "
+           f"output start (x,y,z) {list(meta['output_start_xyz'])}, voxel size "
+           f"{'×'.join(f'{r:g}' for r in meta['resolution_nm_xyz'])} nm")
+    if a.uncertainty:
+        if std is None:
+            raise CommandError("INTERNAL", "the server returned no uncertainty")
+        write_stack(a.uncertainty, std.astype("float32"), voxel_size_nm=meta["resolution_nm_xyz"])
+        msg += f"; uncertainty {a.uncertainty}"
+    if meta.get("message"):
+        msg += f" ({meta['message']})"
+    print(msg)
+    return 0
+
+
+@_handled
+def cmd_remote_models(a):
+    with _client(a) as c:
+        models = c.models()
+    if a.json:
+        print(json.dumps(models, indent=2, default=str))
+        return 0
+    if not models:
+        print(f"no models on {a.server}")
+        return 0
+    print(f"{'name':24} {'task':10} {'factor':>6} {'preset':8} {'steps':>7}  url")
+    for m in models:
+        steps = (m.get("training") or {}).get("steps", "-")
+        print(f"{m['name'][:24]:24} {m['task']:10} {m['factor']:>6} {m['preset']:8} {steps!s:>7}  {m['url']}")
+    return 0
+
+
+def cmd_worker(a):
+    """``emrestore worker``: exit 0 when this task's blocks are done, 2 for bad input, 1 otherwise."""
+    task_index = a.task_index
+    if task_index is None:
+        env = os.environ.get("JOB_COMPLETION_INDEX")
+        if env is None:
+            _fail("INVALID_ARGUMENT", "--task-index: not given and $JOB_COMPLETION_INDEX is unset")
+        try:
+            task_index = int(env)
+        except ValueError:
+            _fail("INVALID_ARGUMENT", f"--task-index: $JOB_COMPLETION_INDEX={env!r} is not an integer")
+    if task_index < 0:
+        _fail("INVALID_ARGUMENT", f"--task-index: must be ≥ 0, got {task_index}")
+    if a.num_tasks is not None and a.num_tasks < 1:
+        _fail("INVALID_ARGUMENT", f"--num-tasks: must be ≥ 1, got {a.num_tasks}")
+    from ..errors import status_of
+    from ..jobs.worker import run_task
+    try:
+        n = run_task(a.ledger, a.job, task_index, a.num_tasks,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    except Exception as e:  # noqa: BLE001 - every failure is one line and an exit code
+        code, msg = status_of(e)
+        bad = code in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED")
+        if not bad:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        print(f"emrestore: error: {code}: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT if bad else EXIT_FAILURE) from None
+    print(f"[worker {task_index}] finished: {n} block(s) done by this task", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- registration
+def register(sub) -> None:
+    """Add the service commands to the ``emrestore`` subparsers."""
+    p = sub.add_parser("serve", help="run the gRPC restoration service")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="port (0: any free port; default %(default)s)")
+    p.add_argument("--data-dir", default=os.environ.get("EMRESTORE_DATA", "emrestore-data"),
+                   help="directory for the default ledger, models and worker logs (default %(default)s)")
+    p.add_argument("--ledger", help="job ledger URL (default file://DATA_DIR/ledger)")
+    p.add_argument("--models", help="model directory URL (default $EMRESTORE_MODELS or DATA_DIR/models)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="default parallelism of a job: worker processes (local) or pods (kubernetes)")
+    p.add_argument("--executor", choices=["local", "kubernetes"], default="local",
+                   help="where workers run (kubernetes: settings from $EMRESTORE_KUBE_*)")
+    p.add_argument("--token-file", help="bearer tokens, one per line (default $EMRESTORE_TOKEN; none: no auth)")
+    p.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key")
+    p.add_argument("--tls-key", help="server private key (PEM); with --tls-cert")
+    p.add_argument("--rpc-threads", type=int, default=16, help="threads serving calls (default %(default)s)")
+    p.add_argument("--max-cutout-voxels", type=int, default=4_194_304,
+                   help="largest Cutout in output voxels (default %(default)s)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="submit a restoration job to the server")
+    p.add_argument("source", help="source precomputed layer URL")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--region", help="X0,Y0,Z0:X1,Y1,Z1 absolute source voxels (stop exclusive)")
+    g.add_argument("--whole", action="store_true", help="the whole dataset")
+    p.add_argument("--incremental", action="store_true", help="only blocks whose output is missing")
+    p.add_argument("--model", required=True, help="model name on the server, or model URL")
+    p.add_argument("--output", required=True, help="output layer URL")
+    p.add_argument("--uncertainty", help="uncertainty layer URL (needs --samples ≥ 2)")
+    _add_sampling_args(p)
+    p.add_argument("--parallelism", type=int, default=0, help="workers at once (0: server default)")
+    p.add_argument("--wait", action="store_true", help="show progress until the job finishes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, watch or cancel jobs on the server")
+    js = p.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
+    q = js.add_parser("ls", help="list jobs, newest first")
+    q.add_argument("--state", type=str.upper, choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"])
+    q.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default %(default)s)")
+    q.add_argument("--json", action="store_true")
+    _add_client_args(q)
+    q = js.add_parser("get", help="one job's status")
+    q.add_argument("job_id")
+    q.add_argument("--json", action="store_true")
+    _add_client_args(q)
+    q = js.add_parser("watch", help="progress bar until the job finishes (exit 1 if it fails)")
+    q.add_argument("job_id")
+    q.add_argument("--quiet", action="store_true")
+    _add_client_args(q)
+    q = js.add_parser("cancel", help="cancel a job")
+    q.add_argument("job_id")
+    _add_client_args(q)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("cutout", help="restore a small region on the server into a TIFF")
+    p.add_argument("source", help="source precomputed layer URL")
+    p.add_argument("--region", required=True, help="X0,Y0,Z0:X1,Y1,Z1 absolute source voxels (stop exclusive)")
+    p.add_argument("--model", required=True, help="model name on the server, or model URL")
+    p.add_argument("--out", required=True, help="restored region (.tif, (z, y, x))")
+    p.add_argument("--uncertainty", help="standard deviation of the samples (.tif; needs --samples ≥ 2)")
+    _add_sampling_args(p)
+    _add_client_args(p)
+    p.set_defaults(func=cmd_cutout)
+
+    p = sub.add_parser("remote-models", help="list the models of the server")
+    p.add_argument("--json", action="store_true")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_remote_models)
+
+    p = sub.add_parser("worker", help="run one task of a job (used by the executors)")
+    p.add_argument("--ledger", required=True, help="job ledger URL")
+    p.add_argument("--job", required=True, help="job id")
+    p.add_argument("--task-index", type=int, default=None, help="task I (default $JOB_COMPLETION_INDEX)")
+    p.add_argument("--num-tasks", type=int, default=None, help="tasks T (default: from the job's plan)")
+    p.set_defaults(func=cmd_worker)

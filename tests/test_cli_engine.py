@@ -1,0 +1,108 @@
+"""The engine CLI on TIFF stacks: synth, train, finetune, restore, models, and bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from service.cli import main
+from service.volume.tiff import read_stack, read_voxel_size, write_stack
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    assert main(["synth", "--out", str(d / "aniso.tif"), "--shape", "21,48,48", "--anisotropy", "5",
+                 "--truth", str(d / "truth.tif"), "--seed", "2"]) == 0
+    assert main(["train", "--task", "isotropic", "--self-supervised", "--input", str(d / "aniso.tif"),
+                 "--steps", "15", "--batch-size", "2", "--patch", "32", "--out", str(d / "models" / "iso5"),
+                 "--quiet"]) == 0
+    return d
+
+
+def test_synth_writes_anisotropic_stack_and_truth(workdir):
+    a = read_stack(str(workdir / "aniso.tif"))
+    t = read_stack(str(workdir / "truth.tif"))
+    assert a.shape == (5, 48, 48) and a.dtype == np.uint8
+    assert t.shape == (21, 48, 48)
+    assert read_voxel_size(str(workdir / "aniso.tif")) == pytest.approx((8, 8, 40))
+
+
+def test_train_restore_models(workdir, capsys):
+    out, unc = workdir / "restored.tif", workdir / "unc.tif"
+    assert main(["restore", "--model", str(workdir / "models" / "iso5"), "--input", str(workdir / "aniso.tif"),
+                 "--output", str(out), "--samples", "2", "--steps", "3", "--uncertainty", str(unc), "--quiet"]) == 0
+    r = read_stack(str(out))
+    assert r.shape == (21, 48, 48)
+    np.testing.assert_array_equal(r[::5], read_stack(str(workdir / "aniso.tif")))
+    assert read_stack(str(unc)).dtype == np.float32
+    assert read_voxel_size(str(out)) == pytest.approx((8, 8, 8))
+    assert "uncertainty score" in capsys.readouterr().out
+    assert main(["models", str(workdir / "models")]) == 0
+    assert "iso5" in capsys.readouterr().out
+
+
+def test_finetune_from_one_pair(workdir):
+    assert main(["finetune", "--model", str(workdir / "models" / "iso5"), "--input", str(workdir / "aniso.tif"),
+                 "--target", str(workdir / "truth.tif"), "--steps", "5", "--batch-size", "2", "--patch", "32",
+                 "--out", str(workdir / "models" / "iso5-ft"), "--quiet"]) == 0
+    from service.engine.model import read_metadata
+    meta = read_metadata(str(workdir / "models" / "iso5-ft"))
+    assert meta["training"]["mode"] == "finetune" and meta["training"]["base"]["url"].endswith("iso5")
+
+
+def test_denoise_and_superres_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    clean = (rng.random((2, 32, 32)) * 200).astype(np.uint8)
+    noisy = np.clip(clean + rng.normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
+    write_stack(str(tmp_path / "clean.tif"), clean, (4, 4, 40))
+    write_stack(str(tmp_path / "noisy.tif"), noisy, (4, 4, 40))
+    write_stack(str(tmp_path / "low.tif"), clean[:, ::2, ::2], (8, 8, 40))
+    assert main(["train", "--task", "denoise", "--input", str(tmp_path / "noisy.tif"), "--target",
+                 str(tmp_path / "clean.tif"), "--steps", "3", "--batch-size", "2", "--patch", "32",
+                 "--out", str(tmp_path / "dn"), "--quiet"]) == 0
+    assert main(["train", "--task", "superres", "--factor", "2", "--input", str(tmp_path / "low.tif"), "--target",
+                 str(tmp_path / "clean.tif"), "--steps", "3", "--batch-size", "2", "--patch", "32",
+                 "--out", str(tmp_path / "sr"), "--quiet"]) == 0
+    assert main(["restore", "--model", str(tmp_path / "sr"), "--input", str(tmp_path / "low.tif"),
+                 "--output", str(tmp_path / "sr.tif"), "--steps", "2", "--quiet"]) == 0
+    assert read_stack(str(tmp_path / "sr.tif")).shape == (2, 32, 32)
+    assert read_voxel_size(str(tmp_path / "sr.tif")) == pytest.approx((4, 4, 40))
+
+
+BAD = [
+    (["restore", "--model", "{m}", "--input", "{d}/missing.tif", "--output", "{d}/o.tif"], "missing.tif"),
+    (["restore", "--model", "{d}/nomodel", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif"], "no model"),
+    (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--steps", "0"], "steps"),
+    (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--samples", "0"], "samples"),
+    (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--uncertainty",
+      "{d}/u.tif"], "--uncertainty"),
+    (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/aniso.tif"], "overwrite"),
+    (["restore", "--model", "{m}", "--input", "{d}/one.tif", "--output", "{d}/o.tif"], "at least 2 sections"),
+    (["restore", "--model", "{m}", "--input", "{d}/rgb.tif", "--output", "{d}/o.tif"], "rgb.tif"),
+    (["synth", "--out", "{d}/o.tif", "--shape", "10,10"], "--shape"),
+    (["synth", "--out", "{d}/o.tif", "--anisotropy", "40"], "--anisotropy"),
+    (["train", "--task", "denoise", "--input", "{d}/aniso.tif", "--out", "{d}/o"], "--target"),
+    (["train", "--task", "superres", "--factor", "3", "--input", "{d}/aniso.tif", "--target", "{d}/aniso.tif",
+      "--out", "{d}/o"], "factor"),
+    (["train", "--task", "isotropic", "--input", "{d}/aniso.tif", "--out", "{d}/o"], "--factor"),
+    (["train", "--task", "denoise", "--input", "{d}/aniso.tif", "--target", "{d}/truth.tif", "--out", "{d}/o"],
+     "target"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD)
+def test_bad_input_one_line_exit_2_nothing_written(workdir, argv, needle):
+    d = str(workdir)
+    write_stack(os.path.join(d, "one.tif"), np.zeros((1, 16, 16), np.uint8))
+    import tifffile
+    tifffile.imwrite(os.path.join(d, "rgb.tif"), np.zeros((16, 16, 3), np.uint8), photometric="rgb")
+    before = set(os.listdir(d))
+    args = [x.format(d=d, m=os.path.join(d, "models", "iso5")) for x in argv]
+    p = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("emrestore: error:") and needle in err[0], p.stderr
+    assert set(os.listdir(d)) == before

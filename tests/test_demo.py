@@ -1,0 +1,21 @@
+"""The README's demo command end to end (quick mode): engine path and service path."""
+
+import json
+import os
+
+from service.cli import main
+
+
+def test_demo_quick(tmp_path):
+    wd = tmp_path / "demo"
+    assert main(["demo", "--quick", "--workdir", str(wd)]) == 0
+    for name in ("anisotropic.tif", "truth.tif", "restored.tif", "uncertainty.tif", "before_after_xz.png",
+                 "generated_section_xy.png", "service_before_after_xz.png", "neuroglancer_state.json"):
+        assert (wd / name).exists(), name
+    rep = json.loads((wd / "report.json").read_text())
+    assert rep["service_state"] == "SUCCEEDED"
+    assert rep["network_evaluations_per_gap"] == 10
+    state = json.loads((wd / "neuroglancer_state.json").read_text())
+    names = [layer["name"] for layer in state["layers"]]
+    assert names == ["source", "restored", "uncertainty"]
+    assert os.path.exists(wd / "layers" / "em_isotropic" / "info")
