@@ -55,9 +55,8 @@ def score(restored, truth, k, pixel_nm):
     t = truth[gen].astype(np.float32)
     psnr = metrics.psnr(r, t, 255.0)
     ssim = metrics.ssim(r, t, 255.0)
-    # FRC on planes that contain the restored axis (axis 0) and x, averaged over the other axis
-    res = metrics.frc_resolution(restored.astype(np.float32).transpose(1, 0, 2),
-                                 truth.astype(np.float32).transpose(1, 0, 2), pixel_size=pixel_nm)
+    # FRC between the generated sections and the true ones (curve averaged over sections)
+    res = metrics.frc_resolution(r, t, pixel_size=pixel_nm)
     return psnr, ssim, res
 
 
@@ -84,7 +83,8 @@ def evaluate(label, models, aniso, truth, k, pixel_nm, quick):
         if r.score is not None:
             scores[(sampler, steps, K)] = r.score
         print(f"[quality] {label}: {label_s}: PSNR {rows[-1][2]:.2f} dB ({t.seconds:.0f} s)", flush=True)
-    hdr = ["method", "network evals per gap", "PSNR dB", "SSIM", f"FRC resolution (nm, 1/7)", "seconds"]
+    hdr = ["method", "network evals per gap", "PSNR dB", "SSIM", "FRC resolution of generated sections (nm, 1/7)",
+           "seconds"]
     return table(hdr, rows, f"{label}: {gaps} gaps, factor {k}"), rows, scores
 
 

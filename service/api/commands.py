@@ -237,6 +237,8 @@ def cmd_serve(a):
         raise _bad(f"--workers: must be ≥ 1, got {a.workers}")
     if (a.tls_cert is None) != (a.tls_key is None):
         raise _bad("--tls-cert/--tls-key: give both or neither")
+    from ..volume.stores import register_from_env
+    register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
     data = os.path.abspath(a.data_dir)
     ledger = a.ledger or "file://" + os.path.join(data, "ledger")
     models = a.models or os.environ.get("EMRESTORE_MODELS") or os.path.join(data, "models")
@@ -270,7 +272,19 @@ def cmd_serve(a):
         except Exception as e:  # noqa: BLE001 - no cluster, bad kubeconfig, bad settings
             raise CommandError("FAILED_PRECONDITION", f"--executor kubernetes: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels)
+    def xyz(text, name):
+        try:
+            v = tuple(int(t) for t in text.split(","))
+            assert len(v) == 3 and min(v) >= 0
+            return v
+        except (ValueError, AssertionError):
+            raise _bad(f"{name}: expected X,Y,Z non-negative integers, got {text!r}") from None
+    block = xyz(a.block_size, "--block-size")
+    chunk = xyz(a.output_chunk, "--output-chunk") if a.output_chunk else None
+    if chunk is not None and min(chunk) < 1:
+        raise _bad(f"--output-chunk: sizes must be ≥ 1, got {a.output_chunk}")
+    manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels,
+                         block_size_xyz=block, output_chunk_xyz=chunk)
 
     def ready(port):
         scheme = "TLS" if a.tls_cert else "plaintext"
@@ -440,6 +454,10 @@ def register(sub) -> None:
     p.add_argument("--max-cutout-voxels", type=int, default=4_194_304,
                    help="largest Cutout in output voxels (default %(default)s)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+    p.add_argument("--block-size", default="256,256,0",
+                   help="write block X,Y,Z in output voxels, rounded up to the chunk grid (Z 0: one chunk)")
+    p.add_argument("--output-chunk", help="output chunk X,Y,Z (Z a multiple of the factor; default: the "
+                                          "source chunk laterally, about 16 sections in z)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("submit", help="submit a restoration job to the server")

@@ -108,7 +108,7 @@ class JobManager:
     def __init__(self, ledger_url: str, executor: Executor, models_dir: str | None = None,
                  max_cutout_voxels: int = 4_194_304, poll_interval_s: float = 0.5,
                  block_size_xyz: tuple[int, int, int] = (256, 256, 0), tile: int = 256,
-                 overlap: int = 32):
+                 overlap: int = 32, output_chunk_xyz: tuple[int, int, int] | None = None):
         self.ledger = Ledger(ledger_url)
         self.ledger_url = ledger_url
         self.executor = executor
@@ -116,6 +116,7 @@ class JobManager:
         self.max_cutout_voxels = max_cutout_voxels
         self.poll_interval_s = poll_interval_s
         self.block_size_xyz = block_size_xyz
+        self.output_chunk_xyz = output_chunk_xyz
         self.tile, self.overlap = tile, overlap
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -178,9 +179,13 @@ class JobManager:
 
     def _output_geometry(self, src: pc.VolumeInfo, scale, dtype: str):
         k = scale[2]
-        cx, cy, _ = src.chunk_size_xyz
-        cz = k * max(1, 16 // k) if k > 1 else src.chunk_size_xyz[2]
-        geom = pc.output_geometry(src, scale, chunk_size_xyz=(cx * scale[0], cy * scale[1], cz), dtype=dtype)
+        if self.output_chunk_xyz:
+            chunk = tuple(self.output_chunk_xyz)
+        else:
+            cx, cy, _ = src.chunk_size_xyz
+            cz = k * max(1, 16 // k) if k > 1 else src.chunk_size_xyz[2]
+            chunk = (cx * scale[0], cy * scale[1], cz)
+        geom = pc.output_geometry(src, scale, chunk_size_xyz=chunk, dtype=dtype)
         factors = pc.downsample_factors(geom.resolution_nm_xyz, 1, geom.voxel_offset_xyz)
         return replace(geom, downsample_factors_xyz=factors)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,6 @@ from ..volume.blocks import Block, Plan, assemble_isotropic, crop_to_write_box, 
 from .ledger import Ledger
 
 LEASE_TTL_S = float(os.environ.get("EMRESTORE_LEASE_TTL", "120"))
-EXIT_BAD_INPUT = 2  # the Kubernetes podFailurePolicy fails an index at once on this code
 
 
 def job_plan(job: dict) -> tuple[Plan, list[Block]]:
@@ -106,6 +104,8 @@ def write_block(job: dict, block: Block, mean: np.ndarray, std: np.ndarray | Non
 def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | None = None,
              owner: str | None = None, lease_ttl_s: float | None = None, log=print) -> int:
     """Process this task's blocks; returns the number of blocks this call completed."""
+    from ..volume.stores import register_from_env
+    register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
     ledger = Ledger(ledger_url)
     rec = ledger.get_job(job_id)
     job = rec.spec
@@ -219,23 +219,3 @@ def run_training(ledger: Ledger, job_id: str, job: dict, log=print) -> int:
         return 1
     finally:
         ledger.release_lease(job_id, 0, owner)
-
-
-def main_worker(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int | None) -> int:
-    """CLI body of ``emrestore worker``; returns the process exit code."""
-    if task_index is None:
-        env = os.environ.get("JOB_COMPLETION_INDEX")
-        if env is None:
-            print("emrestore: error: --task-index: not given and $JOB_COMPLETION_INDEX is unset", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        task_index = int(env)
-    try:
-        from ..volume.stores import register_from_env
-        register_from_env()
-        n = run_task(ledger_url, job_id, task_index, num_tasks,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ValueError, KeyError) as e:
-        print(f"emrestore: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"[worker {task_index}] finished: {n} block(s) restored", file=sys.stderr)
-    return 0
