@@ -8,7 +8,7 @@ Rows:
 - service end to end: submit through the JobManager with a local worker process until SUCCEEDED
   (adds process start-up, model loading and supervision).
 
-    python bench/pipeline.py [--sections 17] [--size 512]
+    python bench/pipeline.py [--sections 17] [--size 256]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from service.volume import precomputed as pc  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", type=int, default=17)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     a = ap.parse_args(argv)

@@ -57,7 +57,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     k, tile = a.k, a.tile
@@ -66,8 +66,12 @@ def main(argv=None):
     torch.manual_seed(0)
     ours_net = UNet(preset_config("base", (k - 1) + 2, k - 1)).to(dev).eval()
     ref_net = UNet(preset_config("base", 1 + 2, 1)).to(dev).eval()  # one section per chain
-    t_ours = forward_seconds(ours_net, (k - 1) + 2, tile, a.repeats, dev, dtype)
-    t_ref = forward_seconds(ref_net, 3, tile, a.repeats, dev, dtype)
+    # interleaved, so both settings see the same machine load; medians of the repeats
+    ours_t, ref_t = [], []
+    for _ in range(a.repeats):
+        ours_t.append(forward_seconds(ours_net, (k - 1) + 2, tile, 1, dev, dtype))
+        ref_t.append(forward_seconds(ref_net, 3, tile, 1, dev, dtype))
+    t_ours, t_ref = float(np.median(ours_t)), float(np.median(ref_t))
     vox_per_gap = (k - 1) * tile * tile
     ev_ours = DEFAULT_STEPS
     ev_ref = REFERENCE_STEPS * (k - 1)
