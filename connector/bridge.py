@@ -96,7 +96,7 @@ _REGISTER_PREFIXES = ("neuroglancer", "webknossos", "catmaid", "connectors", "ta
 
 def registration_pending(job: Any) -> bool:
     """True while a SUCCEEDED job's register targets have not all reported a message yet (the
-    manager registers outputs right after marking the job SUCCEEDED)."""
+    manager registers outputs just before marking the job SUCCEEDED; this also covers older servers)."""
     if getattr(job, "state", "") != "SUCCEEDED":
         return False
     spec = getattr(job, "spec", {}) or {}
