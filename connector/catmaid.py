@@ -38,7 +38,8 @@ from typing import Any
 
 import httpx
 
-from .util import ConnectorError, as_list, layer_geometry, option, public_url, resolve_secret, safe_name
+from .util import (ConnectorError, as_list, layer_geometry, option, public_url, read_json_url, resolve_secret,
+                   safe_name, write_json_url)
 
 __all__ = ["CATMAID_VERSION", "TILE_SOURCE_PRECOMPUTED", "stack_definition", "merge_into_document",
            "CatmaidClient", "register_layers", "register_job_target", "mirror_url", "validate_document"]
@@ -132,47 +133,14 @@ def merge_into_document(doc: list | None, project_title: str, stack: dict) -> li
     return doc
 
 
-def _local(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[7:]
-    return url if "://" not in url else None
-
-
 def read_document(url: str) -> list | None:
-    local = _local(url)
-    try:
-        if local is not None:
-            if not os.path.exists(local):
-                return None
-            with open(local, encoding="utf-8") as f:
-                data = json.load(f)
-        else:
-            from cloudfiles import CloudFiles
-            base, name = url.rstrip("/").rsplit("/", 1)
-            raw = CloudFiles(base).get(name)
-            data = json.loads(raw) if raw else None
-    except (OSError, ValueError):
-        return None
+    data = read_json_url(url)
     return data if isinstance(data, list) else None
 
 
 def write_document(url: str, doc: list) -> str:
     validate_document(doc)
-    text = json.dumps(doc, indent=2)
-    local = _local(url)
-    if local is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        tmp = local + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, local)
-        return local
-    if url.startswith(("http://", "https://")):
-        raise CatmaidError("project_file", f"{url}: cannot write the import document to an http(s) URL")
-    from cloudfiles import CloudFiles
-    base, name = url.rstrip("/").rsplit("/", 1)
-    CloudFiles(base).put(name, text.encode(), content_type="application/json", compress=None)
-    return url
+    return write_json_url(url, doc, "project_file", CatmaidError)
 
 
 class CatmaidClient:

@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .util import ConnectorError, default_output_url, public_url, request_id
+from .util import ConnectorError, default_output_url, public_url, read_json_url, request_id, write_json_url
 
 log = logging.getLogger(__name__)
 
@@ -150,51 +150,13 @@ def write_state(path_or_url: str, source: str | None, restored: str | None = Non
     return path_or_url, state_link(state, link_prefix)
 
 
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[7:]
-    if "://" not in url:
-        return url
-    return None
-
-
 def _read_json(url: str) -> dict | None:
-    local = _local_path(url)
-    try:
-        if local is not None:
-            if not os.path.exists(local):
-                return None
-            with open(local, encoding="utf-8") as f:
-                data = json.load(f)
-        else:
-            from cloudfiles import CloudFiles
-            base, name = url.rsplit("/", 1)
-            raw = CloudFiles(base).get(name)
-            if raw is None:
-                return None
-            data = json.loads(raw)
-    except (OSError, ValueError):
-        return None
+    data = read_json_url(url)
     return data if isinstance(data, dict) else None
 
 
 def _write_json(url: str, data: dict) -> None:
-    text = json.dumps(data, indent=2)
-    local = _local_path(url)
-    if local is not None:
-        d = os.path.dirname(os.path.abspath(local))
-        os.makedirs(d, exist_ok=True)
-        tmp = local + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, local)
-        return
-    if url.startswith(("http://", "https://")):
-        raise ConnectorError("url", f"{url}: cannot write a state file to an http(s) URL; give a path, "
-                                    "file://, gs:// or s3:// URL")
-    from cloudfiles import CloudFiles
-    base, name = url.rsplit("/", 1)
-    CloudFiles(base).put(name, text.encode(), content_type="application/json", compress=None)
+    write_json_url(url, data, "url")
 
 
 def register_state_target(job_id: str, spec: dict, target: dict) -> str:

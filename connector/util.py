@@ -204,3 +204,48 @@ def as_list(value: Any) -> list[str]:
     if isinstance(value, Iterable):
         return [str(v) for v in value]
     return [str(value)]
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a plain path or file:// URL; None for other stores."""
+    if url.startswith("file://"):
+        return url[7:]
+    return url if "://" not in url else None
+
+
+def read_json_url(url: str):
+    """JSON from a local path, file:// or any store cloud-files reads; None when absent or unreadable."""
+    local = local_path(url)
+    try:
+        if local is not None:
+            if not os.path.exists(local):
+                return None
+            with open(local, encoding="utf-8") as f:
+                return json.load(f)
+        from cloudfiles import CloudFiles
+        base, name = url.rstrip("/").rsplit("/", 1)
+        raw = CloudFiles(base).get(name)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_url(url: str, data, field: str = "url", error=None) -> str:
+    """Write JSON atomically to a local path, or to a store cloud-files writes; returns where.
+    http(s) URLs are refused with ``error(field, message)`` (default ConnectorError)."""
+    text = json.dumps(data, indent=2)
+    local = local_path(url)
+    if local is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        tmp = local + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, local)
+        return local
+    if url.startswith(("http://", "https://")):
+        raise (error or ConnectorError)(field, f"{url}: cannot write to an http(s) URL; give a path, "
+                                               "file://, gs:// or s3:// URL")
+    from cloudfiles import CloudFiles
+    base, name = url.rstrip("/").rsplit("/", 1)
+    CloudFiles(base).put(name, text.encode(), content_type="application/json", compress=None)
+    return url

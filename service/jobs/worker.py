@@ -167,7 +167,8 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     deadline = time.time() + 2 * ttl + 10
     while deferred and time.time() < deadline and not ledger.cancel_requested(job_id):
         time.sleep(min(5.0, ttl / 4))
-        deferred = [i for i in deferred if not process(i, read(i))]
+        done_now = ledger.done_blocks(job_id)
+        deferred = [i for i in deferred if i not in done_now and not process(i, read(i))]
     pool.shutdown(wait=False, cancel_futures=True)
     return done_count
 
