@@ -673,9 +673,12 @@ def test_process_mode_init_container_failure(double_factory, tmp_path):
     st = wait_status(ex, "local-init", lambda s: has(s, "copy-credentials"), timeout=30)
     assert has(st, "container copy-credentials failed: it exited with code 3", "Read-only file system")
     assert not (tmp_path / "ran").exists()  # the worker never started
-    pod = kd.pods(NS)[0]["metadata"]["name"]
-    log = client.CoreV1Api(kd.api_client()).read_namespaced_pod_log(pod, NS, container="copy-credentials")
-    assert "Read-only file system" in log
+    # the index may already be retried by a fresh pod whose init container has not run yet:
+    # the failed attempt's pod log holds the message
+    api = client.CoreV1Api(kd.api_client())
+    logs = [api.read_namespaced_pod_log(p["metadata"]["name"], NS, container="copy-credentials")
+            for p in kd.pods(NS)]
+    assert any("Read-only file system" in log for log in logs), logs
     ex.cancel("local-init", wait=True)
 
 
