@@ -676,8 +676,14 @@ def test_process_mode_init_container_failure(double_factory, tmp_path):
     # the index may already be retried by a fresh pod whose init container has not run yet:
     # the failed attempt's pod log holds the message
     api = client.CoreV1Api(kd.api_client())
-    logs = [api.read_namespaced_pod_log(p["metadata"]["name"], NS, container="copy-credentials")
-            for p in kd.pods(NS)]
+
+    def init_log(pod_name):
+        try:
+            return api.read_namespaced_pod_log(pod_name, NS, container="copy-credentials")
+        except client.ApiException:  # 400 while that pod's containers wait to start, as in Kubernetes
+            return ""
+
+    logs = [init_log(p["metadata"]["name"]) for p in kd.pods(NS)]
     assert any("Read-only file system" in log for log in logs), logs
     ex.cancel("local-init", wait=True)
 
