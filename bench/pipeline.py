@@ -28,7 +28,7 @@ from service.engine.tasks import TaskSpec  # noqa: E402
 from service.jobs.executors import LocalExecutor  # noqa: E402
 from service.jobs.manager import JobManager  # noqa: E402
 from service.jobs.spec import RestoreSpec  # noqa: E402
-from service.jobs.worker import job_plan, restore_block, run_task  # noqa: E402
+from service.jobs.worker import load_plan, restore_block, run_task  # noqa: E402
 from service.volume import precomputed as pc  # noqa: E402
 
 
@@ -64,19 +64,25 @@ def main(argv=None):
             from service.jobs.executors import ExecutorStatus
             return ExecutorStatus(finished=False)
 
+        def known(self, job_id):
+            return True
+
         def cancel(self, job_id):
+            pass
+
+        def shutdown(self):
             pass
 
     mgr = JobManager(ledger, NoExecutor(), block_size_xyz=(256, 256, 0))
     job = mgr.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp}/out_inproc", steps=a.steps))
-    spec = mgr.ledger.get_job(job.job_id).spec
-    _, blocks = job_plan(spec)
+    plan = load_plan(mgr.ledger, job.job_id)
+    blocks = plan.blocks.blocks
     data = [pc.read_zyx(src, b.read_start, b.read_stop) for b in blocks]
     loaded = RestorationModel.load(model_url)
-    restore_block(spec, blocks[0], loaded, data[0])  # warm-up
+    restore_block(plan, blocks[0], loaded, data[0])  # warm-up
     with Timer() as t_model:
         for b, d in zip(blocks, data):
-            mean, _ = restore_block(spec, b, loaded, d)
+            mean, _, _ = restore_block(plan, b, loaded, d)
     with Timer() as t_worker:
         n = run_task(ledger, job.job_id, 0, 1, log=lambda m: None)
     assert n == len(blocks)

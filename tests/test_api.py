@@ -70,6 +70,7 @@ def make_model(models_dir: str, name: str = "iso3", vol: np.ndarray | None = Non
 class NullExecutor:
     """Launches nothing: jobs stay RUNNING until blocks are marked done in the ledger."""
     name = "null"
+    default_parallelism = 1
 
     def __init__(self):
         self.launched: list[str] = []
@@ -81,8 +82,14 @@ class NullExecutor:
     def status(self, job_id):
         return ExecutorStatus(active=1)
 
+    def known(self, job_id):
+        return job_id in self.launched
+
     def cancel(self, job_id):
         self.cancelled.append(job_id)
+
+    def shutdown(self):
+        pass
 
 
 class SpyManager(JobManager):
@@ -492,13 +499,15 @@ def test_watch_unknown_job_is_not_found(served):
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """The real JobManager + LocalExecutor (worker subprocesses) and a tiny model trained here."""
+def real(tmp_path_factory, tiny_iso_model):
+    """The real JobManager + LocalExecutor (worker subprocesses) and the session's trained tiny model."""
+    import shutil
+
     from service.jobs.executors import LocalExecutor
     root = tmp_path_factory.mktemp("e2e")
     src, vol = make_source(str(root))
     models = str(root / "models")
-    make_model(models, "iso3", vol, train_steps=30)
+    shutil.copytree(tiny_iso_model[0][len("file://"):], os.path.join(models, "iso3"))
     ledger = f"file://{root}/ledger"
     ex = LocalExecutor(ledger, default_parallelism=2, log_dir=str(root / "logs"))
     mgr = JobManager(ledger, ex, models_dir=models, poll_interval_s=0.2, block_size_xyz=(32, 32, 0))

@@ -11,6 +11,7 @@ import pytest
 from service.volume import precomputed as P
 from service.volume.blocks import (
     Block,
+    Box,
     Plan,
     assemble_isotropic,
     crop_to_write_box,
@@ -145,7 +146,7 @@ def test_region_snapped_outward_with_message():
     src = source_info(z=10, y=100, x=120)
     out = output_info(src, (1, 1, 3), (16, 16, 6))
     plan = plan_blocks(src, out, (1, 1, 3), (32, 32, 12), 2, region=((3, 10, 20), (5, 50, 70)))
-    assert plan.region == ((3, 10, 20), (5, 50, 70))
+    assert plan.region == Box((3, 10, 20), (5, 50, 70))
     # output z 9:15 -> 7:19 (chunk 6 from the offset 1); y 10:50 -> 0:64; x 20:70 -> 16:80 (chunk 16)
     assert plan.snapped_region == ((7, 0, 16), (19, 64, 80))
     assert (plan.write_start, plan.write_stop) == plan.snapped_region
@@ -261,3 +262,30 @@ def test_round_trip(store_root, ramp_volume, k):
     mip1 = P.read_zyx(out.url, out.start_zyx, (out.stop_zyx[0], 20, 24), mip=1)
     expected = np.rint(full.astype(float).reshape(4 * k + 1, 20, 2, 24, 2).mean(axis=(2, 4))).astype(np.uint8)
     np.testing.assert_array_equal(mip1, expected)
+
+
+# ---------------------------------------------------------------- Box
+
+
+def test_box_algebra():
+    b = Box((0, 10, 20), (5, 50, 70))
+    assert b.shape == (5, 40, 50) and b.size == 5 * 40 * 50 and not b.empty
+    assert Box.from_xyz((20, 10, 0), (70, 50, 5)) == b and b.start_xyz == (20, 10, 0) and b.stop_xyz == (70, 50, 5)
+    assert b.intersect(Box((2, 0, 0), (10, 30, 30))) == Box((2, 10, 20), (5, 30, 30))
+    assert Box((0, 0, 0), (1, 1, 1)).intersect(Box((2, 2, 2), (3, 3, 3))).empty
+    assert b.grow((0, 2, 2)) == Box((0, 8, 18), (5, 52, 72))
+    assert b.scale((3, 1, 1)) == Box((0, 10, 20), (15, 50, 70))
+    assert Box((1, 1, 1), (5, 5, 5)).shrink_by((2, 2, 2)) == Box((0, 0, 0), (3, 3, 3))
+    assert b.snap((6, 16, 16)) == Box((0, 0, 16), (6, 64, 80))
+    assert Box((3, 10, 20), (5, 50, 70)).snap((6, 16, 16), (1, 0, 0)) == Box((1, 0, 16), (7, 64, 80))
+    assert b.contains(Box((1, 10, 20), (2, 11, 21))) and not b.contains(Box((0, 0, 0), (1, 1, 1)))
+    arr = np.arange(1000).reshape(10, 10, 10)
+    np.testing.assert_array_equal(arr[Box((1, 2, 3), (2, 4, 6)).slices()], arr[1:2, 2:4, 3:6])
+    np.testing.assert_array_equal(arr[Box((1, 2, 3), (2, 4, 6)).slices((1, 1, 1))], arr[0:1, 1:3, 2:5])
+    tiles = list(Box((0, 0, 0), (1, 3, 5)).tiles((1, 2, 2)))
+    assert len(tiles) == 6 and sum(t.size for t in tiles) == 15 and tiles[-1] == Box((0, 2, 4), (1, 3, 5))
+    names = Box((0, 0, 0), (2, 64, 64)).chunk_names((2, 32, 32), Box((0, 0, 0), (2, 40, 64)))
+    assert names == ["0-32_0-32_0-2", "32-64_0-32_0-2", "0-32_32-40_0-2", "32-64_32-40_0-2"]
+    assert Box.from_list(json.loads(json.dumps(b.to_list()))) == b
+    with pytest.raises(ValueError):
+        Box((0, 0), (1, 1, 1))

@@ -40,8 +40,9 @@ __all__ = ["EmrestoreClient", "EmrestoreError", "JobInfo", "JobProgress", "DEFAU
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CUTOUT_TIMEOUT_S = 600.0
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+#: Job states, from the protobuf enum (the ledger's names are tested to be the same).
+STATES = tuple(n for n in pb.Job.State.keys() if n != "STATE_UNSPECIFIED")
+TERMINAL_STATES = frozenset(STATES[2:])  # SUCCEEDED, FAILED, CANCELLED: the enum's order
 
 
 class EmrestoreError(Exception):

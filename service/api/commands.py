@@ -1,4 +1,5 @@
-"""Service commands of the ``emrestore`` CLI: serve, submit, jobs, cutout, remote-models, worker.
+"""Client commands of the ``emrestore`` CLI: submit, jobs, cutout, remote-models (``serve`` is
+built in serving.py, ``worker`` in service/jobs/worker_main.py; both registered from here).
 
 Client commands talk to ``--server`` (default ``$EMRESTORE_SERVER`` or 127.0.0.1:50051) with
 the bearer token from ``--token-file`` or ``$EMRESTORE_TOKEN`` (and ``--tls-ca`` /
@@ -11,62 +12,15 @@ Module import stays light (no grpc/torch): ``emrestore worker`` runs in every wo
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
 
-DEFAULT_SERVER = "127.0.0.1:50051"
-#: status codes that mean the request itself was wrong (exit 2); anything else exits 1.
-BAD_INPUT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE",
-                             "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
-                             "PERMISSION_DENIED"})
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-
-
-class CommandError(Exception):
-    """A one-line error with a gRPC-style code name."""
-
-    def __init__(self, code: str, message: str):
-        self.code, self.message = code, message
-        super().__init__(f"{code}: {message}")
-
-
-def _bad(message: str) -> CommandError:
-    return CommandError("INVALID_ARGUMENT", message)
-
-
-def _exit_code(code: str) -> int:
-    return EXIT_BAD_INPUT if code in BAD_INPUT_CODES else EXIT_FAILURE
-
-
-def _fail(code: str, message: str) -> None:
-    print(f"emrestore: error: {code}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    raise SystemExit(_exit_code(code))
-
-
-def _handled(fn):
-    """Run a command; EmrestoreError/CommandError/ValueError → one error line and SystemExit."""
-    @functools.wraps(fn)
-    def wrapper(a):
-        from .client import EmrestoreError
-        try:
-            rc = fn(a)
-        except EmrestoreError as e:
-            _fail(e.code_name, e.message)
-        except CommandError as e:
-            _fail(e.code, e.message)
-        except KeyboardInterrupt:
-            raise
-        except (ValueError, KeyError, FileNotFoundError, PermissionError) as e:
-            from ..errors import status_of
-            code, msg = status_of(e)
-            _fail(code if code != "INTERNAL" else "INVALID_ARGUMENT", msg)
-        if rc:
-            raise SystemExit(rc)
-    return wrapper
+from .cli_common import (  # noqa: F401 - re-exported for callers of this module
+    BAD_INPUT_CODES, DEFAULT_SERVER, EXIT_BAD_INPUT, EXIT_FAILURE, CommandError, _bad, _exit_code, _fail,
+    _handled,
+)
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -225,78 +179,6 @@ def _wait(c, job_id: str, quiet: bool, timeout: float | None = None) -> int:
 
 # ----------------------------------------------------------------------------- commands
 @_handled
-def cmd_serve(a):
-    import logging
-
-    from ..jobs.manager import JobManager
-    from .auth import load_tokens
-    from .server import serve
-    if not 0 <= a.port <= 65535:
-        raise _bad(f"--port: must be in [0, 65535], got {a.port}")
-    if a.workers < 1:
-        raise _bad(f"--workers: must be ≥ 1, got {a.workers}")
-    if (a.tls_cert is None) != (a.tls_key is None):
-        raise _bad("--tls-cert/--tls-key: give both or neither")
-    from ..volume.stores import register_from_env
-    register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
-    data = os.path.abspath(a.data_dir)
-    ledger = a.ledger or "file://" + os.path.join(data, "ledger")
-    models = a.models or os.environ.get("EMRESTORE_MODELS") or os.path.join(data, "models")
-    if ledger.startswith("file://"):
-        os.makedirs(ledger[len("file://"):], exist_ok=True)
-    elif "://" not in ledger:
-        ledger = "file://" + os.path.abspath(ledger)
-        os.makedirs(ledger[len("file://"):], exist_ok=True)
-    if "://" not in models:
-        models = os.path.abspath(models)
-        os.makedirs(models, exist_ok=True)
-    try:
-        tokens = load_tokens(token_file=a.token_file) if a.token_file else load_tokens()
-    except ValueError as e:
-        raise _bad(str(e)) from None
-    if a.executor == "local":
-        from ..jobs.executors import LocalExecutor
-        executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"))
-    else:
-        from dataclasses import replace
-
-        from ..jobs.kube import KubeConfig, KubernetesExecutor
-        cfg = KubeConfig.from_env()
-        if not cfg.ledger_url:
-            cfg = replace(cfg, ledger_url=ledger)
-        if cfg.ledger_url.startswith("file://"):
-            print("emrestore: warning: worker pods need a shared ledger (gs://, s3://); "
-                  f"{cfg.ledger_url} is local", file=sys.stderr)
-        try:
-            executor = KubernetesExecutor(cfg)
-        except Exception as e:  # noqa: BLE001 - no cluster, bad kubeconfig, bad settings
-            raise CommandError("FAILED_PRECONDITION", f"--executor kubernetes: {e}") from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    def xyz(text, name):
-        try:
-            v = tuple(int(t) for t in text.split(","))
-            assert len(v) == 3 and min(v) >= 0
-            return v
-        except (ValueError, AssertionError):
-            raise _bad(f"{name}: expected X,Y,Z non-negative integers, got {text!r}") from None
-    block = xyz(a.block_size, "--block-size")
-    chunk = xyz(a.output_chunk, "--output-chunk") if a.output_chunk else None
-    if chunk is not None and min(chunk) < 1:
-        raise _bad(f"--output-chunk: sizes must be ≥ 1, got {a.output_chunk}")
-    manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels,
-                         block_size_xyz=block, output_chunk_xyz=chunk)
-
-    def ready(port):
-        scheme = "TLS" if a.tls_cert else "plaintext"
-        print(f"emrestore: serving on {a.host}:{port} ({scheme}, auth {'on' if tokens else 'off'}; "
-              f"ledger {ledger}; models {models}; {a.executor} executor)", file=sys.stderr, flush=True)
-
-    serve(manager, a.host, a.port, token=tokens or None, tls_cert=a.tls_cert, tls_key=a.tls_key,
-          max_workers=a.rpc_threads, grace_s=a.grace, on_ready=ready)
-    print("emrestore: server stopped", file=sys.stderr)
-
-
-@_handled
 def cmd_submit(a):
     _check_sampling(a)
     if a.parallelism < 0:
@@ -402,63 +284,11 @@ def cmd_remote_models(a):
     return 0
 
 
-def cmd_worker(a):
-    """``emrestore worker``: exit 0 when this task's blocks are done, 2 for bad input, 1 otherwise."""
-    task_index = a.task_index
-    if task_index is None:
-        env = os.environ.get("JOB_COMPLETION_INDEX")
-        if env is None:
-            _fail("INVALID_ARGUMENT", "--task-index: not given and $JOB_COMPLETION_INDEX is unset")
-        try:
-            task_index = int(env)
-        except ValueError:
-            _fail("INVALID_ARGUMENT", f"--task-index: $JOB_COMPLETION_INDEX={env!r} is not an integer")
-    if task_index < 0:
-        _fail("INVALID_ARGUMENT", f"--task-index: must be ≥ 0, got {task_index}")
-    if a.num_tasks is not None and a.num_tasks < 1:
-        _fail("INVALID_ARGUMENT", f"--num-tasks: must be ≥ 1, got {a.num_tasks}")
-    from ..errors import status_of
-    from ..jobs.worker import run_task
-    try:
-        n = run_task(a.ledger, a.job, task_index, a.num_tasks,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    except Exception as e:  # noqa: BLE001 - every failure is one line and an exit code
-        code, msg = status_of(e)
-        bad = code in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED")
-        if not bad:
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-        print(f"emrestore: error: {code}: {msg}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_BAD_INPUT if bad else EXIT_FAILURE) from None
-    print(f"[worker {task_index}] finished: {n} block(s) done by this task", file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- registration
 def register(sub) -> None:
     """Add the service commands to the ``emrestore`` subparsers."""
-    p = sub.add_parser("serve", help="run the gRPC restoration service")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=50051, help="port (0: any free port; default %(default)s)")
-    p.add_argument("--data-dir", default=os.environ.get("EMRESTORE_DATA", "emrestore-data"),
-                   help="directory for the default ledger, models and worker logs (default %(default)s)")
-    p.add_argument("--ledger", help="job ledger URL (default file://DATA_DIR/ledger)")
-    p.add_argument("--models", help="model directory URL (default $EMRESTORE_MODELS or DATA_DIR/models)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="default parallelism of a job: worker processes (local) or pods (kubernetes)")
-    p.add_argument("--executor", choices=["local", "kubernetes"], default="local",
-                   help="where workers run (kubernetes: settings from $EMRESTORE_KUBE_*)")
-    p.add_argument("--token-file", help="bearer tokens, one per line (default $EMRESTORE_TOKEN; none: no auth)")
-    p.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key")
-    p.add_argument("--tls-key", help="server private key (PEM); with --tls-cert")
-    p.add_argument("--rpc-threads", type=int, default=16, help="threads serving calls (default %(default)s)")
-    p.add_argument("--max-cutout-voxels", type=int, default=4_194_304,
-                   help="largest Cutout in output voxels (default %(default)s)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
-    p.add_argument("--block-size", default="256,256,0",
-                   help="write block X,Y,Z in output voxels, rounded up to the chunk grid (Z 0: one chunk)")
-    p.add_argument("--output-chunk", help="output chunk X,Y,Z (Z a multiple of the factor; default: the "
-                                          "source chunk laterally, about 16 sections in z)")
-    p.set_defaults(func=cmd_serve)
+    from . import serving
+    serving.register(sub)
 
     p = sub.add_parser("submit", help="submit a restoration job to the server")
     p.add_argument("source", help="source precomputed layer URL")
@@ -479,7 +309,8 @@ def register(sub) -> None:
     p = sub.add_parser("jobs", help="list, inspect, watch or cancel jobs on the server")
     js = p.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
     q = js.add_parser("ls", help="list jobs, newest first")
-    q.add_argument("--state", type=str.upper, choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"])
+    from ..jobs.records import STATES
+    q.add_argument("--state", type=str.upper, choices=list(STATES))
     q.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default %(default)s)")
     q.add_argument("--json", action="store_true")
     _add_client_args(q)
@@ -511,9 +342,5 @@ def register(sub) -> None:
     _add_client_args(p)
     p.set_defaults(func=cmd_remote_models)
 
-    p = sub.add_parser("worker", help="run one task of a job (used by the executors)")
-    p.add_argument("--ledger", required=True, help="job ledger URL")
-    p.add_argument("--job", required=True, help="job id")
-    p.add_argument("--task-index", type=int, default=None, help="task I (default $JOB_COMPLETION_INDEX)")
-    p.add_argument("--num-tasks", type=int, default=None, help="tasks T (default: from the job's plan)")
-    p.set_defaults(func=cmd_worker)
+    from ..jobs import worker_main
+    worker_main.register(sub)

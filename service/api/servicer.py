@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import os
 import threading
 from dataclasses import fields as dc_fields
 from typing import Any
@@ -22,7 +21,8 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from ..errors import RequestError, ResourceExhausted, status_of
+from ..errors import PermissionDenied, RequestError, ResourceExhausted, status_of
+from ..jobs.records import TERMINAL_STATES
 from .gen import emrestore_pb2 as pb
 from .gen import emrestore_pb2_grpc as pb_grpc
 
@@ -81,7 +81,7 @@ def job_to_proto(st: Any) -> pb.Job:
         voxels_per_second=max(0.0, _finite(getattr(st, "voxels_per_second", 0.0), 0.0)),
         eta_seconds=max(0.0, _finite(getattr(st, "eta_seconds", 0.0), 0.0)),
     )
-    job.done = state in ("SUCCEEDED", "FAILED", "CANCELLED")
+    job.done = state in TERMINAL_STATES
     if job.done:
         job.eta_seconds = 0.0
     for attr, ts in (("created", job.create_time), ("updated", job.update_time)):
@@ -89,10 +89,12 @@ def job_to_proto(st: Any) -> pb.Job:
         if t:
             ts.FromNanoseconds(int(float(t) * 1e9))
     spec = dict(getattr(st, "spec", None) or {})
-    if isinstance(spec.get("plan"), dict) and "block_indices" in spec["plan"]:
-        # the incremental block list can hold millions of entries: not part of the API view
-        spec["plan"] = {k: v for k, v in spec["plan"].items() if k != "block_indices"}
     job.spec.CopyFrom(_struct(spec))
+    job.owner = str(getattr(st, "owner", "") or "")
+    for e in getattr(st, "event_log", None) or []:
+        ev = job.event_log.add(kind=str(e.get("kind", "")), message=str(e.get("message", "")))
+        if e.get("time"):
+            ev.time.FromNanoseconds(int(float(e["time"]) * 1e9))
     for k, v in (getattr(st, "outputs", None) or {}).items():
         if v is not None:
             job.outputs[str(k)] = str(v)
@@ -234,11 +236,20 @@ def restore_spec_from_request(req: pb.CreateRestoreJobRequest):
     _sampling(req, kw)
     targets = []
     for i, t in enumerate(req.register_in):
-        if not t.platform.strip():
-            raise RequestError(f"register_in[{i}].platform", "required (neuroglancer, webknossos or catmaid)")
-        targets.append({"platform": t.platform.strip(), "url": t.url, "options": dict(t.options)})
+        for name in ("platform", "url"):
+            if getattr(t, name).strip():
+                raise PermissionDenied(f"register_in[{i}].{name}", "a request names a configured target "
+                                       "(register_in[].name); platform, address and options are server configuration")
+        if len(t.options):
+            raise PermissionDenied(f"register_in[{i}].options", "a request names a configured target "
+                                   "(register_in[].name); platform, address and options are server configuration")
+        if not t.name.strip():
+            raise RequestError(f"register_in[{i}].name", "required: the name of a registration target configured on the server")
+        targets.append(t.name.strip())
     kw["register_in"] = targets
     kw["labels"] = dict(req.labels)
+    kw["estimate"] = req.estimate.strip()
+    kw["overwrite"] = bool(req.overwrite)
     return RestoreSpec(**kw)
 
 
@@ -284,6 +295,7 @@ def cutout_spec_from_request(req: pb.CutoutRequest, max_voxels: int | None = Non
     start, stop = _region(req, "region", required=True)
     kw["region_start_xyz"], kw["region_stop_xyz"] = start, stop
     _sampling(req, kw)
+    kw["estimate"] = req.estimate.strip()
     if max_voxels:
         n = int(np.prod([b - a for a, b in zip(start, stop)], dtype=np.int64))
         if n > max_voxels:
@@ -365,14 +377,7 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_unary
     def CreateTrainJob(self, request, context):
-        spec = train_spec_from_request(request)
-        resolve = getattr(self.manager, "resolve_model", None)
-        if resolve is not None and "://" not in spec.output_model and not os.path.isabs(spec.output_model):
-            try:  # a bare name: a model in the server's model directory
-                spec.output_model = resolve(spec.output_model)
-            except RequestError as e:
-                raise RequestError("output_model", str(e).split(": ", 1)[-1]) from None
-        return job_to_proto(self.manager.submit(spec))
+        return job_to_proto(self.manager.submit(train_spec_from_request(request)))
 
     @_unary
     def GetJob(self, request, context):
@@ -428,8 +433,7 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_unary
     def Cutout(self, request, context):
-        limit = getattr(self.manager, "max_cutout_voxels", None)
-        spec = cutout_spec_from_request(request, limit if isinstance(limit, int) else None)
+        spec = cutout_spec_from_request(request, self.manager.max_cutout_voxels)
         return cutout_to_proto(self.manager.cutout(spec))
 
     @_unary

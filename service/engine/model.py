@@ -39,10 +39,12 @@ def open_fs(url: str):
 
 class ModelError(ValueError):
     """A model that cannot be read or used for the request (e.g. model/task mismatch)."""
+    code = "FAILED_PRECONDITION"  # the gRPC status (service.errors.status_of)
 
 
 class ModelNotFound(ModelError):
     """No model at the URL."""
+    code = "NOT_FOUND"
 
 
 @dataclass

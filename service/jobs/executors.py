@@ -25,11 +25,15 @@ class ExecutorStatus:
 
 
 class Executor(Protocol):
+    """What the manager calls, and nothing else (local processes here, Kubernetes pods in kube)."""
     name: str
+    default_parallelism: int
 
     def launch(self, job_id: str, num_tasks: int, parallelism: int) -> None: ...
     def status(self, job_id: str) -> ExecutorStatus: ...
+    def known(self, job_id: str) -> bool: ...
     def cancel(self, job_id: str) -> None: ...
+    def shutdown(self) -> None: ...
 
 
 def worker_command(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int) -> list[str]:
@@ -145,15 +149,6 @@ class LocalExecutor:
         job.cancelled = True
         if job.thread is not None:
             job.thread.join(timeout=15)
-
-    def kill_task(self, job_id: str, task_index: int) -> bool:
-        """Kill a running task's process (SIGKILL), as a crash would; for failure tests."""
-        job = self._jobs.get(job_id)
-        proc = job.running.get(task_index) if job else None
-        if proc is None:
-            return False
-        proc.kill()
-        return True
 
     def shutdown(self) -> None:
         for job_id in list(self._jobs):

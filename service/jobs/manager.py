@@ -1,12 +1,11 @@
-"""The job manager: validates requests, plans them, records them in the ledger, launches
-executors and supervises jobs to a terminal state. Stateless over the ledger: a restarted manager
-picks up every PENDING/RUNNING job and relaunches what is missing (done blocks are skipped).
+"""The job manager: takes validated specs, has them planned (planning.py), writes the output
+layers and records job + plan in the ledger, launches executors, and supervises jobs to a
+terminal state (running completion hooks before SUCCEEDED). Stateless over the ledger: a
+restarted manager picks up every PENDING/RUNNING job and relaunches what is missing.
 """
 
 from __future__ import annotations
 
-import os
-import posixpath
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -14,18 +13,18 @@ from typing import Iterator
 
 import numpy as np
 
-from ..engine.model import RestorationModel, list_models, read_metadata
-from ..engine.normalize import IntensityNorm
-from ..engine.restore import derive_seed, restore
-from ..errors import FailedPrecondition, NotFound, RequestError, ResourceExhausted
+from ..errors import FailedPrecondition, RequestError
 from ..volume import precomputed as pc
-from ..volume.blocks import plan_blocks
+from ..volume.geometry import Box
+from .completion import CompletedJob, CompletionHook
 from .executors import Executor
-from .ledger import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL_STATES, Ledger
-from .spec import LATERAL_CONTEXT, CutoutSpec, RestoreSpec, TrainSpec
+from .ledger import CANCELLED, FAILED, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES, Ledger
+from .models import ModelRegistry
+from .planning import Planner, dataset_norm, existing_chunks, scale_for  # noqa: F401 - re-exported
+from .plans import PlanMissing, RestorePlan, plan_from_dict
+from .spec import CutoutSpec, RestoreSpec, TrainSpec
+from .worker import restore_block
 
-#: Training reads at most this many source voxels (a centred region when the layer is larger).
-MAX_TRAIN_VOXELS = 64 * 1024 * 1024
 MAX_RELAUNCHES = 2
 
 
@@ -43,7 +42,9 @@ class JobStatus:
     updated: float
     spec: dict
     outputs: dict = field(default_factory=dict)
-    events: list = field(default_factory=list)
+    events: list = field(default_factory=list)       # messages, oldest first
+    event_log: list = field(default_factory=list)    # {kind, message, time}, oldest first
+    owner: str = ""
 
 
 @dataclass
@@ -56,75 +57,47 @@ class CutoutResult:
     message: str
 
 
-def scale_for(task: str, factor: int) -> tuple[int, int, int]:
-    return {"isotropic": (1, 1, factor), "superres": (factor, factor, 1)}.get(task, (1, 1, 1))
-
-
-def dataset_norm(url: str, mip: int = 0, max_sections: int = 8, max_side: int = 1024) -> IntensityNorm:
-    """Percentile normalisation from evenly spaced sections of the coarsest scale that still has
-    sections of at most ``max_side`` pixels — statistics of the whole dataset, computed once."""
-    info = pc.open_source(url, mip)
-    m = mip
-    while True:
-        try:
-            nxt = pc.open_layer(url, m + 1, "source")
-        except (ValueError, KeyError, IndexError):
-            break
-        if max(info.size_xyz[:2]) <= max_side:
-            break
-        info, m = nxt, m + 1
-    z0, z1 = info.start_zyx[0], info.stop_zyx[0]
-    zs = np.unique(np.linspace(z0, z1 - 1, min(max_sections, z1 - z0)).round().astype(int))
-    (_, y0, x0), (_, y1, x1) = info.start_zyx, info.stop_zyx
-    sy = max(1, (y1 - y0) // max_side)
-    sx = max(1, (x1 - x0) // max_side)
-    parts = [pc.read_zyx(url, (int(z), y0, x0), (int(z) + 1, y1, x1), m)[:, ::sy, ::sx] for z in zs]
-    return IntensityNorm.from_volume(np.concatenate([p.reshape(-1) for p in parts]))
-
-
-def _chunk_names(info: pc.VolumeInfo, start_zyx, stop_zyx) -> list[str]:
-    """Precomputed chunk file names (``x0-x1_y0-y1_z0-z1``) covering a chunk-aligned box."""
-    lo, hi, ch = info.start_zyx, info.stop_zyx, info.chunk_zyx
-    out = []
-    for z in range(start_zyx[0], stop_zyx[0], ch[0]):
-        for y in range(start_zyx[1], stop_zyx[1], ch[1]):
-            for x in range(start_zyx[2], stop_zyx[2], ch[2]):
-                z1, y1, x1 = min(z + ch[0], hi[0]), min(y + ch[1], hi[1]), min(x + ch[2], hi[2])
-                out.append(f"{x}-{x1}_{y}-{y1}_{z}-{z1}")
-    return out
-
-
-def existing_chunks(url: str, key: str) -> set[str]:
-    """Names of the chunk files present at one scale of a layer (one listing)."""
-    from cloudfiles import CloudFiles
-    try:
-        cf = CloudFiles(url)
-        return {posixpath.basename(p) for p in cf.list(prefix=key + "/")}
-    except Exception:  # noqa: BLE001 - an unreadable listing means nothing is known to exist
-        return set()
+def _plan_summary(plan) -> dict:
+    """The part of a plan shown with the job (GetJob's spec.plan); the block list is left out."""
+    if isinstance(plan, RestorePlan):
+        return {"model_url": plan.model_url, "task": plan.task, "factor": plan.factor,
+                "scale_xyz": list(plan.scale_xyz), "block_size_xyz": list(plan.blocks.block_size_xyz),
+                "num_blocks_planned": plan.num_blocks_planned, "num_tasks": plan.num_tasks,
+                "output_resolution_nm_xyz": list(plan.output_resolution_nm_xyz),
+                "write_box_zyx": plan.blocks.write_box.to_list(), "region_message": plan.blocks.message}
+    return {"factor": plan.factor, "read_box_zyx": plan.read.to_list(), "num_tasks": 1,
+            "voxel_size_nm": list(plan.voxel_size_nm)}
 
 
 class JobManager:
     def __init__(self, ledger_url: str, executor: Executor, models_dir: str | None = None,
                  max_cutout_voxels: int = 4_194_304, poll_interval_s: float = 0.5,
                  block_size_xyz: tuple[int, int, int] = (256, 256, 0), tile: int = 256,
-                 overlap: int = 32, output_chunk_xyz: tuple[int, int, int] | None = None):
+                 overlap: int = 32, output_chunk_xyz: tuple[int, int, int] | None = None,
+                 completion_hooks: list[CompletionHook] | None = None):
         self.ledger = Ledger(ledger_url)
         self.ledger_url = ledger_url
         self.executor = executor
+        self.models = ModelRegistry(models_dir)
         self.models_dir = models_dir
-        self.max_cutout_voxels = max_cutout_voxels
+        self.planner = Planner(self.models, block_size_xyz, tile, overlap, output_chunk_xyz, max_cutout_voxels)
         self.poll_interval_s = poll_interval_s
-        self.block_size_xyz = block_size_xyz
-        self.output_chunk_xyz = output_chunk_xyz
-        self.tile, self.overlap = tile, overlap
+        self.completion_hooks = list(completion_hooks or [])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
         self._launches: dict[str, int] = {}
         self._rate: dict[str, tuple[float, int]] = {}  # job → (time first seen running, blocks done then)
-        self._models: dict[str, RestorationModel] = {}
-        self._norms: dict[tuple, IntensityNorm] = {}
+        self._plans: dict[str, object] = {}
+
+    @property
+    def max_cutout_voxels(self) -> int:
+        """Largest cutout in output voxels (the planner refuses larger ones)."""
+        return self.planner.max_cutout_voxels
+
+    @max_cutout_voxels.setter
+    def max_cutout_voxels(self, value: int) -> None:
+        self.planner.max_cutout_voxels = value
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -136,213 +109,120 @@ class JobManager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        shutdown = getattr(self.executor, "shutdown", None)
-        if shutdown:
-            shutdown()
+        self.executor.shutdown()
 
     # ------------------------------------------------------------------ models
-    def resolve_model(self, name_or_url: str) -> str:
-        if "://" in name_or_url or os.path.isabs(name_or_url):
-            return name_or_url
-        if self.models_dir is None:
-            raise RequestError("model", f"{name_or_url!r} is not a URL and the server has no model directory")
-        return self.models_dir.rstrip("/") + "/" + name_or_url
+    def resolve_model(self, name_or_url: str, field: str = "model") -> str:
+        return self.models.resolve(name_or_url, field)
 
     def list_models(self) -> list[dict]:
-        return list_models(self.models_dir) if self.models_dir else []
+        return self.models.list()
 
     def describe_model(self, name_or_url: str) -> dict:
-        url = self.resolve_model(name_or_url)
-        meta = read_metadata(url)
-        meta["url"] = url
-        return meta
-
-    def _model(self, url: str) -> RestorationModel:
-        with self._lock:
-            if url not in self._models:
-                self._models[url] = RestorationModel.load(url)
-            return self._models[url]
-
-    def _norm(self, url: str, mip: int) -> IntensityNorm:
-        with self._lock:
-            if (url, mip) not in self._norms:
-                self._norms[(url, mip)] = dataset_norm(url, mip)
-            return self._norms[(url, mip)]
+        return self.models.describe(name_or_url)
 
     # ------------------------------------------------------------------ submit
-    def submit(self, spec: RestoreSpec | TrainSpec) -> JobStatus:
+    def submit(self, spec: RestoreSpec | TrainSpec, owner: str = "") -> JobStatus:
         if isinstance(spec, RestoreSpec):
-            return self._submit_restore(spec.validate())
+            return self._submit_restore(spec.validate(), owner)
         if isinstance(spec, TrainSpec):
-            return self._submit_train(spec.validate())
+            return self._submit_train(spec.validate(), owner)
         raise RequestError("spec", f"unknown job kind {type(spec).__name__}")
 
-    def _output_geometry(self, src: pc.VolumeInfo, scale, dtype: str):
-        k = scale[2]
-        if self.output_chunk_xyz:
-            chunk = tuple(self.output_chunk_xyz)
-        else:
-            cx, cy, _ = src.chunk_size_xyz
-            cz = k * max(1, 16 // k) if k > 1 else src.chunk_size_xyz[2]
-            chunk = (cx * scale[0], cy * scale[1], cz)
-        geom = pc.output_geometry(src, scale, chunk_size_xyz=chunk, dtype=dtype)
-        factors = pc.downsample_factors(geom.resolution_nm_xyz, 1, geom.voxel_offset_xyz)
-        return replace(geom, downsample_factors_xyz=factors)
+    def _num_tasks(self, spec_parallelism: int, n: int) -> int:
+        return max(1, min(n, spec_parallelism or self.executor.default_parallelism))
 
-    def _block_size(self, geom: pc.VolumeInfo) -> tuple[int, int, int]:
-        uz, uy, ux = geom.write_alignment_zyx
-        bx, by, bz = self.block_size_xyz
-        r = lambda v, u: max(u, (max(v, 1) + u - 1) // u * u)
-        return (r(bx, ux), r(by, uy), r(bz, uz) if bz else uz)
-
-    def _submit_restore(self, spec: RestoreSpec) -> JobStatus:
-        src = pc.open_source(spec.source, spec.mip)
-        model_url = self.resolve_model(spec.model)
-        meta = read_metadata(model_url)
-        task, factor = meta["task"], int(meta["factor"])
-        scale = scale_for(task, factor)
-        if meta.get("kind", "diffusion") != "diffusion" and spec.samples > 1:
-            raise RequestError("samples", "a regression model gives one output; use samples = 1")
-        geom = self._output_geometry(src, scale, src.dtype)
-        region = None
-        if spec.region_start_xyz is not None:
-            s, e = spec.region_start_xyz, spec.region_stop_xyz
-            region = ((s[2], s[1], s[0]), (e[2], e[1], e[0]))
-        block_xyz = self._block_size(geom)
-        plan = plan_blocks(src, geom, scale, block_xyz, LATERAL_CONTEXT, region)
-        indices = list(range(len(plan.blocks)))
-        out_exists = pc.object_exists(pc.normalize_url(spec.output).rstrip("/") + "/info", "output")
-        if spec.incremental and out_exists:
-            key = "_".join(f"{r:g}" for r in geom.resolution_nm_xyz)
-            have = existing_chunks(spec.output, key)
-            indices = [b.index for b in plan.blocks
-                       if not set(_chunk_names(geom, b.write_start, b.write_stop)) <= have]
-        norm = self._norm(spec.source, spec.mip)
-        job = spec.to_dict()
-        job["plan"] = {
-            "model_url": model_url, "task": task, "factor": factor, "scale_xyz": list(scale),
-            "block_size_xyz": list(block_xyz), "lateral_context": LATERAL_CONTEXT,
-            "norm": norm.to_dict(), "output_dtype": src.dtype, "tile": self.tile, "overlap": self.overlap,
-            "block_indices": indices if spec.incremental else None, "num_blocks_planned": len(plan.blocks),
-            "output_resolution_nm_xyz": list(geom.resolution_nm_xyz),
-            "region_message": plan.message,
-        }
-        n = len(indices)
-        parallelism = spec.parallelism or getattr(self.executor, "default_parallelism", 1)
-        job["plan"]["num_tasks"] = max(1, min(n, parallelism))
-        provenance = {"source": spec.source, "model": model_url, "task": task, "factor": factor,
-                      "sampler": spec.sampler, "steps": spec.steps, "samples": spec.samples, "seed": spec.seed}
+    def _submit_restore(self, spec: RestoreSpec, owner: str) -> JobStatus:
+        p = self.planner.restore(spec)
+        n = len(p.plan.blocks.blocks)
+        plan = replace(p.plan, num_tasks=self._num_tasks(spec.parallelism, n))
+        geom = p.geometry
         # everything validated: now write
-        pc.create_output_layer(spec.output, geom, geom.chunk_size_xyz, src.dtype, provenance,
+        pc.create_output_layer(spec.output, geom, geom.chunk_size_xyz, geom.dtype, p.provenance,
                                num_downsample_scales=len(geom.downsample_factors_xyz),
                                overwrite_check_source_url=spec.source)
         if spec.uncertainty_output:
-            pc.create_uncertainty_layer(spec.uncertainty_output, geom, geom.chunk_size_xyz, provenance,
+            pc.create_uncertainty_layer(spec.uncertainty_output, geom, geom.chunk_size_xyz, p.provenance,
                                         num_downsample_scales=len(geom.downsample_factors_xyz),
                                         overwrite_check_source_url=spec.source)
-        rec = self.ledger.create_job(job, n)
-        if plan.message:
-            self.ledger.add_event(rec.job_id, "planned", plan.message)
+        rec = self.ledger.create_job(spec.to_dict(), n, plan=plan.to_dict(), owner=owner)
+        if plan.blocks.message:
+            self.ledger.add_event(rec.job_id, "planned", plan.blocks.message)
         if n == 0:
             self.ledger.set_state(rec.job_id, RUNNING, "nothing to do")
+            self._complete(rec.job_id, plan, owner)
             self.ledger.set_state(rec.job_id, SUCCEEDED, "incremental: every block's output already exists")
         else:
-            self._launch(rec.job_id, job)
+            self._launch(rec.job_id, plan.num_tasks)
         return self.get(rec.job_id)
 
-    def _submit_train(self, spec: TrainSpec) -> JobStatus:
-        spec.output_model = self.resolve_model(spec.output_model)
-        src = pc.open_source(spec.source, spec.mip)
-        rx, ry, rz = src.resolution_nm_xyz
-        factor = spec.factor or int(round(rz / rx))
-        if factor < 2:
-            raise RequestError("factor", f"the layer's voxel size {list(src.resolution_nm_xyz)} nm is not "
-                                         "anisotropic; give a factor in [2, 16]")
-        if spec.base_model:
-            base = read_metadata(self.resolve_model(spec.base_model))
-            if base["task"] != "isotropic":
-                raise FailedPrecondition("base_model", f"model does {base['task']}, not isotropic")
-            factor = int(base["factor"])
-            spec.base_model = self.resolve_model(spec.base_model)
-        lo, hi = src.start_zyx, src.stop_zyx
-        if spec.region_start_xyz is not None:
-            s, e = spec.region_start_xyz, spec.region_stop_xyz
-            lo, hi = (s[2], s[1], s[0]), (e[2], e[1], e[0])
-            if any(a < l for a, l in zip(lo, src.start_zyx)) or any(b > h for b, h in zip(hi, src.stop_zyx)):
-                raise RequestError("region", f"lies outside the source bounds {src.describe_bounds()}")
-        shape = [b - a for a, b in zip(lo, hi)]
-        message = ""
-        while np.prod(shape) > MAX_TRAIN_VOXELS:  # centred crop, halving the largest lateral side
-            ax = 1 if shape[1] >= shape[2] else 2
-            c = (lo[ax] + hi[ax]) // 2
-            shape[ax] //= 2
-            lo = tuple(c - shape[ax] // 2 if i == ax else v for i, v in enumerate(lo))
-            hi = tuple(lo[ax] + shape[ax] if i == ax else v for i, v in enumerate(hi))
-            message = f"training region capped to {MAX_TRAIN_VOXELS} voxels: z,y,x {list(lo)}–{list(hi)}"
-        if shape[1] <= factor or shape[2] <= factor:
-            raise RequestError("region", f"lateral size {shape[2]}×{shape[1]} too small for factor {factor}")
-        job = spec.to_dict()
-        job["plan"] = {"factor": factor, "read_start_zyx": list(lo), "read_stop_zyx": list(hi),
-                       "voxel_size_nm": list(src.resolution_nm_xyz), "num_tasks": 1}
-        if spec.target:
-            tgt = pc.open_source(spec.target, spec.mip)
-            k = factor
-            job["plan"]["target_box_zyx"] = [[lo[0] * k, lo[1], lo[2]], [(hi[0] - 1) * k + 1, hi[1], hi[2]]]
-            if tgt.size_xyz[2] < (hi[0] - 1) * k + 1:
-                raise RequestError("target", f"has {tgt.size_xyz[2]} sections; needs {(hi[0] - 1) * k + 1}")
-        rec = self.ledger.create_job(job, 1)
-        if message:
-            self.ledger.add_event(rec.job_id, "planned", message)
-        self._launch(rec.job_id, job)
+    def _submit_train(self, spec: TrainSpec, owner: str) -> JobStatus:
+        plan = self.planner.train(spec)
+        rec = self.ledger.create_job(spec.to_dict(), 1, plan=plan.to_dict(), owner=owner)
+        if plan.message:
+            self.ledger.add_event(rec.job_id, "planned", plan.message)
+        self._launch(rec.job_id, 1)
         return self.get(rec.job_id)
 
-    def _launch(self, job_id: str, job: dict) -> None:
+    def _launch(self, job_id: str, num_tasks: int) -> None:
         with self._lock:
             self._launches[job_id] = self._launches.get(job_id, 0) + 1
-        n = int(job["plan"]["num_tasks"])
-        self.executor.launch(job_id, n, n)
+        self.executor.launch(job_id, num_tasks, num_tasks)
         rec = self.ledger.get_job(job_id)
         if rec.state == PENDING:
-            self.ledger.set_state(job_id, RUNNING, f"running {n} task(s) on the {self.executor.name} executor")
+            self.ledger.set_state(job_id, RUNNING, f"running {num_tasks} task(s) on the {self.executor.name} executor")
+
+    def plan_of(self, job_id: str):
+        """The job's typed plan (cached: plans are immutable); PlanMissing for old jobs."""
+        with self._lock:
+            plan = self._plans.get(job_id)
+        if plan is None:
+            plan = plan_from_dict(self.ledger.get_plan(job_id), job_id)
+            with self._lock:
+                self._plans[job_id] = plan
+        return plan
 
     # ------------------------------------------------------------------ queries
     def get(self, job_id: str) -> JobStatus:
         rec = self.ledger.get_job(job_id)
-        spec = rec.spec
+        spec = dict(rec.spec)
         now = time.time()
         rate, eta = 0.0, 0.0
-        total_vox = 0
-        if spec.get("kind") == "restore":
-            res = spec["plan"]["output_resolution_nm_xyz"]
-            bx, by, bz = spec["plan"]["block_size_xyz"]
-            total_vox = bx * by * bz
+        block_voxels = 0
+        try:
+            plan = self.plan_of(job_id)
+            spec["plan"] = _plan_summary(plan)
+            if isinstance(plan, RestorePlan):
+                bx, by, bz = plan.blocks.block_size_xyz
+                block_voxels = bx * by * bz
+        except PlanMissing:
+            pass  # a job of an older emrestore: shown without its plan
         with self._lock:
             if rec.state == RUNNING and job_id not in self._rate:
                 self._rate[job_id] = (now, rec.blocks_done)
             t0, d0 = self._rate.get(job_id, (now, rec.blocks_done))
         if rec.state == RUNNING and now > t0 and rec.blocks_done > d0:
             bps = (rec.blocks_done - d0) / (now - t0)
-            rate = bps * total_vox
+            rate = bps * block_voxels
             eta = (rec.num_blocks - rec.blocks_done) / bps
-        outputs = {}
-        for key in ("output", "uncertainty_output", "output_model"):
-            if spec.get(key):
-                outputs[key] = spec[key]
-        events = [e.message for e in self.ledger.events(job_id)[0][-20:] if e.message]
+        outputs = {key: spec[key] for key in ("output", "uncertainty_output", "output_model") if spec.get(key)}
+        evs = self.ledger.events(job_id)[0][-20:]
         return JobStatus(job_id=rec.job_id, kind=spec.get("kind", "restore"), state=rec.state,
                          message=rec.message, blocks_done=rec.blocks_done, blocks_total=rec.num_blocks,
                          voxels_per_second=rate, eta_seconds=eta, created=rec.created, updated=rec.updated,
-                         spec=spec, outputs=outputs, events=events)
+                         spec=spec, outputs=outputs, events=[e.message for e in evs if e.message],
+                         event_log=[{"kind": e.kind, "message": e.message, "time": e.time} for e in evs],
+                         owner=rec.owner)
 
     def list(self, state: str | None = None, page_size: int = 50, page_token: str | None = None):
-        if state is not None and state not in (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED):
-            raise RequestError("state", f"{state!r}; allowed: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED")
+        if state is not None and state not in STATES:
+            raise RequestError("state", f"{state!r:.200}; allowed: {', '.join(STATES)}")
         if not isinstance(page_size, int) or not 1 <= page_size <= 1000:
-            raise RequestError("page_size", f"{page_size!r} must be in [1, 1000]")
+            raise RequestError("page_size", f"{page_size!r:.200} must be in [1, 1000]")
         try:
             recs, token = self.ledger.list_jobs(state, page_size, page_token or None)
         except ValueError:
-            raise RequestError("page_token", f"{page_token!r} is not a token returned by a previous list") from None
+            raise RequestError("page_token", f"{page_token!r:.200} is not a token returned by a previous list") from None
         return [self.get(r.job_id) for r in recs], token or ""
 
     def cancel(self, job_id: str) -> JobStatus:
@@ -374,44 +254,20 @@ class JobManager:
 
     # ------------------------------------------------------------------ cutout
     def cutout(self, spec: CutoutSpec) -> CutoutResult:
+        """Plan one block over the region and restore it with the workers' code; nothing written."""
         spec.validate()
-        src = pc.open_source(spec.source, spec.mip)
-        model_url = self.resolve_model(spec.model)
-        meta = read_metadata(model_url)
-        scale = scale_for(meta["task"], int(meta["factor"]))
-        s, e = spec.region_start_xyz, spec.region_stop_xyz
-        lo, hi = (s[2], s[1], s[0]), (e[2], e[1], e[0])
-        if any(a < l for a, l in zip(lo, src.start_zyx)) or any(b > h for b, h in zip(hi, src.stop_zyx)):
-            raise RequestError("region", f"{list(s)}–{list(e)} (xyz) lies outside the source bounds "
-                                         f"{src.describe_bounds()} (zyx)")
-        fx, _, k = scale
-        nz = (hi[0] - lo[0] - 1) * k + 1 if k > 1 else hi[0] - lo[0]
-        n_out = nz * (hi[1] - lo[1]) * fx * (hi[2] - lo[2]) * fx
-        if n_out > self.max_cutout_voxels:
-            raise ResourceExhausted("region", f"cutout would produce {n_out} voxels; the limit is "
-                                              f"{self.max_cutout_voxels} output voxels — submit a region job instead")
-        if k > 1 and hi[0] - lo[0] < 2:
-            raise RequestError("region", "an isotropic cutout needs at least 2 sections (z size ≥ 2)")
-        ctx = LATERAL_CONTEXT
-        rlo = (lo[0], max(src.start_zyx[1], lo[1] - ctx), max(src.start_zyx[2], lo[2] - ctx))
-        rhi = (hi[0], min(src.stop_zyx[1], hi[1] + ctx), min(src.stop_zyx[2], hi[2] + ctx))
-        data = pc.read_zyx(spec.source, rlo, rhi, spec.mip)
-        model = self._model(model_url)
-        res = restore(model, data, sampler=spec.sampler, steps=spec.steps, samples=spec.samples,
-                      seed=derive_seed(spec.seed, rlo[1], rlo[2]), norm=self._norm(spec.source, spec.mip),
-                      tile=self.tile, overlap=self.overlap, image_ids_offset=rlo[0],
-                      device=os.environ.get("EMRESTORE_DEVICE", "auto"))
-        ys = slice((lo[1] - rlo[1]) * fx, (hi[1] - rlo[1]) * fx)
-        xs = slice((lo[2] - rlo[2]) * fx, (hi[2] - rlo[2]) * fx)
-        mean = np.ascontiguousarray(res.mean[:, ys, xs])
-        std = np.ascontiguousarray(res.std[:, ys, xs]) if res.std is not None else None
-        h = (k - 1) // 2
-        out_start = (s[0] * fx, s[1] * fx, s[2] * k + h if k > 1 else s[2])
-        res_nm = tuple(r / f for r, f in zip(src.resolution_nm_xyz, scale))
-        msg = f"restored {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]} in {res.seconds:.1f} s"
-        if res.score is not None:
-            msg += f"; uncertainty score {res.score:.4f}" + (" (needs fine-tuning)" if res.needs_finetuning else "")
-        return CutoutResult(mean, std, out_start, res_nm, str(mean.dtype), msg)
+        plan, block, src = self.planner.cutout(spec)
+        data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
+        model = self.models.load(plan.model_url)
+        mean, std, res = restore_block(plan, block, model, data)
+        mean = np.ascontiguousarray(mean)
+        std = np.ascontiguousarray(std) if std is not None else None
+        msg = f"restored {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]}"
+        if res is not None:
+            msg += f" in {res.seconds:.1f} s"
+            if res.score is not None:
+                msg += f"; uncertainty score {res.score:.4f}" + (" (needs fine-tuning)" if res.needs_finetuning else "")
+        return CutoutResult(mean, std, block.write.start_xyz, plan.output_resolution_nm_xyz, str(mean.dtype), msg)
 
     # ------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:
@@ -436,46 +292,61 @@ class JobManager:
             self._supervise_job(rec)
 
     def _supervise_job(self, rec) -> None:
-        job_id, spec = rec.job_id, rec.spec
+        job_id = rec.job_id
         if rec.cancel_requested:
             self.executor.cancel(job_id)
             self.ledger.set_state(job_id, CANCELLED, "cancelled by request")
             return
+        try:
+            plan = self.plan_of(job_id)
+        except PlanMissing as e:
+            self.ledger.set_state(job_id, FAILED, str(e))
+            return
         if rec.blocks_done >= rec.num_blocks:
             if rec.state == PENDING:
                 self.ledger.set_state(job_id, RUNNING, "")
-            self._on_success(job_id, spec)  # register outputs first: SUCCEEDED means registered too
+            if isinstance(plan, RestorePlan):
+                self._complete(job_id, plan, rec.owner)  # hooks first: SUCCEEDED means registered too
             self.ledger.set_state(job_id, SUCCEEDED, f"{rec.num_blocks} block(s) done")
             return
-        known = getattr(self.executor, "known", None)
-        if known is not None and not known(job_id):
+        if not self.executor.known(job_id):
             # restarted service: relaunch; workers skip blocks that are already done
             self.ledger.add_event(job_id, "resumed", f"resuming with {rec.num_blocks - rec.blocks_done} block(s) left")
-            self._launch(job_id, spec)
+            self._launch(job_id, plan.num_tasks)
             return
         st = self.executor.status(job_id)
         if st.finished:
+            for m in st.messages:
+                self.ledger.add_event(job_id, "worker_failed", m)
             launches = self._launches.get(job_id, 1)
             if launches <= MAX_RELAUNCHES:
                 self.ledger.add_event(job_id, "relaunched",
                                       f"{rec.num_blocks - rec.blocks_done} block(s) left after the workers ended; relaunching")
-                self._launch(job_id, spec)
+                self._launch(job_id, plan.num_tasks)
             else:
                 why = "; ".join(st.messages[-3:]) or "workers ended with blocks left"
                 self.ledger.set_state(job_id, FAILED, why)
 
-    def _on_success(self, job_id: str, spec: dict) -> None:
-        targets = spec.get("register_in") or []
+    def _complete(self, job_id: str, plan: RestorePlan, owner: str) -> None:
+        """Run the completion hooks of a restore job; each message is a ``registered`` event, a
+        failure a ``registration_failed`` event (it never fails the finished restoration)."""
+        spec = self.ledger.get_job(job_id).spec
+        targets = list(spec.get("register_in") or [])
         if not targets:
             return
-        try:
-            from connector.registry import register_job_outputs
-        except ImportError:
-            self.ledger.add_event(job_id, "register", "connectors are not installed; outputs not registered")
+        if not self.completion_hooks:
+            if targets:
+                self.ledger.add_event(job_id, "registration_failed",
+                                      "the server has no registration targets configured")
             return
-        try:
-            messages = register_job_outputs(job_id, spec, targets)
-        except Exception as e:  # noqa: BLE001 - registration never fails a finished restoration
-            messages = [f"registration failed: {type(e).__name__}: {e}"]
-        for msg in messages:
-            self.ledger.add_event(job_id, "register", msg)
+        done = CompletedJob(job_id=job_id, owner=owner, source=plan.source, output=plan.output,
+                            uncertainty=plan.uncertainty_output, register_in=targets,
+                            region=Box(plan.blocks.write_box.start, plan.blocks.write_box.stop),
+                            voxel_size_nm_xyz=tuple(plan.output_resolution_nm_xyz))
+        for hook in self.completion_hooks:
+            try:
+                for msg in hook(done):
+                    self.ledger.add_event(job_id, "registered", str(msg))
+            except Exception as e:  # noqa: BLE001 - recorded as an event of the job
+                self.ledger.add_event(job_id, "registration_failed", f"{type(e).__name__}: {e}"[:500])
+

@@ -1,25 +1,44 @@
 """Job specifications: what a request asks for, validated before anything is written.
 
-A spec is plain data (JSON in the ledger). Turning a restore spec into blocks is deterministic
-(``plan_for``), so every worker — local process or Kubernetes pod — derives the same plan.
+A spec is plain data (JSON in the ledger). The request limits live here, once (``LIMITS``): the
+servicer, the bridge and the CLI validate through these specs. The manager turns a valid spec
+into a typed plan (planning.py) that it records in the ledger for the workers.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..engine.restore import MAX_SAMPLES
 from ..engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from ..errors import RequestError
+from ..errors import RequestError, quote
 
 Vec3 = tuple[int, int, int]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 #: Lateral context (source voxels) read around each block for blending across block borders.
 LATERAL_CONTEXT = 32
 #: Default write block (output voxels, xyz), rounded up to the write grid.
 DEFAULT_BLOCK_XYZ = (256, 256, 0)  # z 0: one output chunk (m·k voxels)
-MAX_TRAIN_STEPS = 200_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits: one place, used by every entry point (gRPC, bridge, CLI)."""
+    max_steps: int = 1000            # sampler steps per sample
+    max_samples: int = MAX_SAMPLES   # samples per image (the engine's own bound)
+    max_train_steps: int = 200_000
+    max_parallelism: int = 10_000
+    max_mip: int = 16
+    max_register_targets: int = 8
+    max_url_chars: int = 2048
+
+
+LIMITS = Limits()
+MAX_TRAIN_STEPS = LIMITS.max_train_steps
+ESTIMATES = ("", "mean", "sample", "sample-mean")
 
 
 def _vec3(v, name: str, allow_none=True) -> Vec3 | None:
@@ -45,7 +64,20 @@ def _check_int(value, name: str, lo: int, hi: int) -> int:
 def _check_url(value, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RequestError(name, "required: a layer URL (file://, gs://, s3://, or an alias://)")
+    if len(value) > LIMITS.max_url_chars:
+        raise RequestError(name, f"{quote(value)} is longer than {LIMITS.max_url_chars} characters")
     return value.strip()
+
+
+def _check_sampling(spec) -> None:
+    if spec.sampler not in SAMPLERS:
+        raise RequestError("sampler", f"{quote(spec.sampler)}; allowed: {', '.join(sorted(SAMPLERS))}")
+    _check_int(spec.steps, "steps", 1, LIMITS.max_steps)
+    _check_int(spec.samples, "samples", 1, LIMITS.max_samples)
+    _check_int(spec.seed, "seed", 0, 2 ** 63 - 1)
+    _check_int(spec.mip, "mip", 0, LIMITS.max_mip)
+    if spec.estimate not in ESTIMATES:
+        raise RequestError("estimate", f"{quote(spec.estimate)}; allowed: {', '.join(e or '(empty)' for e in ESTIMATES)}")
 
 
 def _check_region(start, stop) -> tuple[Vec3, Vec3] | None:
@@ -77,8 +109,10 @@ class RestoreSpec:
     samples: int = 1
     seed: int = 0
     parallelism: int = 0
-    register_in: list = field(default_factory=list)
+    register_in: list = field(default_factory=list)  # names of configured registration targets
     labels: dict = field(default_factory=dict)
+    estimate: str = ""  # "" = the engine's default
+    overwrite: bool = False
     kind: str = "restore"
 
     def validate(self) -> "RestoreSpec":
@@ -93,21 +127,21 @@ class RestoreSpec:
                 raise RequestError("uncertainty_output", "must differ from source and output")
         if self.output.rstrip("/") == self.source.rstrip("/"):
             raise RequestError("output", "would overwrite the source layer; choose another URL")
-        _check_int(self.mip, "mip", 0, 16)
         r = _check_region(self.region_start_xyz, self.region_stop_xyz)
         self.region_start_xyz, self.region_stop_xyz = (r if r else (None, None))
-        if self.sampler not in SAMPLERS:
-            raise RequestError("sampler", f"{self.sampler!r}; allowed: {', '.join(sorted(SAMPLERS))}")
-        _check_int(self.steps, "steps", 1, 1000)
-        _check_int(self.samples, "samples", 1, MAX_SAMPLES)
-        _check_int(self.seed, "seed", 0, 2 ** 63 - 1)
-        _check_int(self.parallelism, "parallelism", 0, 10_000)
-        if not isinstance(self.register_in, list) or not all(isinstance(t, dict) for t in self.register_in):
-            raise RequestError("register_in", "must be a list of {platform, url, options} targets")
-        for t in self.register_in:
-            if t.get("platform") not in ("neuroglancer", "webknossos", "catmaid"):
-                raise RequestError("register_in.platform",
-                                   f"{t.get('platform')!r}; allowed: neuroglancer, webknossos, catmaid")
+        _check_sampling(self)
+        _check_int(self.parallelism, "parallelism", 0, LIMITS.max_parallelism)
+        if not isinstance(self.register_in, list) or not all(isinstance(t, str) for t in self.register_in):
+            raise RequestError("register_in", "must be a list of configured target names; a request "
+                                              "may not name a platform address, command or credential")
+        if len(self.register_in) > LIMITS.max_register_targets:
+            raise RequestError("register_in", f"at most {LIMITS.max_register_targets} targets")
+        for i, t in enumerate(self.register_in):
+            if not _NAME_RE.match(t):
+                raise RequestError(f"register_in[{i}]", f"{quote(t)} is not a target name "
+                                                        "(letters, digits, '_.-', at most 64)")
+        if not isinstance(self.overwrite, bool):
+            raise RequestError("overwrite", "must be true or false")
         return self
 
     def to_dict(self) -> dict:
@@ -146,7 +180,7 @@ class TrainSpec:
             raise RequestError("preset", f"{self.preset!r}; allowed: {', '.join(PRESETS)}")
         _check_int(self.steps, "steps", 1, MAX_TRAIN_STEPS)
         _check_int(self.seed, "seed", 0, 2 ** 63 - 1)
-        _check_int(self.mip, "mip", 0, 16)
+        _check_int(self.mip, "mip", 0, LIMITS.max_mip)
         _check_int(self.batch_size, "batch_size", 1, 256)
         _check_int(self.patch, "patch", 16, 1024)
         r = _check_region(self.region_start_xyz, self.region_stop_xyz)
@@ -170,6 +204,7 @@ class CutoutSpec:
     steps: int = DEFAULT_STEPS
     samples: int = 1
     seed: int = 0
+    estimate: str = ""
 
     def validate(self) -> "CutoutSpec":
         self.source = _check_url(self.source, "source")
@@ -178,12 +213,7 @@ class CutoutSpec:
         if r is None:
             raise RequestError("region", "a cutout needs a region (start and stop, xyz)")
         self.region_start_xyz, self.region_stop_xyz = r
-        _check_int(self.mip, "mip", 0, 16)
-        if self.sampler not in SAMPLERS:
-            raise RequestError("sampler", f"{self.sampler!r}; allowed: {', '.join(sorted(SAMPLERS))}")
-        _check_int(self.steps, "steps", 1, 1000)
-        _check_int(self.samples, "samples", 1, MAX_SAMPLES)
-        _check_int(self.seed, "seed", 0, 2 ** 63 - 1)
+        _check_sampling(self)
         return self
 
 

@@ -1,7 +1,7 @@
 """The worker: one entry point for local processes and Kubernetes Indexed Job pods.
 
-``run_task(ledger_url, job_id, task_index, num_tasks)`` processes blocks task_index,
-task_index + T, … of the job's plan: for each block without a completion marker it takes a lease
+``run_task(ledger_url, job_id, task_index, num_tasks)`` loads the job's persisted plan from the
+ledger (it never re-plans) and processes blocks task_index, task_index + T, … of it: for each block without a completion marker it takes a lease
 (renewed by a heartbeat), reads the source region (the next block is read while the model works
 on this one), restores it, writes the output chunks (mip 0, lower scales, uncertainty), records a
 completion marker with the output digest, and releases the lease. Blocks are idempotent: noise
@@ -23,25 +23,16 @@ from ..engine.model import RestorationModel
 from ..engine.normalize import IntensityNorm
 from ..engine.restore import derive_seed, restore
 from ..volume import precomputed as pc
-from ..volume.blocks import Block, Plan, assemble_isotropic, crop_to_write_box, plan_blocks
+from ..volume.blocks import Block, assemble_isotropic, crop_to_write_box
 from .ledger import Ledger
+from .plans import JobPlan, RestorePlan, TrainPlan, plan_from_dict
 
 LEASE_TTL_S = float(os.environ.get("EMRESTORE_LEASE_TTL", "120"))
 
 
-def job_plan(job: dict) -> tuple[Plan, list[Block]]:
-    """The job's plan and its selected blocks (all, or the incremental subset), deterministic."""
-    src = pc.open_source(job["source"], job.get("mip", 0))
-    out = pc.open_layer(job["output"], 0, "output")
-    scale = tuple(job["plan"]["scale_xyz"])
-    region = None
-    if job.get("region_start_xyz") is not None:
-        s, e = job["region_start_xyz"], job["region_stop_xyz"]
-        region = ((s[2], s[1], s[0]), (e[2], e[1], e[0]))
-    plan = plan_blocks(src, out, scale, job["plan"]["block_size_xyz"], job["plan"]["lateral_context"], region)
-    sel = job["plan"].get("block_indices")
-    blocks = list(plan.blocks) if sel is None else [plan.blocks[i] for i in sel]
-    return plan, blocks
+def load_plan(ledger: Ledger, job_id: str) -> JobPlan:
+    """The job's persisted plan (never re-planned here); PlanMissing for jobs of older versions."""
+    return plan_from_dict(ledger.get_plan(job_id), job_id)
 
 
 class _Heartbeat:
@@ -67,37 +58,39 @@ class _Heartbeat:
         self.thread.join(timeout=5)
 
 
-def restore_block(job: dict, block: Block, model: RestorationModel, source: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Restore one block's read region; returns (mean, std) cropped to the write box."""
-    p = job["plan"]
-    norm = IntensityNorm.from_dict(p["norm"])
-    fx, _, k = p["scale_xyz"]
+def restore_block(plan: RestorePlan, block: Block, model: RestorationModel, source: np.ndarray):
+    """Restore one block's read box; returns (mean, std, result) cropped to the write box
+    (``result`` carries timing and score; None when nothing had to be generated)."""
+    norm = IntensityNorm.from_dict(plan.norm)
+    fx, _, k = plan.scale_xyz
     # noise seed: job seed + the block's lateral origin; images (gaps/sections) add their global index
-    seed = derive_seed(job["seed"], block.read_start[1], block.read_start[2])
+    seed = derive_seed(plan.seed, block.read.start[1], block.read.start[2])
     if k > 1 and source.shape[0] == 1:
         # the layer's last chunk can hold just the last section: nothing to generate
-        mean = assemble_isotropic(source.astype(p["output_dtype"]), block.sections[0], block, k)
-        return mean, np.zeros(mean.shape, np.float32) if job["samples"] > 1 else None
-    res = restore(model, source, sampler=job["sampler"], steps=job["steps"], samples=job["samples"],
-                  seed=seed, norm=norm, tile=p.get("tile", 256), overlap=p.get("overlap", 32),
-                  image_ids_offset=block.read_start[0], out_dtype=p["output_dtype"],
-                  device=os.environ.get("EMRESTORE_DEVICE", "auto"))
+        mean = assemble_isotropic(source.astype(plan.output_dtype), block.sections[0], block, k)
+        return mean, (np.zeros(mean.shape, np.float32) if plan.samples > 1 else None), None
+    extra = {"estimate": plan.estimate} if plan.estimate else {}
+    res = restore(model, source, sampler=plan.sampler, steps=plan.steps, samples=plan.samples,
+                  seed=seed, norm=norm, tile=plan.tile, overlap=plan.overlap,
+                  image_ids_offset=block.read.start[0], out_dtype=plan.output_dtype,
+                  device=os.environ.get("EMRESTORE_DEVICE", "auto"), **extra)
     if k > 1:
         mean = assemble_isotropic(res.mean, block.sections[0], block, k)
         std = assemble_isotropic(res.std, block.sections[0], block, k) if res.std is not None else None
     else:
         mean = crop_to_write_box(res.mean, block, (fx, fx, 1))
         std = crop_to_write_box(res.std, block, (fx, fx, 1)) if res.std is not None else None
-    return mean, std
+    return mean, std, res
 
 
-def write_block(job: dict, block: Block, mean: np.ndarray, std: np.ndarray | None) -> str:
-    pc.write_zyx(job["output"], block.write_start, mean)
-    pc.write_downsampled(job["output"], block.write_start, mean)
-    if job.get("uncertainty_output") and std is not None:
+def write_block(plan: RestorePlan, block: Block, mean: np.ndarray, std: np.ndarray | None) -> str:
+    """Write the block's chunks in every scale of the output (and uncertainty) layer."""
+    pc.write_zyx(plan.output, block.write.start, mean)
+    pc.write_downsampled(plan.output, block.write.start, mean)
+    if plan.uncertainty_output and std is not None:
         enc = pc.encode_uncertainty(std, "float32")
-        pc.write_zyx(job["uncertainty_output"], block.write_start, enc)
-        pc.write_downsampled(job["uncertainty_output"], block.write_start, enc)
+        pc.write_zyx(plan.uncertainty_output, block.write.start, enc)
+        pc.write_downsampled(plan.uncertainty_output, block.write.start, enc)
     return hashlib.sha256(np.ascontiguousarray(mean).tobytes()).hexdigest()
 
 
@@ -107,24 +100,23 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     from ..volume.stores import register_from_env
     register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
     ledger = Ledger(ledger_url)
-    rec = ledger.get_job(job_id)
-    job = rec.spec
-    if job.get("kind") == "train":
-        return run_training(ledger, job_id, job, log=log)
-    T = int(num_tasks or job["plan"].get("num_tasks", 1))
+    plan = load_plan(ledger, job_id)
+    if isinstance(plan, TrainPlan):
+        return run_training(ledger, job_id, plan, log=log)
+    T = int(num_tasks or plan.num_tasks)
     if not 0 <= task_index < T:
         raise ValueError(f"task-index: {task_index} must be in [0, {T})")
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{task_index}"
     ttl = lease_ttl_s or LEASE_TTL_S
-    _, blocks = job_plan(job)
+    blocks = plan.blocks.blocks
     mine = list(range(task_index, len(blocks), T))
-    model = RestorationModel.load(job["plan"]["model_url"])
+    model = RestorationModel.load(plan.model_url)
     done_count = 0
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next block while the model runs
 
     def read(i):
         b = blocks[i]
-        return pc.read_zyx(job["source"], b.read_start, b.read_stop, job.get("mip", 0))
+        return pc.read_zyx(plan.source, b.read.start, b.read.stop, plan.mip)
 
     todo = [i for i in mine if i not in ledger.done_blocks(job_id)]
 
@@ -140,8 +132,8 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
                 return True
             with _Heartbeat(ledger, job_id, i, owner, ttl):
                 t0 = time.time()
-                mean, std = restore_block(job, blocks[i], model, data)
-                digest = write_block(job, blocks[i], mean, std)
+                mean, std, _ = restore_block(plan, blocks[i], model, data)
+                digest = write_block(plan, blocks[i], mean, std)
                 secs = time.time() - t0
             ledger.mark_block_done(job_id, i, {"worker": owner, "seconds": round(secs, 3),
                                                "sha256": digest, "voxels": int(mean.size)})
@@ -173,7 +165,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     return done_count
 
 
-def run_training(ledger: Ledger, job_id: str, job: dict, log=print) -> int:
+def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
     """A train job is one block: read the training region, train, save the model."""
     from ..engine.pairs import IsotropicPairs, StackGapPairs
     from ..engine.tasks import TaskSpec
@@ -184,38 +176,36 @@ def run_training(ledger: Ledger, job_id: str, job: dict, log=print) -> int:
     if not ledger.try_acquire_lease(job_id, 0, owner, LEASE_TTL_S):
         return 0
     try:
-        p = job["plan"]
-        (z0, y0, x0), (z1, y1, x1) = p["read_start_zyx"], p["read_stop_zyx"]
-        vol = pc.read_zyx(job["source"], (z0, y0, x0), (z1, y1, x1), job.get("mip", 0))
-        task = TaskSpec("isotropic", p["factor"])
-        if job.get("base_model"):
-            model = RestorationModel.load(job["base_model"])
-            if job.get("target"):
-                hi = pc.read_zyx(job["target"], *p["target_box_zyx"])
+        vol = pc.read_zyx(plan.source, plan.read.start, plan.read.stop, plan.mip)
+        task = TaskSpec("isotropic", plan.factor)
+        if plan.base_model:
+            model = RestorationModel.load(plan.base_model)
+            if plan.target:
+                hi = pc.read_zyx(plan.target, plan.target_box.start, plan.target_box.stop)
                 pairs = StackGapPairs(model.task, vol, hi)
             else:
                 pairs = IsotropicPairs(model.task, vol, self_supervised=True)
             mode = "finetune"
-            model.training = {"base": {"url": job["base_model"]}}
+            model.training = {"base": {"url": plan.base_model}}
         else:
-            model = RestorationModel.create(task, job["preset"], voxel_size_nm=p["voxel_size_nm"],
-                                            seed=job["seed"])
+            model = RestorationModel.create(task, plan.preset, voxel_size_nm=plan.voxel_size_nm,
+                                            seed=plan.seed)
             pairs = IsotropicPairs(task, vol, self_supervised=True)
             mode = "self-supervised"
         model.input_norm = model.target_norm = pairs.norm
-        model.name = job["output_model"].rstrip("/").rsplit("/", 1)[-1]
-        cfg = TrainConfig(steps=job["steps"], batch_size=job["batch_size"], patch=job["patch"],
+        model.name = plan.output_model.rstrip("/").rsplit("/", 1)[-1]
+        cfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, patch=plan.patch,
                           lr=2e-4 if mode == "finetune" else 1e-3,
-                          warmup=min(100, max(1, job["steps"] // 5)), seed=job["seed"],
-                          checkpoint_every=max(50, job["steps"] // 10),
+                          warmup=min(100, max(1, plan.steps // 5)), seed=plan.seed,
+                          checkpoint_every=max(50, plan.steps // 10),
                           device=os.environ.get("EMRESTORE_DEVICE", "auto"))
         with _Heartbeat(ledger, job_id, 0, owner, LEASE_TTL_S):
             losses: list[float] = []
-            train(model, pairs, cfg, out_url=job["output_model"], resume=True, progress=False,
+            train(model, pairs, cfg, out_url=plan.output_model, resume=True, progress=False,
                   mode=mode, log=losses)
         ledger.mark_block_done(job_id, 0, {"worker": owner, "final_loss": model.training.get("final_loss"),
-                                           "model": job["output_model"]})
-        ledger.add_event(job_id, "trained", f"model saved to {job['output_model']} "
+                                           "model": plan.output_model})
+        ledger.add_event(job_id, "trained", f"model saved to {plan.output_model} "
                                             f"(final loss {model.training.get('final_loss')})")
         return 1
     finally:

@@ -14,11 +14,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from service.volume.precomputed import VolumeInfo, _as_vec3, _fmt_box, output_geometry
-from service.volume.stores import VolumeError
+from .geometry import Box, Vec3
+from .precomputed import VolumeInfo, _as_vec3, _fmt_box, output_geometry
+from .stores import VolumeError
 
 __all__ = [
     "Block",
+    "Box",
     "Plan",
     "plan_blocks",
     "sections_for_write_z",
@@ -26,83 +28,79 @@ __all__ = [
     "crop_to_write_box",
 ]
 
-Vec3 = tuple[int, int, int]
-
-
-def _floordiv(a: int, b: int) -> int:
-    return a // b
-
-
-def _ceildiv(a: int, b: int) -> int:
-    return -((-a) // b)
+from .geometry import ceildiv as _ceildiv
+from .geometry import floordiv as _floordiv
 
 
 @dataclass(frozen=True)
 class Block:
-    """One unit of work: restore ``read`` (source voxels) and write ``write`` (output voxels).
+    """One unit of work: restore ``read`` (a box of source voxels) and write ``write`` (a box of
+    output voxels), both zyx.
 
     ``sections=(i0, i1)`` is the inclusive range of source sections read by an isotropic task
     (None otherwise); the read z range is then ``[i0, i1 + 1)``.
     """
 
     index: int
-    write_start: Vec3
-    write_stop: Vec3
-    read_start: Vec3
-    read_stop: Vec3
+    read: Box
+    write: Box
     sections: tuple[int, int] | None = None
+
+    # short-hands for the boxes' corners (zyx)
+    @property
+    def write_start(self) -> Vec3:
+        return self.write.start
+
+    @property
+    def write_stop(self) -> Vec3:
+        return self.write.stop
+
+    @property
+    def read_start(self) -> Vec3:
+        return self.read.start
+
+    @property
+    def read_stop(self) -> Vec3:
+        return self.read.stop
 
     @property
     def write_shape(self) -> Vec3:
         """Shape (Z, Y, X) of the write box."""
-        return tuple(b - a for a, b in zip(self.write_start, self.write_stop))  # type: ignore[return-value]
+        return self.write.shape
 
     @property
     def read_shape(self) -> Vec3:
         """Shape (Z, Y, X) of the read box."""
-        return tuple(b - a for a, b in zip(self.read_start, self.read_stop))  # type: ignore[return-value]
+        return self.read.shape
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "index": self.index,
-            "write_start": list(self.write_start),
-            "write_stop": list(self.write_stop),
-            "read_start": list(self.read_start),
-            "read_stop": list(self.read_stop),
-            "sections": list(self.sections) if self.sections is not None else None,
-        }
+        """JSON-ready form (boxes as [start_zyx, stop_zyx])."""
+        return {"index": self.index, "read": self.read.to_list(), "write": self.write.to_list(),
+                "sections": list(self.sections) if self.sections is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Block":
         """Inverse of :meth:`to_dict`."""
-        return cls(
-            index=int(d["index"]),
-            write_start=tuple(int(v) for v in d["write_start"]),  # type: ignore[arg-type]
-            write_stop=tuple(int(v) for v in d["write_stop"]),  # type: ignore[arg-type]
-            read_start=tuple(int(v) for v in d["read_start"]),  # type: ignore[arg-type]
-            read_stop=tuple(int(v) for v in d["read_stop"]),  # type: ignore[arg-type]
-            sections=tuple(int(v) for v in d["sections"]) if d.get("sections") is not None else None,  # type: ignore[arg-type]
-        )
+        sec = d.get("sections")
+        return cls(index=int(d["index"]), read=Box.from_list(d["read"]), write=Box.from_list(d["write"]),
+                   sections=(int(sec[0]), int(sec[1])) if sec is not None else None)
 
 
 @dataclass(frozen=True)
 class Plan:
     """Blocks of a job and the output box they cover.
 
-    ``region`` is the requested source box (or None for the whole volume); ``snapped_region``
-    is the output box actually written (snapped outward to the write grid) and ``message``
-    says so in words.
+    ``region`` is the requested source box (or None for the whole volume); ``write_box`` is the
+    output box actually written (snapped outward to the write grid) and ``message`` says so in
+    words when a region was given.
     """
 
     blocks: tuple[Block, ...]
     scale_xyz: Vec3
     block_size_xyz: Vec3
     lateral_context: int
-    write_start: Vec3
-    write_stop: Vec3
-    region: tuple[Vec3, Vec3] | None = None
-    snapped_region: tuple[Vec3, Vec3] | None = None
+    write_box: Box
+    region: Box | None = None
     message: str | None = None
 
     def __len__(self) -> int:
@@ -111,6 +109,18 @@ class Plan:
     def __iter__(self) -> Iterator[Block]:
         return iter(self.blocks)
 
+    @property
+    def write_start(self) -> Vec3:
+        return self.write_box.start
+
+    @property
+    def write_stop(self) -> Vec3:
+        return self.write_box.stop
+
+    @property
+    def snapped_region(self) -> tuple[Vec3, Vec3] | None:
+        return (self.write_box.start, self.write_box.stop) if self.region is not None else None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
@@ -118,29 +128,23 @@ class Plan:
             "scale_xyz": list(self.scale_xyz),
             "block_size_xyz": list(self.block_size_xyz),
             "lateral_context": self.lateral_context,
-            "write_start": list(self.write_start),
-            "write_stop": list(self.write_stop),
-            "region": [list(self.region[0]), list(self.region[1])] if self.region else None,
-            "snapped_region": [list(self.snapped_region[0]), list(self.snapped_region[1])] if self.snapped_region else None,
+            "write_box": self.write_box.to_list(),
+            "region": self.region.to_list() if self.region is not None else None,
             "message": self.message,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         """Inverse of :meth:`to_dict`."""
-
-        def box(v):
-            return (tuple(int(x) for x in v[0]), tuple(int(x) for x in v[1])) if v else None
-
+        sx, sy, sz = (int(v) for v in d["scale_xyz"])
+        bx, by, bz = (int(v) for v in d["block_size_xyz"])
         return cls(
             blocks=tuple(Block.from_dict(b) for b in d["blocks"]),
-            scale_xyz=tuple(int(v) for v in d["scale_xyz"]),  # type: ignore[arg-type]
-            block_size_xyz=tuple(int(v) for v in d["block_size_xyz"]),  # type: ignore[arg-type]
+            scale_xyz=(sx, sy, sz),
+            block_size_xyz=(bx, by, bz),
             lateral_context=int(d["lateral_context"]),
-            write_start=tuple(int(v) for v in d["write_start"]),  # type: ignore[arg-type]
-            write_stop=tuple(int(v) for v in d["write_stop"]),  # type: ignore[arg-type]
-            region=box(d.get("region")),  # type: ignore[arg-type]
-            snapped_region=box(d.get("snapped_region")),  # type: ignore[arg-type]
+            write_box=Box.from_list(d["write_box"]),
+            region=Box.from_list(d["region"]) if d.get("region") else None,
             message=d.get("message"),
         )
 
@@ -205,80 +209,57 @@ def plan_blocks(
     except (TypeError, ValueError):
         raise VolumeError("lateral_context", f"{lateral_context!r}; allowed: an integer >= 0 (source voxels)") from None
 
-    src_lo, src_hi = source.start_zyx, source.stop_zyx
-    out_lo, out_hi = output.start_zyx, output.stop_zyx
+    src = Box(source.start_zyx, source.stop_zyx)
+    out = Box(output.start_zyx, output.stop_zyx)
     scale_zyx = (k, fy, fx)
 
     message = None
     region_box = None
-    snapped = None
     if region is None:
-        w_lo, w_hi = out_lo, out_hi
+        write_box = out
     else:
         try:
             r_start, r_stop = region
         except (TypeError, ValueError):
             raise VolumeError("region", f"{region!r} must be (start_zyx, stop_zyx) in source voxels") from None
-        r_start = _as_vec3(r_start, "region")
-        r_stop = _as_vec3(r_stop, "region")
-        if any(b <= a for a, b in zip(r_start, r_stop)):
-            raise VolumeError("region", f"{_fmt_box(r_start, r_stop)} is empty; it must lie within the source bounds {_fmt_box(src_lo, src_hi)}")
-        if any(a < l for a, l in zip(r_start, src_lo)) or any(b > h for b, h in zip(r_stop, src_hi)):
-            raise VolumeError("region", f"{_fmt_box(r_start, r_stop)} lies outside the source bounds {_fmt_box(src_lo, src_hi)}")
-        region_box = (r_start, r_stop)
+        region_box = Box(_as_vec3(r_start, "region"), _as_vec3(r_stop, "region"))
+        if region_box.empty:
+            raise VolumeError("region", f"{_fmt_box(region_box.start, region_box.stop)} is empty; it must lie "
+                                        f"within the source bounds {_fmt_box(src.start, src.stop)}")
+        if not src.contains(region_box):
+            raise VolumeError("region", f"{_fmt_box(region_box.start, region_box.stop)} lies outside the source "
+                                        f"bounds {_fmt_box(src.start, src.stop)}")
         # output voxels whose centres lie in the source box, clipped to the output layer (an
         # isotropic layer spans the first to the last section centre only)
-        o_start = [max(a * s, l) for a, s, l in zip(r_start, scale_zyx, out_lo)]
-        o_stop = [min(b * s, h) for b, s, h in zip(r_stop, scale_zyx, out_hi)]
-        w_lo = tuple(l + _floordiv(a - l, u) * u for a, l, u in zip(o_start, out_lo, unit))
-        w_hi = tuple(min(h, l + _ceildiv(b - l, u) * u) for b, l, h, u in zip(o_stop, out_lo, out_hi, unit))
-        snapped = (w_lo, w_hi)
-        src_equiv_lo = [_floordiv(a, s) for a, s in zip(w_lo, scale_zyx)]
-        src_equiv_hi = [_ceildiv(b, s) for b, s in zip(w_hi, scale_zyx)]
-        changed = tuple(w_lo) != tuple(o_start) or tuple(w_hi) != tuple(o_stop)
-        verb = "was snapped outward to" if changed else "already lies on"
+        wanted = region_box.scale(scale_zyx).intersect(out)
+        write_box = wanted.snap(unit, out.start).intersect(out)
+        covered = write_box.shrink_by(scale_zyx)
+        verb = "was snapped outward to" if write_box != wanted else "already lies on"
         message = (
-            f"region {_fmt_box(r_start, r_stop)} (source voxels) {verb} output chunk boundaries "
-            f"(write grid zyx {list(unit)}): output voxels {_fmt_box(w_lo, w_hi)} are written, "
-            f"covering source voxels {_fmt_box(src_equiv_lo, src_equiv_hi)}"
+            f"region {_fmt_box(region_box.start, region_box.stop)} (source voxels) {verb} output chunk "
+            f"boundaries (write grid zyx {list(unit)}): output voxels {_fmt_box(write_box.start, write_box.stop)} "
+            f"are written, covering source voxels {_fmt_box(covered.start, covered.stop)}"
         )
 
-    first_sec, last_sec = src_lo[0], src_hi[0] - 1
+    first_sec, last_sec = src.start[0], src.stop[0] - 1
     blocks: list[Block] = []
-    for z0 in range(w_lo[0], w_hi[0], bz):
-        z1 = min(z0 + bz, w_hi[0])
+    for w in write_box.tiles(block_zyx):
+        # lateral context around the source voxels under the write box, clipped to the source
+        lateral = w.shrink_by(scale_zyx).grow((0, ctx, ctx)).intersect(src)
         if k > 1:
-            i0, i1 = sections_for_write_z(z0, z1, k, first_sec, last_sec)
-            rz0, rz1, sections = i0, i1 + 1, (i0, i1)
+            i0, i1 = sections_for_write_z(w.start[0], w.stop[0], k, first_sec, last_sec)
+            rz, sections = (i0, i1 + 1), (i0, i1)
         else:
-            rz0, rz1, sections = z0, z1, None
-        for y0 in range(w_lo[1], w_hi[1], by):
-            y1 = min(y0 + by, w_hi[1])
-            ry0 = max(src_lo[1], _floordiv(y0, fy) - ctx)
-            ry1 = min(src_hi[1], _ceildiv(y1, fy) + ctx)
-            for x0 in range(w_lo[2], w_hi[2], bx):
-                x1 = min(x0 + bx, w_hi[2])
-                rx0 = max(src_lo[2], _floordiv(x0, fx) - ctx)
-                rx1 = min(src_hi[2], _ceildiv(x1, fx) + ctx)
-                blocks.append(
-                    Block(
-                        index=len(blocks),
-                        write_start=(z0, y0, x0),
-                        write_stop=(z1, y1, x1),
-                        read_start=(rz0, ry0, rx0),
-                        read_stop=(rz1, ry1, rx1),
-                        sections=sections,
-                    )
-                )
+            rz, sections = (w.start[0], w.stop[0]), None
+        read = Box((rz[0],) + lateral.start[1:], (rz[1],) + lateral.stop[1:])
+        blocks.append(Block(index=len(blocks), read=read, write=w, sections=sections))
     return Plan(
         blocks=tuple(blocks),
         scale_xyz=scale,
         block_size_xyz=(bx, by, bz),
         lateral_context=ctx,
-        write_start=tuple(int(v) for v in w_lo),  # type: ignore[arg-type]
-        write_stop=tuple(int(v) for v in w_hi),  # type: ignore[arg-type]
+        write_box=write_box,
         region=region_box,
-        snapped_region=snapped,  # type: ignore[arg-type]
         message=message,
     )
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import fsspec
 
+from ..errors import EmrestoreError
+
 __all__ = [
     "VolumeError",
     "SourceNotFound",
@@ -46,26 +48,27 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-class VolumeError(ValueError):
+class VolumeError(EmrestoreError):
     """Bad volume input; ``field`` names the offending request field, the message is one line."""
 
-    def __init__(self, field: str, message: str):
-        self.field = field
-        text = " ".join(str(message).split())  # one line, no colour codes' newlines
-        text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-        super().__init__(f"{field}: {text}")
+    def __init__(self, field: str, message: str, code: str | None = None):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(message))  # no colour codes
+        super().__init__(field, text, code)
 
 
 class SourceNotFound(VolumeError):
     """The named layer or object does not exist."""
+    code = "NOT_FOUND"
 
 
 class StoreUnreachable(VolumeError):
     """The store could not be contacted (closed port, DNS failure, timeout)."""
+    code = "UNAVAILABLE"
 
 
 class PermissionDenied(VolumeError):
     """The store refused the request (bad credentials or no access)."""
+    code = "PERMISSION_DENIED"
 
 
 # --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ class Box(_message.Message):
     def __init__(self, start: _Optional[_Union[Vec3, _Mapping]] = ..., stop: _Optional[_Union[Vec3, _Mapping]] = ...) -> None: ...
 
 class RegisterTarget(_message.Message):
-    __slots__ = ("platform", "url", "options")
+    __slots__ = ("platform", "url", "options", "name")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,13 +52,25 @@ class RegisterTarget(_message.Message):
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     platform: str
     url: str
     options: _containers.ScalarMap[str, str]
-    def __init__(self, platform: _Optional[str] = ..., url: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    name: str
+    def __init__(self, platform: _Optional[str] = ..., url: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("kind", "message", "time")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    message: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("name", "job_id", "kind", "state", "done", "message", "blocks_done", "blocks_total", "voxels_per_second", "eta_seconds", "create_time", "update_time", "spec", "outputs", "events")
+    __slots__ = ("name", "job_id", "kind", "state", "done", "message", "blocks_done", "blocks_total", "voxels_per_second", "eta_seconds", "create_time", "update_time", "spec", "outputs", "events", "event_log", "owner")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Job.State]
@@ -103,6 +115,8 @@ class Job(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOG_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     job_id: str
     kind: Job.Kind
@@ -118,10 +132,12 @@ class Job(_message.Message):
     spec: _struct_pb2.Struct
     outputs: _containers.ScalarMap[str, str]
     events: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[Job.Kind, str]] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., message: _Optional[str] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., voxels_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
+    event_log: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[Job.Kind, str]] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., message: _Optional[str] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., voxels_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., events: _Optional[_Iterable[str]] = ..., event_log: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class CreateRestoreJobRequest(_message.Message):
-    __slots__ = ("source", "model", "output", "uncertainty_output", "mip", "region", "whole", "incremental", "sampler", "steps", "samples", "seed", "parallelism", "register_in", "labels")
+    __slots__ = ("source", "model", "output", "uncertainty_output", "mip", "region", "whole", "incremental", "sampler", "steps", "samples", "seed", "parallelism", "register_in", "labels", "estimate", "overwrite")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +160,8 @@ class CreateRestoreJobRequest(_message.Message):
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
     REGISTER_IN_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
     output: str
@@ -159,7 +177,9 @@ class CreateRestoreJobRequest(_message.Message):
     parallelism: int
     register_in: _containers.RepeatedCompositeFieldContainer[RegisterTarget]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., output: _Optional[str] = ..., uncertainty_output: _Optional[str] = ..., mip: _Optional[int] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., whole: _Optional[bool] = ..., incremental: _Optional[bool] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., parallelism: _Optional[int] = ..., register_in: _Optional[_Iterable[_Union[RegisterTarget, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    estimate: str
+    overwrite: bool
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., output: _Optional[str] = ..., uncertainty_output: _Optional[str] = ..., mip: _Optional[int] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., whole: _Optional[bool] = ..., incremental: _Optional[bool] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., parallelism: _Optional[int] = ..., register_in: _Optional[_Iterable[_Union[RegisterTarget, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., estimate: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class CreateTrainJobRequest(_message.Message):
     __slots__ = ("source", "output_model", "task", "factor", "preset", "steps", "seed", "mip", "region", "base_model", "target", "batch_size", "patch", "labels")
@@ -261,7 +281,7 @@ class JobUpdate(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., voxels_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., message: _Optional[str] = ..., new_events: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class CutoutRequest(_message.Message):
-    __slots__ = ("source", "model", "region", "mip", "sampler", "steps", "samples", "seed")
+    __slots__ = ("source", "model", "region", "mip", "sampler", "steps", "samples", "seed", "estimate")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +290,7 @@ class CutoutRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
     region: Box
@@ -278,7 +299,8 @@ class CutoutRequest(_message.Message):
     steps: int
     samples: int
     seed: int
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., mip: _Optional[int] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    estimate: str
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., mip: _Optional[int] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., estimate: _Optional[str] = ...) -> None: ...
 
 class CutoutResponse(_message.Message):
     __slots__ = ("data", "shape", "dtype", "output_start", "resolution_nm", "uncertainty", "uncertainty_dtype", "message")

@@ -1,0 +1,118 @@
+"""``emrestore serve``: builds the job manager, its executor and completion hooks, and runs the
+gRPC server. This is the composition root of the service: the only place that plugs in the
+connectors' registration hook (imported here, lazily, when targets are configured).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .cli_common import CommandError, _bad, _handled
+
+
+@_handled
+def cmd_serve(a):
+    import logging
+
+    from ..jobs.manager import JobManager
+    from .auth import load_tokens
+    from .server import serve
+    if not 0 <= a.port <= 65535:
+        raise _bad(f"--port: must be in [0, 65535], got {a.port}")
+    if a.workers < 1:
+        raise _bad(f"--workers: must be ≥ 1, got {a.workers}")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise _bad("--tls-cert/--tls-key: give both or neither")
+    from ..volume.stores import register_from_env
+    register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
+    data = os.path.abspath(a.data_dir)
+    ledger = a.ledger or "file://" + os.path.join(data, "ledger")
+    models = a.models or os.environ.get("EMRESTORE_MODELS") or os.path.join(data, "models")
+    if ledger.startswith("file://"):
+        os.makedirs(ledger[len("file://"):], exist_ok=True)
+    elif "://" not in ledger:
+        ledger = "file://" + os.path.abspath(ledger)
+        os.makedirs(ledger[len("file://"):], exist_ok=True)
+    if "://" not in models:
+        models = os.path.abspath(models)
+        os.makedirs(models, exist_ok=True)
+    try:
+        tokens = load_tokens(token_file=a.token_file) if a.token_file else load_tokens()
+    except ValueError as e:
+        raise _bad(str(e)) from None
+    if a.executor == "local":
+        from ..jobs.executors import LocalExecutor
+        executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"))
+    else:
+        from dataclasses import replace
+
+        from ..jobs.kube import KubeConfig, KubernetesExecutor
+        cfg = KubeConfig.from_env()
+        if not cfg.ledger_url:
+            cfg = replace(cfg, ledger_url=ledger)
+        if cfg.ledger_url.startswith("file://"):
+            print("emrestore: warning: worker pods need a shared ledger (gs://, s3://); "
+                  f"{cfg.ledger_url} is local", file=sys.stderr)
+        try:
+            executor = KubernetesExecutor(cfg)
+        except Exception as e:  # noqa: BLE001 - no cluster, bad kubeconfig, bad settings
+            raise CommandError("FAILED_PRECONDITION", f"--executor kubernetes: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def xyz(text, name):
+        try:
+            v = tuple(int(t) for t in text.split(","))
+            assert len(v) == 3 and min(v) >= 0
+            return v
+        except (ValueError, AssertionError):
+            raise _bad(f"{name}: expected X,Y,Z non-negative integers, got {text!r}") from None
+    block = xyz(a.block_size, "--block-size")
+    chunk = xyz(a.output_chunk, "--output-chunk") if a.output_chunk else None
+    if chunk is not None and min(chunk) < 1:
+        raise _bad(f"--output-chunk: sizes must be ≥ 1, got {a.output_chunk}")
+    hooks = []
+    if a.targets:
+        # the composition root plugs the connectors in; the service itself never imports them
+        from connector.registry import completion_hook
+        hooks.append(completion_hook(a.targets))
+    manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels,
+                         block_size_xyz=block, output_chunk_xyz=chunk, completion_hooks=hooks)
+
+    def ready(port):
+        scheme = "TLS" if a.tls_cert else "plaintext"
+        print(f"emrestore: serving on {a.host}:{port} ({scheme}, auth {'on' if tokens else 'off'}; "
+              f"ledger {ledger}; models {models}; {a.executor} executor)", file=sys.stderr, flush=True)
+
+    serve(manager, a.host, a.port, token=tokens or None, tls_cert=a.tls_cert, tls_key=a.tls_key,
+          max_workers=a.rpc_threads, grace_s=a.grace, on_ready=ready)
+    print("emrestore: server stopped", file=sys.stderr)
+
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC restoration service")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="port (0: any free port; default %(default)s)")
+    p.add_argument("--data-dir", default=os.environ.get("EMRESTORE_DATA", "emrestore-data"),
+                   help="directory for the default ledger, models and worker logs (default %(default)s)")
+    p.add_argument("--ledger", help="job ledger URL (default file://DATA_DIR/ledger)")
+    p.add_argument("--models", help="model directory URL (default $EMRESTORE_MODELS or DATA_DIR/models)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="default parallelism of a job: worker processes (local) or pods (kubernetes)")
+    p.add_argument("--executor", choices=["local", "kubernetes"], default="local",
+                   help="where workers run (kubernetes: settings from $EMRESTORE_KUBE_*)")
+    p.add_argument("--token-file", help="bearer tokens, one per line (default $EMRESTORE_TOKEN; none: no auth)")
+    p.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key")
+    p.add_argument("--tls-key", help="server private key (PEM); with --tls-cert")
+    p.add_argument("--rpc-threads", type=int, default=16, help="threads serving calls (default %(default)s)")
+    p.add_argument("--max-cutout-voxels", type=int, default=4_194_304,
+                   help="largest Cutout in output voxels (default %(default)s)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+    p.add_argument("--block-size", default="256,256,0",
+                   help="write block X,Y,Z in output voxels, rounded up to the chunk grid (Z 0: one chunk)")
+    p.add_argument("--output-chunk", help="output chunk X,Y,Z (Z a multiple of the factor; default: the "
+                                          "source chunk laterally, about 16 sections in z)")
+    p.add_argument("--targets", help="registration targets (JSON/YAML file, read by the connectors): "
+                                     "requests name them in register_in")
+    p.set_defaults(func=cmd_serve)
+

@@ -1,0 +1,126 @@
+"""Typed job plans: what a worker needs to run a job, written once by the manager into the
+ledger (``jobs/{id}/plan.json``) and loaded by every worker — workers never re-plan.
+
+A restore plan lists every block (read and write boxes, zyx) and everything that decides the
+bytes written: model, scale, sampling, seed, normalisation, output dtype, tiling. A train plan
+is one block: the training region and the training settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..volume.blocks import Block, Plan
+from ..volume.geometry import Box
+
+#: Version of the plan format; a ledger job without a plan (or with another version) is refused.
+PLAN_VERSION = 1
+
+
+class PlanMissing(ValueError):
+    """A job recorded by an older emrestore (no persisted plan): it cannot be resumed."""
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    source: str
+    mip: int
+    output: str
+    uncertainty_output: str | None
+    model_url: str
+    task: str
+    factor: int
+    scale_xyz: tuple[int, int, int]
+    output_resolution_nm_xyz: tuple[float, float, float]
+    output_dtype: str
+    norm: dict
+    sampler: str
+    steps: int
+    samples: int
+    seed: int
+    estimate: str
+    tile: int
+    overlap: int
+    blocks: Plan
+    num_blocks_planned: int = 0
+    num_tasks: int = 1
+    kind: str = "restore"
+
+    def block(self, index: int) -> Block:
+        return self.blocks.blocks[index]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "blocks"}
+        d["blocks"] = self.blocks.to_dict()
+        d["version"] = PLAN_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RestorePlan":
+        kw = {k: v for k, v in d.items() if k not in ("blocks", "version")}
+        kw["scale_xyz"] = tuple(int(v) for v in d["scale_xyz"])
+        kw["output_resolution_nm_xyz"] = tuple(float(v) for v in d["output_resolution_nm_xyz"])
+        return cls(blocks=Plan.from_dict(d["blocks"]), **kw)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    source: str
+    mip: int
+    output_model: str
+    factor: int
+    read: Box
+    voxel_size_nm: tuple[float, float, float]
+    preset: str
+    steps: int
+    seed: int
+    batch_size: int
+    patch: int
+    base_model: str | None = None
+    target: str | None = None
+    target_box: Box | None = None
+    num_tasks: int = 1
+    kind: str = "train"
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["read"] = self.read.to_list()
+        d["target_box"] = self.target_box.to_list() if self.target_box else None
+        d["version"] = PLAN_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainPlan":
+        kw = {k: v for k, v in d.items() if k != "version"}
+        kw["read"] = Box.from_list(d["read"])
+        kw["target_box"] = Box.from_list(d["target_box"]) if d.get("target_box") else None
+        kw["voxel_size_nm"] = tuple(float(v) for v in d["voxel_size_nm"])
+        return cls(**kw)
+
+
+JobPlan = RestorePlan | TrainPlan
+
+
+def plan_from_dict(d: dict[str, Any] | None, job_id: str = "") -> JobPlan:
+    """The typed plan of a ledger job; PlanMissing (one line) for jobs of an older format."""
+    if not d:
+        raise PlanMissing(f"job {job_id}: recorded by an older emrestore without a persisted plan; "
+                          "resubmit it (its finished output chunks are kept with incremental=true)")
+    if d.get("version") != PLAN_VERSION:
+        raise PlanMissing(f"job {job_id}: plan format version {d.get('version')!r} is not "
+                          f"{PLAN_VERSION}; resubmit the job with this emrestore")
+    kind = d.get("kind")
+    if kind == "restore":
+        return RestorePlan.from_dict(d)
+    if kind == "train":
+        return TrainPlan.from_dict(d)
+    raise PlanMissing(f"job {job_id}: unknown plan kind {kind!r}")
+
+
+@dataclass
+class Planned:
+    """A plan and the notes made while planning (events to record with the job)."""
+    plan: JobPlan
+    notes: list[str] = field(default_factory=list)
