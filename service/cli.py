@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .api import commands
     commands.register(sub)
-    from connector import commands as connector_commands
-    connector_commands.register(sub)
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="emrestore.commands"):  # the connectors' commands (pyproject.toml)
+        ep.load()(sub)
     return ap
 
 

@@ -96,12 +96,8 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
           f"SSIM {rep['ssim_restored']:.3f} vs {rep['ssim_linear']:.3f}; uncertainty score {res.score:.4f}")
     print(f"[demo] pictures: {png}")
     if with_service:
-        try:
-            from .api.demo_service import run_service_demo
-        except ImportError:
-            run_service_demo = None
-        if run_service_demo is not None:
-            rep.update(run_service_demo(workdir, aniso, vs, model_url, quick=quick))
+        from .api.demo_service import run_service_demo
+        rep.update(run_service_demo(workdir, aniso, vs, model_url, quick=quick))
     rep["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(rep, f, indent=2, default=float)

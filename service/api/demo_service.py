@@ -11,7 +11,7 @@ import numpy as np
 
 
 def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: str, quick: bool = False) -> dict:
-    from connector.neuroglancer_view import state_for_layers
+    from importlib.metadata import entry_points
     from ..jobs.executors import LocalExecutor
     from ..jobs.manager import JobManager
     from ..viz import heat8, nearest_z, panels_png, to_gray8
@@ -62,7 +62,9 @@ def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: 
     ])
     # the state reads the layers over http (browsers cannot read file://): serve demo-output/layers
     # with CORS on port 8000, or simply run `emrestore view`, which serves them itself
-    state = state_for_layers(src, out, unc, resolution_nm_xyz=info.resolution_nm_xyz,
+    # the Neuroglancer state comes from the connectors' plug-in (the service never imports them)
+    (plugin,) = entry_points(group="emrestore.viewer_state")
+    state = plugin.load()(src, out, unc, resolution_nm_xyz=info.resolution_nm_xyz,
                              position_xyz=[o + s / 2 for o, s in zip(info.voxel_offset_xyz, info.size_xyz)],
                              prefix_map=f"file://{root}/layers=http://127.0.0.1:8000")
     state_path = os.path.join(root, "neuroglancer_state.json")

@@ -72,9 +72,14 @@ def cmd_serve(a):
         raise _bad(f"--output-chunk: sizes must be ≥ 1, got {a.output_chunk}")
     hooks = []
     if a.targets:
-        # the composition root plugs the connectors in; the service itself never imports them
-        from connector.registry import completion_hook
-        hooks.append(completion_hook(a.targets))
+        # registration is a plug-in (entry point group emrestore.completion_hooks, provided by the
+        # connector package): the service never imports the connectors
+        from importlib.metadata import entry_points
+        plugins = list(entry_points(group="emrestore.completion_hooks"))
+        if not plugins:
+            raise CommandError("FAILED_PRECONDITION", "--targets: no registration plug-in is installed "
+                                                      "(entry point group emrestore.completion_hooks)")
+        hooks.extend(ep.load()(a.targets) for ep in plugins)
     manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels,
                          block_size_xyz=block, output_chunk_xyz=chunk, completion_hooks=hooks)
 

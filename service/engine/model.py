@@ -29,12 +29,8 @@ KINDS = ("diffusion", "regression")
 
 def open_fs(url: str):
     """(filesystem, path) for a URL; registered S3-compatible aliases included."""
-    try:
-        from ..volume.stores import open_fs as _open
-        return _open(url)
-    except ImportError:  # pragma: no cover - stores is part of the package
-        import fsspec
-        return fsspec.core.url_to_fs(url)
+    from ..volume.stores import open_fs as _open
+    return _open(url)
 
 
 class ModelError(ValueError):

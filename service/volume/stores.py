@@ -15,6 +15,7 @@ must call :func:`register_s3_endpoint` before using it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -149,12 +150,9 @@ def register_s3_endpoint(
         # cloud-files computes its secrets directory at import time; secretpath() reads this
         # module global on each call, so pointing it here makes the file above the one used.
         cloudfiles.secrets.CLOUD_VOLUME_SECRETS_DIR = str(secrets_dir)
-        try:
-            import cloudvolume.secrets
+        import cloudvolume.secrets
 
-            cloudvolume.secrets.CLOUD_VOLUME_DIR = str(secrets_dir.parent)
-        except ImportError:  # pragma: no cover - cloud-volume is a dependency
-            pass
+        cloudvolume.secrets.CLOUD_VOLUME_DIR = str(secrets_dir.parent)
         cloudfiles.paths.add_alias(alias, f"s3://{endpoint_url}/")
         if previous is not None and previous != endpoint:
             # Pools are keyed by (alias, bucket) and keep the credentials they were built with.
@@ -285,11 +283,9 @@ def open_fs(url: str, *, fail_fast: bool = False):
     if scheme in ("http", "https"):
         return fsspec.filesystem("http"), url
     if scheme == "gs":
-        try:
-            fs = fsspec.filesystem("gs")
-        except ImportError as exc:
-            raise VolumeError("url", f"{url} needs the gcsfs package for fsspec access") from exc
-        return fs, rest
+        if importlib.util.find_spec("gcsfs") is None:
+            raise VolumeError("url", f"{url[:200]} needs the gcsfs package for fsspec access", "UNAVAILABLE")
+        return fsspec.filesystem("gs"), rest
     endpoint = _ENDPOINTS.get(scheme)
     if endpoint is not None:
         return _s3fs(endpoint.storage_options(), fail_fast), rest
