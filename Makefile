@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/emrestore demo --workdir demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/quality.py

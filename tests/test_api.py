@@ -271,13 +271,15 @@ def test_restore_job_get_list_cancel(world, served):
     mgr, c, _ = served
     job = c.restore_region(world["src"], "iso3", f"file://{world['root']}/out-a", (0, 0, 0), (64, 64, 8),
                            steps=2, seed=7, labels={"who": "test"},
-                           register_in=[{"platform": "neuroglancer", "url": "http://ng", "options": {"a": "b"}}])
+                           register_in=["lab-neuroglancer"])
     assert len(job.job_id) == 26 and job.kind == "restore" and job.state == "RUNNING" and not job.done
     assert job.blocks_total >= 1 and job.blocks_done == 0 and job.created > 0
     assert job.spec["source"] == world["src"] and job.spec["steps"] == 2 and job.spec["seed"] == 7
     assert isinstance(job.spec["steps"], int) and isinstance(job.spec["mip"], int)
     assert job.spec["region_stop_xyz"] == [64, 64, 8] and job.spec["labels"] == {"who": "test"}
-    assert job.spec["register_in"][0]["options"] == {"a": "b"}
+    assert job.spec["register_in"] == ["lab-neuroglancer"] and job.owner == ""
+    assert job.spec["plan"]["scale_xyz"] == [1, 1, 3] and "blocks" not in job.spec["plan"]
+    assert [e["kind"] for e in job.event_log][:1] == ["created"]
     assert job.outputs["output"].endswith("out-a")
     got = c.get_job(job.job_id)
     assert got.job_id == job.job_id and got.state == "RUNNING"
@@ -419,8 +421,16 @@ MALFORMED_RESTORE = [
     ("uncertainty with 1 sample", dict(uncertainty_output="file:///tmp/unc"), "INVALID_ARGUMENT",
      "uncertainty_output"),
     ("output is source", dict(output="SRC"), "INVALID_ARGUMENT", "output"),
-    ("unknown platform", dict(register_in=[pb.RegisterTarget(platform="imaris", url="x")]),
-     "INVALID_ARGUMENT", "register_in.platform"),
+    ("target platform from the request", dict(register_in=[pb.RegisterTarget(platform="catmaid", name="x")]),
+     "PERMISSION_DENIED", "register_in[0].platform"),
+    ("target url from the request", dict(register_in=[pb.RegisterTarget(url="file:///etc/x.conf", name="x")]),
+     "PERMISSION_DENIED", "register_in[0].url"),
+    ("target options from the request", dict(register_in=[pb.RegisterTarget(options={"manage_py": "-c1"}, name="x")]),
+     "PERMISSION_DENIED", "register_in[0].options"),
+    ("target without a name", dict(register_in=[pb.RegisterTarget()]), "INVALID_ARGUMENT", "register_in[0].name"),
+    ("target name not a name", dict(register_in=[pb.RegisterTarget(name="../x")]), "INVALID_ARGUMENT",
+     "register_in[0]"),
+    ("unknown estimate", dict(estimate="median"), "INVALID_ARGUMENT", "estimate"),
     ("unknown model", dict(model="nope"), "NOT_FOUND", "model"),
     ("missing source layer", dict(source="file:///nonexistent/layer"), "NOT_FOUND", "source"),
 ]

@@ -243,3 +243,63 @@ def test_s3_compatible_store_through_client_script(s3_endpoint, tiny_iso_model, 
     finally:
         server.stop(grace=1)
         mgr.close()
+
+
+class IdleExecutor:
+    """Launches nothing (the test runs the worker in this process)."""
+    name = "idle"
+    default_parallelism = 1
+
+    def launch(self, job_id, num_tasks, parallelism):
+        pass
+
+    def status(self, job_id):
+        from service.jobs.executors import ExecutorStatus
+        return ExecutorStatus(active=1)
+
+    def known(self, job_id):
+        return True
+
+    def cancel(self, job_id):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_workers_follow_the_persisted_plan_and_old_jobs_are_refused(phantom_layer, tiny_iso_model, tmp_path):
+    import json
+
+    from service.jobs.plans import RestorePlan
+    from service.jobs.worker import load_plan, run_task
+    src, stack = phantom_layer
+    model_url, _ = tiny_iso_model
+    ledger = f"file://{tmp_path}/ledger"
+    mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0))
+    out = f"file://{tmp_path}/out"
+    st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, steps=1))
+    plan = load_plan(mgr.ledger, st.job_id)
+    assert isinstance(plan, RestorePlan) and len(plan.blocks.blocks) == st.blocks_total > 2
+    assert st.spec["plan"]["num_blocks_planned"] == st.blocks_total
+    out_box = pc.open_layer(out)
+    for b in plan.blocks:
+        assert b.write.start[0] >= out_box.start_zyx[0] and b.read.stop[0] <= stack.shape[0]
+    # the worker does what the persisted plan says, nothing else: keep only block 1 in plan.json
+    path = tmp_path / "ledger" / "jobs" / st.job_id / "plan.json"
+    d = json.loads(path.read_text())
+    d["blocks"]["blocks"] = [dict(d["blocks"]["blocks"][1], index=0)]
+    path.write_text(json.dumps(d))
+    assert run_task(ledger, st.job_id, 0, 1, log=lambda m: None) == 1
+    b1 = plan.blocks.blocks[1]
+    written = pc.read_zyx(out, out_box.start_zyx, out_box.stop_zyx, fill_missing=True)
+    assert written[b1.write.slices(out_box.start_zyx)].std() > 0
+    assert np.count_nonzero(written) == np.count_nonzero(written[b1.write.slices(out_box.start_zyx)])
+    # a job recorded by an older emrestore (no plan.json) is refused with one line
+    old = mgr.ledger.create_job({"kind": "restore", "source": src, "plan": {"block_size_xyz": [32, 32, 3]}}, 2)
+    with pytest.raises(Exception) as e:
+        run_task(ledger, old.job_id, 0, 1)
+    code, msg = status_of(e.value)
+    assert code == "FAILED_PRECONDITION" and "older emrestore" in msg and "\n" not in msg
+    mgr._supervise_job(mgr.ledger.get_job(old.job_id))
+    rec = mgr.ledger.get_job(old.job_id)
+    assert rec.state == "FAILED" and "resubmit" in rec.message

@@ -78,6 +78,8 @@ class JobInfo:
     spec: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     events: list = field(default_factory=list)
+    event_log: list = field(default_factory=list)   # [{kind, message, time}]
+    owner: str = ""
 
     @classmethod
     def from_proto(cls, j: pb.Job) -> "JobInfo":
@@ -88,7 +90,11 @@ class JobInfo:
                    created=j.create_time.ToNanoseconds() / 1e9 if j.HasField("create_time") else 0.0,
                    updated=j.update_time.ToNanoseconds() / 1e9 if j.HasField("update_time") else 0.0,
                    spec=_ints(json_format.MessageToDict(j.spec)) if j.HasField("spec") else {},
-                   outputs=dict(j.outputs), events=list(j.events))
+                   outputs=dict(j.outputs), events=list(j.events),
+                   event_log=[{"kind": e.kind, "message": e.message,
+                               "time": e.time.ToNanoseconds() / 1e9 if e.HasField("time") else 0.0}
+                              for e in j.event_log],
+                   owner=j.owner)
 
 
 @dataclass
@@ -141,10 +147,15 @@ def _box(start, stop, name: str = "region") -> pb.Box:
 
 
 def _targets(register_in) -> list[pb.RegisterTarget]:
+    """Target names (configured on the server). A dict is sent as it is (the server refuses
+    platform/url/options: they are server configuration)."""
     out = []
     for t in register_in or []:
-        out.append(pb.RegisterTarget(platform=t.get("platform", ""), url=t.get("url", ""),
-                                     options={str(k): str(v) for k, v in (t.get("options") or {}).items()}))
+        if isinstance(t, str):
+            out.append(pb.RegisterTarget(name=t))
+        else:
+            out.append(pb.RegisterTarget(name=t.get("name", ""), platform=t.get("platform", ""), url=t.get("url", ""),
+                                         options={str(k): str(v) for k, v in (t.get("options") or {}).items()}))
     return out
 
 
@@ -214,11 +225,12 @@ class EmrestoreClient:
     # ------------------------------------------------------------------ jobs
     def _restore(self, source, model, output, *, region=None, whole=False, uncertainty=None, mip=0,
                  incremental=False, sampler="", steps=0, samples=0, seed=0, parallelism=0,
-                 register_in=None, labels=None) -> JobInfo:
+                 register_in=None, labels=None, estimate="", overwrite=False) -> JobInfo:
         req = pb.CreateRestoreJobRequest(
             source=source, model=model, output=output, uncertainty_output=uncertainty or "", mip=mip,
             incremental=incremental, sampler=sampler or "", steps=steps, samples=samples, seed=seed,
-            parallelism=parallelism, register_in=_targets(register_in), labels=labels or {})
+            parallelism=parallelism, register_in=_targets(register_in), labels=labels or {},
+            estimate=estimate or "", overwrite=bool(overwrite))
         if region is not None:
             req.region.CopyFrom(region)
         elif whole:
@@ -228,26 +240,30 @@ class EmrestoreClient:
     def restore_region(self, source: str, model: str, output: str, start_xyz: Sequence[int],
                        stop_xyz: Sequence[int], *, uncertainty: str | None = None, mip: int = 0,
                        incremental: bool = False, sampler: str = "", steps: int = 0, samples: int = 0,
-                       seed: int = 0, parallelism: int = 0, register_in: list[dict] | None = None,
-                       labels: dict | None = None) -> JobInfo:
+                       seed: int = 0, parallelism: int = 0, register_in: list[str] | None = None,
+                       labels: dict | None = None, estimate: str = "", overwrite: bool = False) -> JobInfo:
         """Start restoring the box start_xyz..stop_xyz (absolute source voxels) of ``source``.
 
         ``model``: a name in the server's model directory or a URL. ``uncertainty``: layer URL
         for the per-voxel standard deviation (needs samples ≥ 2). 0/"" mean server defaults.
-        ``register_in``: [{"platform": "neuroglancer", "url": …, "options": {…}}, …].
+        ``register_in``: names of registration targets configured on the server. ``overwrite``:
+        replace an existing emrestore output of another job.
         """
         return self._restore(source, model, output, region=_box(start_xyz, stop_xyz), uncertainty=uncertainty,
                              mip=mip, incremental=incremental, sampler=sampler, steps=steps, samples=samples,
-                             seed=seed, parallelism=parallelism, register_in=register_in, labels=labels)
+                             seed=seed, parallelism=parallelism, register_in=register_in, labels=labels,
+                             estimate=estimate, overwrite=overwrite)
 
     def restore_dataset(self, source: str, model: str, output: str, *, incremental: bool = False,
                         uncertainty: str | None = None, mip: int = 0, sampler: str = "", steps: int = 0,
                         samples: int = 0, seed: int = 0, parallelism: int = 0,
-                        register_in: list[dict] | None = None, labels: dict | None = None) -> JobInfo:
+                        register_in: list[str] | None = None, labels: dict | None = None,
+                        estimate: str = "", overwrite: bool = False) -> JobInfo:
         """Start restoring the whole of ``source``; ``incremental``: only blocks not yet written."""
         return self._restore(source, model, output, whole=True, uncertainty=uncertainty, mip=mip,
                              incremental=incremental, sampler=sampler, steps=steps, samples=samples,
-                             seed=seed, parallelism=parallelism, register_in=register_in, labels=labels)
+                             seed=seed, parallelism=parallelism, register_in=register_in, labels=labels,
+                             estimate=estimate, overwrite=overwrite)
 
     def train(self, source: str, output_model: str, *, factor: int = 0, preset: str = "", steps: int = 0,
               seed: int = 0, mip: int = 0, start_xyz: Sequence[int] | None = None,

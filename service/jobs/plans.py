@@ -20,6 +20,7 @@ PLAN_VERSION = 1
 
 class PlanMissing(ValueError):
     """A job recorded by an older emrestore (no persisted plan): it cannot be resumed."""
+    code = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)

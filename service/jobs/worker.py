@@ -31,7 +31,9 @@ LEASE_TTL_S = float(os.environ.get("EMRESTORE_LEASE_TTL", "120"))
 
 
 def load_plan(ledger: Ledger, job_id: str) -> JobPlan:
-    """The job's persisted plan (never re-planned here); PlanMissing for jobs of older versions."""
+    """The job's persisted plan (never re-planned here); JobNotFound for unknown jobs, PlanMissing
+    for jobs of older versions."""
+    ledger.num_blocks(job_id)  # JobNotFound
     return plan_from_dict(ledger.get_plan(job_id), job_id)
 
 
