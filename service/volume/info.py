@@ -4,17 +4,13 @@ here. See precomputed.py for the output-layer frame."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from .stores import (
-    PermissionDenied,
     SourceNotFound,
-    StoreUnreachable,
     VolumeError,
     join_url,
     normalize_url,
