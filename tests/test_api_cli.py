@@ -241,3 +241,23 @@ def test_worker_command_errors(srv, capsys, monkeypatch):
     assert rc == 2 and error_line(err).startswith("emrestore: error: NOT_FOUND: ")
     rc, out, err = run(capsys, "worker", "--ledger", srv["ledger"], "--job", "x", "--num-tasks", "0")
     assert rc == 2 and "--num-tasks" in error_line(err)
+
+
+def test_submit_reuse_active_attaches_to_the_running_job(srv, capsys):
+    """The CronJob's `submit --incremental --reuse-active` never starts a second job for the same output."""
+    out_url = f"file://{srv['root']}/out-reuse"
+    argv = ["submit", srv["src"], "--whole", "--incremental", "--model", "iso3", "--output", out_url,
+            "--steps", "60", "--server", srv["server"]]
+    rc, out, err = run(capsys, *argv)
+    first = out.strip()
+    try:
+        rc, out, err = run(capsys, *argv, "--reuse-active")
+        assert rc in (0, None) and out.strip() == first, err
+        assert f"reusing active restore job {first}" in err
+        other_url = f"file://{srv['root']}/out-reuse-other"
+        rc, out, err = run(capsys, *[other_url if a == out_url else a for a in argv], "--reuse-active")
+        other = out.strip()
+        assert other != first and "reusing" not in err  # another output: a job of its own
+        run(capsys, "jobs", "cancel", other, "--server", srv["server"])
+    finally:
+        run(capsys, "jobs", "cancel", first, "--server", srv["server"])

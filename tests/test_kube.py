@@ -1,9 +1,15 @@
-"""The Kubernetes executor (service/jobs/kube.py) against the API-server double (tests/kube_double.py).
+"""The Kubernetes executor (service/jobs/kube/): settings, manifest, diagnose, executor, device check.
 
-The executor always goes through the official ``kubernetes`` client pointed at the double over HTTP.
-Manifests are validated with kubernetes_validate against the Kubernetes **1.33** schemas: 1.33 is the
-first release where everything the Job relies on is GA (backoffLimitPerIndex GA in 1.33,
-podFailurePolicy GA in 1.31), and the schemas ship with kubernetes-validate, so the check is stable.
+- Manifests are validated with kubernetes_validate against the schemas of Kubernetes 1.33 (the
+  oldest release the Jobs need: backoffLimitPerIndex GA) and 1.37 (the newest kubernetes-validate
+  ships); the schemas come with the pinned package, so the check is stable.
+- ``diagnose`` is pure and is tested on Job/Pod objects in the states Kubernetes documents
+  (tests/data/kube_states.yaml).
+- The executor runs against a small fake of its five-call API (tests/kube_double.py); one
+  end-to-end test lets the fake run real ``emrestore worker`` processes for the Job's indexes and
+  compares the output with the local executor's, byte for byte.
+- ``ClientApi`` (the official client behind that API) is checked against canned API-server
+  responses on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -11,74 +17,47 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.jobs import kube  # noqa: E402
+from service.jobs.device import DeviceUnavailable, require_device  # noqa: E402
+from service.jobs.executors import ExecutorStatus  # noqa: E402
 from service.jobs.kube import (  # noqa: E402
+    ApiError,
+    ClientApi,
     KubeConfig,
     KubernetesExecutor,
     KubernetesExecutorError,
     build_job_manifest,
+    diagnose,
     job_label_value,
     job_name,
     load_api_client,
     parse_index_ranges,
 )
-from tests.kube_double import KubeDouble, Node, PodScript, index_ranges  # noqa: E402
+from tests.kube_double import FakeKubeApi  # noqa: E402
 
-K8S_VERSION = "1.33"
+K8S_VERSIONS = ("1.33", "1.37")
+K8S_VERSION = K8S_VERSIONS[0]
 NS = "emrestore"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+STATES = yaml.safe_load((Path(__file__).parent / "data" / "kube_states.yaml").read_text())["cases"]
 
 
 def config(**kw) -> KubeConfig:
-    base = dict(namespace=NS, image="registry.example.com/emrestore:0.1.0", ledger_url="s3://bucket/ledger")
+    base = dict(namespace=NS, image="registry.example.com/emrestore-worker:0.1.0", ledger_url="s3://bucket/ledger")
     base.update(kw)
     return KubeConfig(**base)
-
-
-@pytest.fixture
-def double_factory():
-    made: list[KubeDouble] = []
-
-    def make(**kw) -> KubeDouble:
-        kd = KubeDouble(**kw).start()
-        made.append(kd)
-        return kd
-
-    yield make
-    for kd in made:
-        assert not kd.controller_errors, kd.controller_errors
-        kd.stop()
-
-
-def executor(kd: KubeDouble, **kw) -> KubernetesExecutor:
-    return KubernetesExecutor(config(**kw), api_client=kd.api_client())
-
-
-def wait_status(ex: KubernetesExecutor, job_id: str, predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        st = ex.status(job_id)
-        if predicate(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never matched: {st}")
-        time.sleep(0.03)
-
-
-def finished(ex: KubernetesExecutor, job_id: str, timeout: float = 20.0):
-    return wait_status(ex, job_id, lambda s: s.finished, timeout)
 
 
 def has(st, *needles: str) -> bool:
@@ -99,9 +78,10 @@ def full_config() -> KubeConfig:
     )
 
 
-def test_manifest_validates_against_kubernetes_1_33_schemas():
+def test_manifest_validates_against_kubernetes_schemas():
     m = build_job_manifest("2024-06-01/Run_A", 40, 8, full_config())
-    assert kubernetes_validate.validate(m, K8S_VERSION, strict=True) == K8S_VERSION
+    for version in K8S_VERSIONS:
+        assert kubernetes_validate.validate(m, version, strict=True) == version
     # and the official client's models accept it
     job = client.ApiClient()._ApiClient__deserialize(m, "V1Job")
     assert job.spec.completion_mode == "Indexed"
@@ -233,26 +213,367 @@ def test_kubeconfig_loaders(tmp_path, monkeypatch):
         KubeConfig.from_env({"EMRESTORE_KUBE_GPUS_PER_POD": "many"})
 
 
+def test_gpu_workers_schedule_on_stock_clusters_and_require_cuda():
+    m = build_job_manifest("g", 2, 2, config())  # defaults: one GPU, no node selector
+    pod = m["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nodeSelector" not in pod  # nvidia.com/gpu.present is set only by GPU feature discovery
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["EMRESTORE_DEVICE"] == "cuda" and "NVIDIA_VISIBLE_DEVICES" not in env
+    # node selectors and extra tolerations only from configuration, the GPU taint toleration kept
+    aks = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
+    pod = build_job_manifest("g", 2, 2, config(node_selector={"pool": "h100"}, tolerations=[aks]))["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["tolerations"][0] == aks and len(pod["tolerations"]) == 2
+    pod = build_job_manifest("g", 2, 2, config(gpu_tolerations=False))["spec"]["template"]["spec"]
+    assert "tolerations" not in pod
+    # CPU workers: no GPU, no GPU toleration, device cpu
+    pod = build_job_manifest("c", 2, 2, config(gpus_per_pod=0))["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert "tolerations" not in pod and env["EMRESTORE_DEVICE"] == "cpu"
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+    assert KubeConfig.from_env({"EMRESTORE_KUBE_GPU_TOLERATIONS": "false"}).gpu_tolerations is False
+    with pytest.raises(ValueError, match="needs gpus_per_pod"):
+        config(gpus_per_pod=0, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        config(device="tpu")
+    with pytest.raises(ValueError, match="gpu_tolerations"):
+        KubeConfig.from_env({"EMRESTORE_KUBE_GPU_TOLERATIONS": "perhaps"})
+
+
 def test_index_ranges_round_trip():
     for s in [set(), {0}, {0, 1, 2, 5, 7, 8}, set(range(100))]:
-        assert parse_index_ranges(index_ranges(s)) == s
-    assert kube._ranges({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+        assert parse_index_ranges(kube.ranges(s)) == s
+    assert kube.ranges({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
 
 
 # --------------------------------------------------------------------------------------------------
-# API client loading
+# the device check GPU workers run at start-up
 
 
-def test_api_client_from_kubeconfig(double_factory, tmp_path):
-    kd = double_factory()
-    path = kd.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
-    api = load_api_client(kubeconfig=path)
-    assert api.configuration.host == kd.host
-    ex = KubernetesExecutor(config(), api_client=api)
-    ex.launch("kc", 2, 2)
-    assert finished(ex, "kc").succeeded == 2
-    # the double saw the kubeconfig's credentials
-    assert kd.requests and kd.requests[0]["path"].startswith("/apis/batch/v1/namespaces/emrestore/jobs")
+class _FakeCuda:
+    """torch.cuda as torch 2.13 behaves on a node whose driver is too old (is_available False, init raises)."""
+
+    def __init__(self, available: bool, count: int = 0, error: str = ""):
+        self._available, self._count, self._error = available, count, error
+
+    def is_available(self):
+        return self._available
+
+    def device_count(self):
+        return self._count
+
+    def init(self):
+        if self._error:
+            raise RuntimeError(self._error)
+
+
+class _FakeTorch:
+    def __init__(self, cuda: _FakeCuda, version_cuda: str | None = "13.0"):
+        self.cuda = cuda
+        self.__version__ = "2.13.0+cu130" if version_cuda else "2.13.0+cpu"
+        self.version = type("v", (), {"cuda": version_cuda})()
+
+
+def test_require_device():
+    old_driver = _FakeTorch(_FakeCuda(False, error="The NVIDIA driver on your system is too old (found version 12020). "
+                                                    "Please update your GPU driver"))
+    with pytest.raises(DeviceUnavailable) as e:
+        require_device("cuda", torch_module=old_driver)
+    text = str(e.value)
+    assert "EMRESTORE_DEVICE=cuda: CUDA is required but unavailable" in text
+    assert "driver on your system is too old" in text and "NVIDIA driver >= 580.65.06" in text
+    no_gpu = _FakeTorch(_FakeCuda(False))
+    with pytest.raises(DeviceUnavailable, match="no GPU visible"):
+        require_device("cuda", torch_module=no_gpu)
+    assert require_device("auto", torch_module=no_gpu) == "cpu"  # auto still falls back
+    assert require_device("cpu", torch_module=None) == "cpu"  # never imports torch
+    one = _FakeTorch(_FakeCuda(True, count=1))
+    assert require_device("cuda", torch_module=one) == "cuda" and require_device("auto", torch_module=one) == "cuda"
+    assert require_device("cuda:0", torch_module=one) == "cuda:0"
+    with pytest.raises(DeviceUnavailable, match=r"sees 1 CUDA device\(s\)"):
+        require_device("cuda:1", torch_module=one)
+    with pytest.raises(DeviceUnavailable, match="CPU-only build"):
+        require_device("cuda", torch_module=_FakeTorch(_FakeCuda(False, error="Torch not compiled with CUDA enabled"),
+                                                       version_cuda=None))
+    with pytest.raises(ValueError, match="EMRESTORE_DEVICE"):
+        require_device("gpu please")
+
+
+def test_require_device_or_exit_prints_one_line_and_exits_3(tmp_path):
+    import subprocess
+
+    code = ("import torch; torch.cuda.is_available = lambda: False\n"
+            "from service.jobs.device import require_device_or_exit\nrequire_device_or_exit('cuda')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == kube.EXIT_DEVICE_UNAVAILABLE == 3
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emrestore: error: EMRESTORE_DEVICE=cuda: CUDA is required")
+
+
+# --------------------------------------------------------------------------------------------------
+# diagnose(job, pods) on recorded states
+
+
+def state(name: str) -> tuple[dict | None, list[dict]]:
+    case = STATES[name]
+    return case["job"], case["pods"]
+
+
+def test_recorded_states_are_valid_objects():
+    for name, case in STATES.items():
+        objs = ([case["job"]] if case["job"] else []) + [
+            {"apiVersion": "v1", "kind": "Pod", **p} for p in case["pods"]]
+        for obj in objs:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("name,counts,needles", [
+    ("succeeded", (0, 4, 0, True), []),
+    ("image_pull_backoff", (2, 0, 0, False),
+     ["task 0 (pod emrestore-j1-0-qwert) cannot pull image registry.example.com/emrestore-worker:typo: ImagePullBackOff"]),
+    ("unschedulable_gpu", (2, 0, 0, False),
+     ["task 1", "waiting for a GPU", "1 free nvidia.com/gpu", "3 Insufficient nvidia.com/gpu", "lower the parallelism"]),
+    ("unschedulable_taint", (1, 0, 0, False),
+     ["cannot be scheduled", "untolerated taint {sku: gpu}", "EMRESTORE_KUBE_TOLERATIONS"]),
+    ("oomkilled", (2, 0, 0, False), ["task 2", "OOMKilled (exit code 137)", "memory limit 64Gi", "raise memory_limit"]),
+    ("failed_indexes", (0, 3, 1, True), ["Job emrestore/emrestore-j1 failed (FailedIndexes: some tasks failed for good)",
+                                         "failed tasks: 1"]),
+    ("failed_indexes_running", (2, 1, 1, False), ["tasks 3 failed for good; the other tasks go on"]),
+    ("evicted_disruption", (2, 0, 0, False), ["task 0", "disrupted (EvictionByEvictionAPI: Eviction API: evicting)",
+                                              "without counting a failure"]),
+    ("node_pressure_evicted", (2, 0, 0, False), ["task 3", "evicted from node gpu-node-1", "low on resource: memory",
+                                                 "without counting a failure"]),
+    ("config_error", (1, 0, 0, False), ["cannot start its container: CreateContainerConfigError",
+                                        'secret "emrestore-env" not found']),
+    ("deadline_exceeded", (0, 0, 4, True), ["failed (DeadlineExceeded: the Job ran longer than activeDeadlineSeconds)"]),
+    ("max_failed_indexes", (0, 1, 3, True), ["MaxFailedIndexesExceeded", "failed tasks: 0-1"]),
+    ("suspended", (0, 0, 0, False), ["Job emrestore/emrestore-j1 is suspended"]),
+])
+def test_diagnose_recorded_states(name, counts, needles):
+    job, pods = state(name)
+    st = diagnose(job, pods)
+    assert isinstance(st, ExecutorStatus)
+    assert (st.active, st.succeeded, st.failed, st.finished) == counts, st
+    assert has(st, *needles) if needles else st.messages == [], st.messages
+
+
+def test_diagnose_bad_input_names_the_task_and_the_last_log_line():
+    st = diagnose(*state("failed_indexes"))
+    assert has(st, "task 1 (pod emrestore-j1-1-bad01) failed with exit code 2 (bad input)", "without retries",
+               "emrestore: error: source: section 17 is empty")
+    assert not has(st, "reading section 17")  # only the last line
+
+
+def test_diagnose_crash_looping_pool_worker_without_cuda():
+    _, pods = state("crashloop_pool_cuda")
+    st = diagnose({"metadata": {"name": "emrestore-pool", "namespace": NS}, "spec": {}, "status": {}}, pods)
+    assert has(st, "pod emrestore-pool-7d9f8c6b5-x2x9q could not use its GPU on node gpu-node-old (exit code 3)",
+               "CrashLoopBackOff, 4 restarts", "driver on your system is too old", "NVIDIA driver >= 580")
+    assert kube.pod_messages(pods[0]) == st.messages
+
+
+def test_diagnose_ignores_pods_of_a_replaced_job_and_bounds_messages():
+    assert diagnose(*state("stale_pod_of_replaced_job")).messages == []
+    job, pods = state("oomkilled")
+    many = []
+    for i in range(40):
+        p = json.loads(json.dumps(pods[0]))
+        p["metadata"]["name"] = f"p{i}"
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = str(i)
+        many.append(p)
+    st = diagnose(job, many)
+    assert len(st.messages) == 26 and st.messages[-1] == "... and 15 more"
+
+
+# --------------------------------------------------------------------------------------------------
+# the executor against the fake API
+
+
+@pytest.fixture
+def fake():
+    api = FakeKubeApi()
+    yield api
+    api.close()
+
+
+def executor(api, **kw) -> KubernetesExecutor:
+    return KubernetesExecutor(config(**kw), api=api)
+
+
+def test_executor_protocol(fake):
+    ex = executor(fake, max_parallelism=4)
+    assert ex.name == "kubernetes" and ex.default_parallelism == 4
+    for method in ("launch", "status", "known", "cancel", "shutdown"):
+        assert callable(getattr(ex, method))
+    assert not ex.known("j1")
+    ex.launch("j1", num_tasks=6, parallelism=0)  # 0: the default, the GPU budget
+    job = fake.jobs[(NS, "emrestore-j1")]
+    assert job["spec"]["parallelism"] == 4 and job["spec"]["completions"] == 6
+    assert ex.known("j1") and ex.list_jobs() == ["j1"]
+    st = ex.status("j1")
+    assert (st.active, st.succeeded, st.failed, st.finished) == (0, 0, 0, False)
+    ex.shutdown()
+    assert (NS, "emrestore-j1") in fake.jobs  # Jobs outlive the service
+
+
+def test_status_reads_the_job_and_its_pods(fake):
+    ex = executor(fake)
+    ex.launch("j1", 4, 2)
+    job, pods = state("failed_indexes")
+    fake.put_status(NS, "emrestore-j1", job["status"])
+    uid = fake.jobs[(NS, "emrestore-j1")]["metadata"]["uid"]
+    for p in pods:
+        p = json.loads(json.dumps(p))
+        p["metadata"]["labels"] = {"emrestore.io/job-id": "j1"}
+        p["metadata"]["ownerReferences"][0]["uid"] = uid
+        fake.add_pod(NS, p)
+    st = ex.status("j1")
+    assert (st.succeeded, st.failed, st.finished) == (3, 1, True)
+    assert has(st, "exit code 2 (bad input)") and has(st, "failed tasks: 1")
+    assert ("list_pods", NS, "emrestore.io/job-id=j1") in fake.calls
+
+
+def test_launch_is_idempotent_and_replaces_finished_jobs(fake):
+    ex = executor(fake)
+    ex.launch("again", 2, 2)
+    uid = fake.jobs[(NS, "emrestore-again")]["metadata"]["uid"]
+    ex.launch("again", 2, 2)  # still running: left alone
+    assert fake.jobs[(NS, "emrestore-again")]["metadata"]["uid"] == uid
+    fake.put_status(NS, "emrestore-again", STATES["succeeded"]["job"]["status"])
+    ex.launch("again", 3, 2)  # finished: replaced (the ledger skips the blocks already done)
+    job = fake.jobs[(NS, "emrestore-again")]
+    assert job["metadata"]["uid"] != uid and job["spec"]["completions"] == 3
+    assert [c[0] for c in fake.calls].count("delete_job") == 1
+
+
+def test_launch_reports_api_rejections(fake):
+    with pytest.raises(KubernetesExecutorError, match=r"Kubernetes refused Job emrestore/emrestore-bad-cpu.*Invalid"):
+        executor(fake, cpu_request="lots").launch("bad-cpu", 2, 1)
+
+    class Forbidden(FakeKubeApi):
+        def create_job(self, namespace, body):
+            raise ApiError(403, "Forbidden", 'jobs.batch is forbidden: ValidatingAdmissionPolicy '
+                                             '"emrestore-worker-jobs" denied request: workers run as emrestore-worker')
+
+    with pytest.raises(KubernetesExecutorError, match="Forbidden: .*emrestore-worker-jobs"):
+        executor(Forbidden()).launch("x", 1, 1)
+    other = executor(fake)
+    other.launch("mine", 1, 1)
+    fake.jobs[(NS, "emrestore-mine")]["metadata"]["annotations"]["emrestore.io/job-id"] = "someone-else"
+    with pytest.raises(KubernetesExecutorError, match="belongs to emrestore job 'someone-else'"):
+        other.status("mine")
+
+
+def test_status_and_cancel_of_unknown_job(fake):
+    ex = executor(fake)
+    st = ex.status("never-launched")
+    assert st.finished and st.active == 0 and has(st, "not found", "ttlSecondsAfterFinished")
+    ex.cancel("never-launched")  # no error
+
+
+@pytest.mark.parametrize("policy", ["Background", "Foreground"])
+def test_cancel_deletes_job_with_its_pods(fake, policy):
+    ex = executor(fake, delete_propagation=policy)
+    ex.launch("to-cancel", 3, 3)
+    ex.cancel("to-cancel", wait=True, timeout_s=5)
+    assert (NS, "emrestore-to-cancel") not in fake.jobs
+    assert ("delete_job", NS, "emrestore-to-cancel", policy) in fake.calls
+
+
+def test_batch_gpu_budget_across_jobs(fake):
+    ex = executor(fake, max_parallelism=8, max_batch_gpus=10)
+    ex.launch("a", 100, 8)
+    ex.launch("b", 100, 8)  # 8 of 10 GPUs taken by a
+    ex.launch("c", 100, 8)  # none left: one pod, which waits for the ResourceQuota
+    par = {n: fake.jobs[(NS, f"emrestore-{n}")]["spec"]["parallelism"] for n in "abc"}
+    assert par == {"a": 8, "b": 2, "c": 1}
+    fake.put_status(NS, "emrestore-a", STATES["succeeded"]["job"]["status"])  # a finished: its GPUs are free
+    ex.launch("d", 100, 8)
+    assert fake.jobs[(NS, "emrestore-d")]["spec"]["parallelism"] == 7  # 10 - b's 2 - c's 1
+    cpu = executor(FakeKubeApi(), gpus_per_pod=0, max_batch_gpus=0)
+    cpu.launch("e", 4, 4)  # CPU workers hold no GPUs
+    assert cpu.api.jobs[(NS, "emrestore-e")]["spec"]["parallelism"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# ClientApi: the official client behind the narrow API, against canned API-server answers
+
+
+class _Canned(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self):
+        url = urlparse(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.seen.append((self.command, url.path, parse_qs(url.query), body))
+        jobs = f"/apis/batch/v1/namespaces/{NS}/jobs"
+        if self.command == "POST" and url.path == jobs:
+            if body["metadata"]["name"] == "emrestore-taken":
+                return self._send(409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 409,
+                                        "reason": "AlreadyExists", "message": 'jobs.batch "emrestore-taken" already exists'})
+            return self._send(201, {**body, "status": {}})
+        if self.command == "GET" and url.path == jobs + "/emrestore-j1":
+            return self._send(200, STATES["succeeded"]["job"])
+        if self.command in ("GET", "DELETE") and url.path.startswith(jobs + "/"):
+            if url.path.endswith("/emrestore-j1"):
+                return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+            return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                    "reason": "NotFound", "message": 'jobs.batch "x" not found'})
+        if self.command == "GET" and url.path == jobs:
+            return self._send(200, {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {},
+                                    "items": [STATES["succeeded"]["job"]]})
+        if self.command == "GET" and url.path == f"/api/v1/namespaces/{NS}/pods":
+            pods = [{"apiVersion": "v1", "kind": "Pod", **p} for p in STATES["oomkilled"]["pods"]]
+            return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods})
+        return self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": "no route"})
+
+    do_GET = do_POST = do_DELETE = _handle
+
+
+def test_client_api_speaks_the_kubernetes_api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conf = client.Configuration()
+        conf.host = f"http://127.0.0.1:{server.server_address[1]}"
+        api = ClientApi(client.ApiClient(conf))
+        body = build_job_manifest("j1", 4, 2, config())
+        created = api.create_job(NS, body)
+        assert created["spec"]["completionMode"] == "Indexed"  # camelCase plain JSON back
+        with pytest.raises(ApiError) as e:
+            api.create_job(NS, build_job_manifest("taken", 1, 1, config()))
+        assert (e.value.status, e.value.reason) == (409, "AlreadyExists")
+        job = api.read_job(NS, "emrestore-j1")
+        assert diagnose(job).finished and diagnose(job).succeeded == 4
+        assert api.read_job(NS, "emrestore-none") is None
+        assert api.delete_job(NS, "emrestore-j1", "Background") is True
+        assert api.delete_job(NS, "emrestore-none", "Background") is False
+        assert [j["metadata"]["name"] for j in api.list_jobs(NS, "app.kubernetes.io/managed-by=emrestore-service")] == [
+            "emrestore-j1"]
+        pods = api.list_pods(NS, "emrestore.io/job-id=j1")
+        assert has(diagnose(STATES["oomkilled"]["job"], pods), "OOMKilled")
+        seen = {(m, p): (q, b) for m, p, q, b in _Canned.seen}
+        q, b = seen[("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/emrestore-j1")]
+        assert q.get("propagationPolicy") == ["Background"] or b["propagationPolicy"] == "Background"
+        q, _ = seen[("GET", f"/api/v1/namespaces/{NS}/pods")]
+        assert q["labelSelector"] == ["emrestore.io/job-id=j1"]
+    finally:
+        server.shutdown()
 
 
 def test_api_client_prefers_in_cluster_config(monkeypatch, tmp_path):
@@ -268,7 +589,6 @@ def test_api_client_prefers_in_cluster_config(monkeypatch, tmp_path):
     api = load_api_client()  # nothing is sent: only the configuration is checked
     assert api.configuration.host == "https://127.0.0.1:6443"
     assert api.configuration.api_key["BearerToken"] == "bearer sa-token"
-    assert api.configuration.ssl_ca_cert == str(ca)
 
 
 def test_api_client_without_any_configuration(monkeypatch, tmp_path):
@@ -280,452 +600,41 @@ def test_api_client_without_any_configuration(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# the double's API behaves like the API server
-
-
-def test_double_speaks_the_kubernetes_api(double_factory):
-    kd = double_factory()
-    api = kd.api_client()
-    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
-    assert client.VersionApi(api).get_code().git_version == "v1.33.1"
-    body = build_job_manifest("api", 2, 1, config())
-    created = batch.create_namespaced_job(NS, body)
-    assert created.metadata.uid and created.metadata.resource_version
-    assert created.spec.selector.match_labels == {"batch.kubernetes.io/controller-uid": created.metadata.uid}
-    assert created.spec.backoff_limit == 2**31 - 1
-
-    with pytest.raises(ApiException) as e:  # 409 AlreadyExists
-        batch.create_namespaced_job(NS, body)
-    status = json.loads(e.value.body)
-    assert e.value.status == 409 and status["kind"] == "Status" and status["reason"] == "AlreadyExists"
-    assert status["message"] == 'jobs.batch "emrestore-api" already exists'
-
-    with pytest.raises(ApiException) as e:  # 404 NotFound
-        batch.read_namespaced_job("nope", NS)
-    status = json.loads(e.value.body)
-    assert e.value.status == 404 and status["reason"] == "NotFound" and status["details"]["kind"] == "jobs"
-
-    bad = build_job_manifest("bad", 2, 1, config())
-    del bad["spec"]["completions"]  # Indexed without completions: schema-valid, API-invalid
-    with pytest.raises(ApiException) as e:
-        batch.create_namespaced_job(NS, bad)
-    status = json.loads(e.value.body)
-    assert e.value.status == 422 and status["reason"] == "Invalid" and status["details"]["kind"] == "Job"
-    assert {"field": "spec.completions", "reason": "FieldValueRequired"}.items() <= status["details"]["causes"][0].items()
-
-    bad = build_job_manifest("bad", 2, 1, config())
-    bad["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "lots"
-    with pytest.raises(ApiException) as e:  # what the schema cannot say: quantities
-        batch.create_namespaced_job(NS, bad)
-    assert e.value.status == 422 and "quantities must match" in json.loads(e.value.body)["message"]
-
-    # the official client refuses unknown fields itself, so send those raw: strict schema validation
-    bad = build_job_manifest("bad", 2, 1, config())
-    bad["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
-    request = urllib.request.Request(f"{kd.host}/apis/batch/v1/namespaces/{NS}/jobs", data=json.dumps(bad).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(request, timeout=10)
-    status = json.loads(e.value.read())
-    assert e.value.code == 422 and status["reason"] == "Invalid" and "resourcez" in status["message"]
-    request = urllib.request.Request(f"{kd.host}/apis/batch/v1/namespaces/{NS}/jobs", data=b"{not json",
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(request, timeout=10)
-    assert e.value.code == 400 and json.loads(e.value.read())["reason"] == "BadRequest"
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"{kd.host}/apis/apps/v1/namespaces/{NS}/deployments", timeout=10)
-    assert e.value.code == 404
-
-    bad = build_job_manifest("bad", 2, 1, config(namespace="elsewhere"))
-    with pytest.raises(ApiException) as e:
-        batch.create_namespaced_job(NS, bad)
-    assert e.value.status == 400 and json.loads(e.value.body)["reason"] == "BadRequest"
-
-    kd.wait_for(lambda: (kd.job("emrestore-api") or {}).get("status", {}).get("succeeded") == 2)
-    pods = core.list_namespaced_pod(NS, label_selector="emrestore.io/job-id=api").items
-    assert len(pods) == 2
-    for pod in pods:
-        assert pod.status.phase == "Succeeded"
-        assert pod.metadata.owner_references[0].uid == created.metadata.uid
-        index = pod.metadata.annotations["batch.kubernetes.io/job-completion-index"]
-        assert pod.metadata.name.startswith(f"emrestore-api-{index}-")
-        env = {e.name: e for e in pod.spec.containers[0].env}
-        assert env["JOB_COMPLETION_INDEX"].value_from.field_ref.field_path == (
-            "metadata.annotations['batch.kubernetes.io/job-completion-index']")
-        assert core.read_namespaced_pod(pod.metadata.name, NS).metadata.uid == pod.metadata.uid
-    assert core.list_namespaced_pod(NS, label_selector="emrestore.io/job-id in (other,x)").items == []
-    assert len(core.list_pod_for_all_namespaces(field_selector="status.phase=Succeeded").items) == 2
-    job = batch.read_namespaced_job("emrestore-api", NS)
-    assert job.status.completed_indexes == "0-1" and job.status.failed_indexes == ""
-    assert [c.type for c in job.status.conditions] == ["SuccessCriteriaMet", "Complete"]
-    assert job.status.completion_time is not None
-
-    # deleting a batch/v1 Job without a propagation policy orphans its pods (the API's default)
-    batch.delete_namespaced_job("emrestore-api", NS)
-    time.sleep(0.2)
-    assert len(core.list_namespaced_pod(NS, label_selector="emrestore.io/job-id=api").items) == 2
-
-
-# --------------------------------------------------------------------------------------------------
-# launch / status / cancel / watch (scripted pods)
-
-
-def test_launch_runs_all_tasks_within_parallelism(double_factory):
-    kd = double_factory(script=PodScript.succeed(run_s=0.1))
-    ex = executor(kd)
-    ex.launch("job-ok", num_tasks=6, parallelism=2)
-    st = finished(ex, "job-ok")
-    assert (st.active, st.succeeded, st.failed, st.finished) == (0, 6, 0, True)
-    assert not any("failed" in m for m in st.messages)
-    assert kd.max_active("emrestore-job-ok") == 2
-    assert len(kd.pods(NS, "emrestore-job-ok")) == 6
-    assert ex.list_jobs() == ["job-ok"]
-    posted = [r for r in kd.requests if r["method"] == "POST"]
-    assert len(posted) == 1 and posted[0]["body"]["spec"]["completions"] == 6
-
-
-def test_launch_is_idempotent_and_replaces_finished_jobs(double_factory):
-    kd = double_factory(script=PodScript.hang())
-    ex = executor(kd)
-    ex.launch("again", 2, 2)
-    uid = kd.job("emrestore-again")["metadata"]["uid"]
-    ex.launch("again", 2, 2)  # still running: left alone
-    assert kd.job("emrestore-again")["metadata"]["uid"] == uid
-    kd.script = PodScript.succeed()
-    ex.cancel("again", wait=True)
-    ex.launch("again", 2, 2)
-    finished(ex, "again")
-    uid2 = kd.job("emrestore-again")["metadata"]["uid"]
-    assert uid2 != uid
-    ex.launch("again", 3, 2)  # finished: replaced by a new Job (the ledger skips done blocks)
-    st = finished(ex, "again")
-    assert kd.job("emrestore-again")["metadata"]["uid"] != uid2 and st.succeeded == 3
-
-
-def test_launch_reports_api_rejections(double_factory):
-    kd = double_factory()
-    ex = executor(kd, cpu_request="lots")
-    with pytest.raises(KubernetesExecutorError, match=r"Invalid.*cpu"):
-        ex.launch("bad-cpu", 2, 1)
-    ex = executor(kd, gpu_resource="example.com/fpga", gpus_per_pod=1, memory_request="64Gi", memory_limit="32Gi")
-    with pytest.raises(KubernetesExecutorError, match="must be less than or equal to memory limit"):
-        ex.launch("bad-mem", 2, 1)
-
-
-def test_status_and_cancel_of_unknown_job(double_factory):
-    kd = double_factory()
-    ex = executor(kd)
-    st = ex.status("never-launched")
-    assert st.finished and st.active == 0 and has(st, "not found")
-    ex.cancel("never-launched")  # no error
-
-
-@pytest.mark.parametrize("policy", ["Background", "Foreground"])
-def test_cancel_deletes_job_and_pods(double_factory, policy):
-    kd = double_factory(script=PodScript.hang())
-    ex = executor(kd, delete_propagation=policy)
-    ex.launch("to-cancel", num_tasks=5, parallelism=3)
-    st = wait_status(ex, "to-cancel", lambda s: s.active == 3)
-    kd.wait_for(lambda: len(kd.pods(NS)) == 3 and all(p["status"]["phase"] == "Running" for p in kd.pods(NS)))
-    ex.cancel("to-cancel", wait=True, timeout_s=10)
-    assert kd.job("emrestore-to-cancel") is None and kd.pods(NS) == []
-    (req,) = [r for r in kd.requests if r["method"] == "DELETE"]
-    assert req["query"].get("propagationPolicy") == policy or req["body"]["propagationPolicy"] == policy
-    st = ex.status("to-cancel")
-    assert st.finished and st.active == 0
-
-
-def test_watch_yields_changes_until_finished(double_factory):
-    kd = double_factory(script=PodScript.succeed(run_s=0.15))
-    ex = executor(kd)
-    ex.launch("watched", 4, 2)
-    seen = list(ex.watch("watched", timeout_s=20, window_s=1))
-    assert seen[-1].finished and seen[-1].succeeded == 4
-    assert [s.succeeded for s in seen] == sorted(s.succeeded for s in seen)
-    assert len(seen) >= 3
-    assert list(ex.watch("watched", timeout_s=5))[-1].finished  # already finished: one status
-
-
-def test_watch_times_out(double_factory):
-    kd = double_factory(script=PodScript.hang())
-    ex = executor(kd)
-    ex.launch("slow", 1, 1)
-    t0 = time.monotonic()
-    seen = list(ex.watch("slow", timeout_s=2, window_s=1))
-    assert 1.5 < time.monotonic() - t0 < 8
-    assert seen and not seen[-1].finished and seen[-1].active == 1
-
-
-# --------------------------------------------------------------------------------------------------
-# failure modes and their messages
-
-
-def test_pending_for_lack_of_gpus(double_factory):
-    kd = double_factory(script=PodScript.hang(), nodes=[Node("gpu-0", gpus=1), Node("gpu-1", gpus=1)])
-    ex = executor(kd)
-    ex.launch("gpu-short", num_tasks=4, parallelism=4)
-    st = wait_status(ex, "gpu-short", lambda s: has(s, "waiting for a GPU") and s.active == 4)
-    assert has(st, "Insufficient nvidia.com/gpu") and has(st, "0/2 nodes are available")
-    assert has(st, "lower the parallelism")
-    assert st.active == 4 and not st.finished  # pending pods are active in Job status
-    running = [p for p in kd.pods(NS) if p["status"]["phase"] == "Running"]
-    assert len(running) == 2  # the two GPUs are used
-
-
-def test_gpu_shortage_clears_as_pods_finish(double_factory):
-    kd = double_factory(script=PodScript.succeed(run_s=0.2), nodes=[Node("gpu-0", gpus=1)])
-    ex = executor(kd)
-    ex.launch("queue", num_tasks=3, parallelism=3)
-    wait_status(ex, "queue", lambda s: has(s, "waiting for a GPU"))
-    st = finished(ex, "queue")
-    assert st.succeeded == 3 and not has(st, "waiting for a GPU")
-
-
-def test_unschedulable_for_other_reasons(double_factory):
-    kd = double_factory(script=PodScript.hang(),
-                        nodes=[Node("t4", labels={"pool": "t4"}), Node("tainted", taints=[
-                            {"key": "dedicated", "value": "other", "effect": "NoSchedule"}])])
-    ex = executor(kd, node_selector={"pool": "a100"})
-    ex.launch("nowhere", 1, 1)
-    st = wait_status(ex, "nowhere", lambda s: has(s, "cannot be scheduled"))
-    assert has(st, "didn't match Pod's node affinity/selector")
-    ex2 = executor(kd, node_selector={}, gpus_per_pod=0)
-    kd.nodes = [kd.nodes[1]]
-    ex2.launch("tainted", 1, 1)
-    assert has(wait_status(ex2, "tainted", lambda s: has(s, "untolerated taint")), "dedicated")
-    ex3 = executor(kd, tolerations=[{"key": "dedicated", "operator": "Equal", "value": "other", "effect": "NoSchedule"}])
-    ex3.launch("tolerated", 1, 1)
-    kd.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in kd.pods(NS, "emrestore-tolerated")))
-
-
-def test_image_pull_errors(double_factory):
-    cfg_image = "registry.example.com/emrestore:typo"
-    kd = double_factory(bad_images={cfg_image})
-    ex = executor(kd, image=cfg_image)
-    ex.launch("pull", 2, 2)
-    st = wait_status(ex, "pull", lambda s: has(s, "ImagePullBackOff"))
-    assert has(st, "cannot pull image registry.example.com/emrestore:typo")
-    assert not st.finished and st.active == 2
-    first = wait_status(ex, "pull", lambda s: True)
-    assert any("ErrImagePull" in m or "ImagePullBackOff" in m for m in first.messages)
-
-
-def test_oomkilled_worker_is_retried(double_factory):
-    kd = double_factory(script={1: [PodScript.oom(), PodScript.succeed()]})
-    ex = executor(kd, memory_limit="32Gi")
-    ex.launch("oom", 3, 3)
-    st = finished(ex, "oom")
-    assert (st.succeeded, st.failed) == (3, 0)
-    assert has(st, "task 1", "OOMKilled", "32Gi", "raise memory_limit")
-    pods = [p for p in kd.pods(NS, "emrestore-oom")
-            if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
-    assert len(pods) == 2
-    counts = sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-index-failure-count"] for p in pods)
-    assert counts == ["0", "1"]
-
-
-def test_bad_input_fails_the_index_without_retries(double_factory):
-    kd = double_factory(script={2: PodScript.fail(2, log="reading section 17\nbad input: section 17 is empty\n")})
-    ex = executor(kd, backoff_limit_per_index=3)
-    ex.launch("bad-input", 4, 2)
-    st = finished(ex, "bad-input")
-    assert (st.active, st.succeeded, st.failed, st.finished) == (0, 3, 1, True)
-    assert has(st, "task 2", "exit code 2 (bad input)", "without retries", "section 17 is empty")
-    assert has(st, "failed (FailedIndexes", "failed tasks: 2")
-    index2 = [p for p in kd.pods(NS) if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "2"]
-    assert len(index2) == 1
-
-
-def test_retries_are_per_index(double_factory):
-    kd = double_factory(script={0: PodScript.fail(1, log="Traceback ...\nRuntimeError: CUDA error\n")})
-    ex = executor(kd, backoff_limit_per_index=2)
-    ex.launch("flaky", 3, 3)
-    st = finished(ex, "flaky")
-    assert (st.succeeded, st.failed) == (2, 1)
-    assert has(st, "task 0", "worker exited with code 1", "RuntimeError: CUDA error")
-    index0 = [p for p in kd.pods(NS) if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"]
-    assert len(index0) == 3  # 1 + backoffLimitPerIndex
-    job = kd.job("emrestore-flaky")
-    assert job["status"]["failedIndexes"] == "0" and job["status"]["completedIndexes"] == "1-2"
-    assert job["status"]["failed"] == 3
-
-
-def test_max_failed_indexes_stops_the_job(double_factory):
-    kd = double_factory(script=lambda index, attempt: PodScript.fail(2) if index == 0 else PodScript.hang())
-    ex = executor(kd, max_failed_indexes=0)
-    ex.launch("fail-fast", 4, 4)
-    st = finished(ex, "fail-fast")
-    assert st.finished and has(st, "MaxFailedIndexesExceeded")
-    assert st.failed == 4 - st.succeeded
-    assert kd.pods(NS, "emrestore-fail-fast") == [p for p in kd.pods(NS, "emrestore-fail-fast")
-                                                   if p["status"]["phase"] == "Failed"]
-    conditions = [c["type"] for c in kd.job("emrestore-fail-fast")["status"]["conditions"]]
-    assert conditions == ["FailureTarget", "Failed"]
-
-
-@pytest.mark.parametrize("disruption,needle", [
-    (PodScript.evict(), "was evicted"),
-    (PodScript.preempt(), "disrupted (PreemptionByScheduler"),
-])
-def test_disruptions_are_replaced_without_counting(double_factory, disruption, needle):
-    kd = double_factory(script={0: [disruption, disruption, disruption, disruption, PodScript.succeed()]})
-    ex = executor(kd, backoff_limit_per_index=1)  # 4 disruptions > 1 retry: still fine
-    ex.launch("disrupted", 2, 2)
-    st = finished(ex, "disrupted")
-    assert (st.succeeded, st.failed) == (2, 0)
-    assert has(st, needle, "without counting a failure")
-    job = kd.job("emrestore-disrupted")
-    assert job["status"].get("failed", 0) == 0
-    last = [p for p in kd.pods(NS) if p["status"]["phase"] == "Succeeded"
-            and p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"][0]
-    assert last["metadata"]["annotations"]["batch.kubernetes.io/job-index-ignored-failure-count"] == "4"
-
-
-def test_container_config_errors(double_factory):
-    kd = double_factory(script=PodScript.config_error('secret "emrestore-cloudvolume" not found'))
-    ex = executor(kd)
-    ex.launch("cfg", 1, 1)
-    st = wait_status(ex, "cfg", lambda s: s.messages)
-    assert has(st, "cannot start its container", "CreateContainerConfigError", "emrestore-cloudvolume")
-
-
-def test_status_messages_are_bounded(double_factory):
-    kd = double_factory(script=PodScript.fail(3))
-    ex = executor(kd, backoff_limit_per_index=1)
-    ex.launch("many", 40, 40)
-    st = finished(ex, "many", timeout=30)
-    assert st.failed == 40 and len(st.messages) <= 26 and "more" in st.messages[-1]
-
-
-# --------------------------------------------------------------------------------------------------
-# local-process mode
-
-
-PROBE = r"""
-import json, os, pathlib, sys
-i = os.environ["JOB_COMPLETION_INDEX"]
-cv = os.environ["CLOUD_VOLUME_DIR"]
-pathlib.Path(f"task-{i}.json").write_text(json.dumps({
-    "argv": sys.argv[1:], "pod": os.environ["POD_NAME"], "node": os.environ["NODE_NAME"],
-    "job": os.environ["EMRESTORE_JOB_ID"], "extra": os.environ.get("EXTRA"),
-    "secrets": sorted(os.listdir(os.path.join(cv, "secrets"))),
-    "shm_writable": os.access(os.environ["SHM"], os.W_OK),
-    "threads": os.environ["OMP_NUM_THREADS"],
-}))
-# like stores.register_s3_endpoint: the secrets directory must be writable
-(pathlib.Path(cv) / "secrets" / f"alias{i}-secret.json").write_text("{}")
-out = pathlib.Path(os.environ["DATA_DIR"]) / f"out-{i}.txt"
-out.parent.mkdir(parents=True, exist_ok=True)
-out.write_text(i)
-"""
-
-
-def test_process_mode_runs_every_index(double_factory, tmp_path):
-    work, data = tmp_path / "work", tmp_path / "data"
-    work.mkdir()
-    data.mkdir()
-    kd = double_factory(mode="process", cwd=work, mounts={"/data": data}, env={"EXTRA": "from-double"},
-                        secrets={"emrestore-cloudvolume": {"google-secret.json": '{"project_id": "p"}'}})
-    ex = executor(kd, worker_command=[sys.executable, "-c", PROBE], env={"DATA_DIR": "/data/run", "SHM": "/dev/shm"},
-                  ledger_url=str(tmp_path / "ledger"))
-    ex.launch("local", num_tasks=5, parallelism=2)
-    st = finished(ex, "local", timeout=60)
-    assert (st.active, st.succeeded, st.failed) == (0, 5, 0), st
-    assert kd.max_active("emrestore-local") <= 2
-    for i in range(5):
-        info = json.loads((work / f"task-{i}.json").read_text())
-        assert info["argv"] == ["--ledger", str(tmp_path / "ledger"), "--job", "local", "--num-tasks", "5"]
-        assert info["pod"].startswith(f"emrestore-local-{i}-") and info["node"] == "node-0"
-        assert info["job"] == "local" and info["extra"] == "from-double"
-        assert info["secrets"] == ["google-secret.json"] and info["shm_writable"]
-        assert info["threads"] == "4"  # requests.cpu of the default KubeConfig
-        assert (data / "run" / f"out-{i}.txt").read_text() == str(i)
-    logs = client.CoreV1Api(kd.api_client()).read_namespaced_pod_log(
-        kd.pods(NS, "emrestore-local")[0]["metadata"]["name"], NS)
-    assert logs == ""
-
-
-def test_process_mode_failures_and_logs(double_factory, tmp_path):
-    code = ("import os, sys; i = int(os.environ['JOB_COMPLETION_INDEX']); "
-            "print('task', i, 'starting'); "
-            "sys.exit(0 if i != 1 else (print('bad input: no such layer', flush=True) or 2))")
-    kd = double_factory(mode="process", cwd=tmp_path)
-    ex = executor(kd, worker_command=[sys.executable, "-c", code], credentials_secret=None)
-    ex.launch("local-bad", 3, 3)
-    st = finished(ex, "local-bad", timeout=60)
-    assert (st.succeeded, st.failed) == (2, 1)
-    assert has(st, "task 1", "exit code 2 (bad input)", "bad input: no such layer")
-    pod = [p for p in kd.pods(NS) if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"][0]
-    log = client.CoreV1Api(kd.api_client()).read_namespaced_pod_log(pod["metadata"]["name"], NS, tail_lines=1)
-    assert log.strip() == "bad input: no such layer"
-
-
-def test_process_mode_init_container_failure(double_factory, tmp_path):
-    def rewrite(argv):  # make the credentials copy fail the way a broken image would
-        if argv[:2] == ["sh", "-c"]:
-            return ["sh", "-c", "echo 'cp: cannot create regular file: Read-only file system' >&2; exit 3"]
-        return argv
-
-    kd = double_factory(mode="process", cwd=tmp_path, rewrite_command=rewrite)
-    ex = executor(kd, worker_command=[sys.executable, "-c", "open('ran', 'w')"])
-    ex.launch("local-init", 1, 1)
-    st = wait_status(ex, "local-init", lambda s: has(s, "copy-credentials"), timeout=30)
-    assert has(st, "container copy-credentials failed: it exited with code 3", "Read-only file system")
-    assert not (tmp_path / "ran").exists()  # the worker never started
-    # the index may already be retried by a fresh pod whose init container has not run yet:
-    # the failed attempt's pod log holds the message
-    api = client.CoreV1Api(kd.api_client())
-
-    def init_log(pod_name):
-        try:
-            return api.read_namespaced_pod_log(pod_name, NS, container="copy-credentials")
-        except client.ApiException:  # 400 while that pod's containers wait to start, as in Kubernetes
-            return ""
-
-    logs = [init_log(p["metadata"]["name"]) for p in kd.pods(NS)]
-    assert any("Read-only file system" in log for log in logs), logs
-    ex.cancel("local-init", wait=True)
-
-
-def test_process_mode_cancel_stops_processes(double_factory, tmp_path):
-    kd = double_factory(mode="process", cwd=tmp_path)
-    ex = executor(kd, worker_command=[sys.executable, "-c", "import time; time.sleep(120)"], credentials_secret=None)
-    ex.launch("local-long", 3, 3)
-    kd.wait_for(lambda: len(kd.processes()) == 3, timeout=30)
-    procs = kd.processes()
-    t0 = time.monotonic()
-    ex.cancel("local-long", wait=True, timeout_s=20)
-    assert time.monotonic() - t0 < 10
-    assert all(p.poll() is not None for p in procs)
-    assert kd.pods(NS) == [] and kd.job("emrestore-local-long") is None
-
-
-def test_process_mode_disruption_is_replaced(double_factory, tmp_path):
-    code = ("import os, pathlib, time; p = pathlib.Path('attempts-' + os.environ['JOB_COMPLETION_INDEX']); "
-            "n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1)); "
-            "time.sleep(60 if n == 0 else 0)")
-    kd = double_factory(mode="process", cwd=tmp_path)
-    ex = executor(kd, worker_command=[sys.executable, "-c", code], credentials_secret=None, backoff_limit_per_index=0)
-    ex.launch("local-drain", 1, 1)
-    kd.wait_for(lambda: (tmp_path / "attempts-0").exists() and kd.processes(), timeout=30)
-    pod = kd.pods(NS)[0]["metadata"]["name"]
-    kd.disrupt(pod, NS, reason="EvictionByEvictionAPI", message="Eviction API: evicting")
-    st = finished(ex, "local-drain", timeout=60)
-    assert (st.succeeded, st.failed) == (1, 0)  # backoffLimitPerIndex 0, yet the disruption did not count
-    assert (tmp_path / "attempts-0").read_text() == "2"
-    assert has(st, "disrupted (EvictionByEvictionAPI", "without counting a failure")
-
-
-# --------------------------------------------------------------------------------------------------
-# the real worker through the double
+# an Indexed Job of real worker processes
+
+
+def _wait(ex, job_id, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ex.status(job_id)
+        if st.finished:
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+
+
+def test_fake_runs_indexes_with_retries_and_fail_index(tmp_path):
+    code = ("import os, pathlib, sys; i = int(os.environ['JOB_COMPLETION_INDEX']); "
+            "p = pathlib.Path(f'a{i}'); n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1)); "
+            "print('task', i, 'attempt', n); "
+            "sys.exit(2 if i == 2 else (1 if i == 1 and n == 0 else 0))")
+    api = FakeKubeApi(run_workers=True, cwd=str(tmp_path))
+    try:
+        ex = executor(api, worker_command=[sys.executable, "-c", code], credentials_secret=None, gpus_per_pod=0)
+        ex.launch("procs", 4, 2)
+        st = _wait(ex, "procs")
+        assert (st.succeeded, st.failed, st.finished) == (3, 1, True)
+        assert [(tmp_path / f"a{i}").read_text() for i in range(4)] == ["1", "2", "1", "1"]  # 1 retried, 2 not
+        assert api.max_running["emrestore-procs"] <= 2
+        assert has(st, "task 2", "exit code 2 (bad input)", "task 2 attempt 0")
+    finally:
+        api.close()
 
 
 @pytest.mark.slow
-def test_real_workers_through_the_double_match_local_workers(double_factory, phantom_layer, tiny_iso_model,
-                                                             tmp_path, monkeypatch):
-    """JobManager + KubernetesExecutor + the double running ``emrestore worker`` pods as local processes
-    writes the same bytes as JobManager + LocalExecutor."""
+def test_indexed_job_of_real_workers_matches_local_workers(phantom_layer, tiny_iso_model, tmp_path, monkeypatch):
+    """JobManager + KubernetesExecutor, whose fake API runs ``emrestore worker`` processes for the Job's
+    indexes, writes the same bytes as JobManager + LocalExecutor."""
     import numpy as np
 
     from service.jobs.executors import LocalExecutor
@@ -740,49 +649,36 @@ def test_real_workers_through_the_double_match_local_workers(double_factory, pha
     outputs = {}
     for name in ("local", "kube"):
         ledger = f"file://{tmp_path}/ledger-{name}"
-        if name == "local":
-            ex = LocalExecutor(ledger, default_parallelism=2, log_dir=str(tmp_path / "logs"))
+        api = None
+        if name == "local":  # one process: the bytes must not depend on how blocks are split
+            ex = LocalExecutor(ledger, default_parallelism=1, log_dir=str(tmp_path / "logs"))
         else:
-            kd = double_factory(mode="process", cwd=root, env={"OMP_NUM_THREADS": "1"})
-            ex = executor(kd, ledger_url=ledger, gpus_per_pod=0, credentials_secret=None,
-                          worker_command=[sys.executable, "-m", "service.cli", "worker"],
-                          env={"OMP_NUM_THREADS": "1"})
+            api = FakeKubeApi(run_workers=True, cwd=str(root), env={"OMP_NUM_THREADS": "1"})
+            ex = executor(api, ledger_url=ledger, gpus_per_pod=0, credentials_secret=None,
+                          worker_command=[sys.executable, "-m", "service.cli", "worker"])
         mgr = JobManager(ledger, ex, models_dir=None, poll_interval_s=0.2, block_size_xyz=(64, 64, 0))
         mgr.start()
         try:
             out = f"file://{tmp_path}/out-{name}"
-            st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, steps=2, parallelism=2))
+            st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, steps=2,
+                                        parallelism=1 if name == "local" else 2))
             deadline = time.monotonic() + 240
             while mgr.get(st.job_id).state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
                 assert time.monotonic() < deadline, mgr.get(st.job_id)
                 time.sleep(0.3)
             final = mgr.get(st.job_id)
             assert final.state == "SUCCEEDED", (final.message, final.events)
+            if api is not None:  # the ledger may say done while the last pod is still exiting
+                kst = _wait(ex, st.job_id)
+                assert (kst.succeeded, kst.failed) == (2, 0), kst
+                pods = api.list_pods(NS, f"emrestore.io/job-id={job_label_value(st.job_id)}")
+                assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+                              for p in pods) == ["0", "1"]
+                assert all(p["status"]["phase"] == "Succeeded" for p in pods)
         finally:
             mgr.close()
+            if api is not None:
+                api.close()
         info = pc.open_layer(out)
         outputs[name] = pc.read_zyx(out, info.start_zyx, info.stop_zyx)
-        if name == "kube":  # the ledger may say done while the last pod is still exiting
-            kst = finished(ex, st.job_id, timeout=60)
-            assert (kst.succeeded, kst.failed) == (2, 0), kst
-            pods = kd.pods(NS)
-            assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
-            assert all(p["status"]["phase"] == "Succeeded" for p in pods)
     np.testing.assert_array_equal(outputs["local"], outputs["kube"])
-
-
-def test_ttl_and_deadline(double_factory):
-    kd = double_factory(script=PodScript.succeed())
-    ex = executor(kd, ttl_seconds_after_finished=0)
-    ex.launch("short-lived", 2, 2)
-    kd.wait_for(lambda: kd.job("emrestore-short-lived") is None and not kd.pods(NS))  # TTL controller + GC
-    st = ex.status("short-lived")
-    assert st.finished and has(st, "not found", "ttlSecondsAfterFinished")
-
-    kd.script = PodScript.hang()
-    ex = executor(kd, active_deadline_seconds=1)
-    ex.launch("too-slow", 3, 2)
-    st = finished(ex, "too-slow")
-    assert (st.succeeded, st.failed) == (0, 3)
-    assert has(st, "failed (DeadlineExceeded: the Job ran longer than activeDeadlineSeconds)")
-    assert kd.pods(NS, "emrestore-too-slow") == []  # running pods were stopped

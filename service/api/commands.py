@@ -189,6 +189,14 @@ def cmd_submit(a):
     kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
               steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism)
     with _client(a) as c:
+        if getattr(a, "reuse_active", False):
+            active = _active_job_for(c, a.source, a.output, region)
+            if active is not None:  # e.g. the CronJob's retry while last night's run still goes
+                print(active.job_id, flush=True)
+                print(f"reusing active restore job {active.job_id} for {a.output} ({active.state}, "
+                      f"{active.blocks_done}/{active.blocks_total} blocks) instead of starting another",
+                      file=sys.stderr, flush=True)
+                return _wait(c, active.job_id, a.quiet) if a.wait else 0
         if region is not None:
             job = c.restore_region(a.source, a.model, a.output, region[0], region[1], **kw)
         else:
@@ -199,6 +207,20 @@ def cmd_submit(a):
         if a.wait:
             return _wait(c, job.job_id, a.quiet)
     return 0
+
+
+def _active_job_for(c, source: str, output: str, region):
+    """The newest PENDING or RUNNING restore job with the same source, output and region, if any."""
+    want_region = None if region is None else [list(region[0]), list(region[1])]
+    for state in ("RUNNING", "PENDING"):
+        for j in c.list_jobs(state=state, page_size=100):
+            spec = j.spec or {}
+            got = spec.get("region_start_xyz")
+            got_region = None if got is None else [list(got), list(spec.get("region_stop_xyz") or [])]
+            if (j.kind in ("restore", "") and spec.get("source") == source and spec.get("output") == output
+                    and got_region == want_region):
+                return j
+    return None
 
 
 @_handled
@@ -296,6 +318,9 @@ def register(sub) -> None:
     g.add_argument("--region", help="X0,Y0,Z0:X1,Y1,Z1 absolute source voxels (stop exclusive)")
     g.add_argument("--whole", action="store_true", help="the whole dataset")
     p.add_argument("--incremental", action="store_true", help="only blocks whose output is missing")
+    p.add_argument("--reuse-active", action="store_true",
+                   help="if a restore job with the same source, output and region is pending or running, "
+                        "attach to it instead of starting another (scheduled incremental runs)")
     p.add_argument("--model", required=True, help="model name on the server, or model URL")
     p.add_argument("--output", required=True, help="output layer URL")
     p.add_argument("--uncertainty", help="uncertainty layer URL (needs --samples ≥ 2)")
