@@ -2,13 +2,22 @@
 
 Everything here is real networking on 127.0.0.1 (ephemeral ports); nothing is mocked in-process.
 
-- :class:`WebknossosDouble` — an HTTP server standing in for the **WEBKNOSSOS REST API v9**
-  (``/api/v9/…``, token in ``X-Auth-Token``): ``GET /user``, ``GET /datasets``,
-  ``GET /datasets/{id}``, ``GET /datasets/{name}/isValidNewName``, ``POST /datasets/exploreRemote``
-  and ``POST /datasets/exploreAndAddRemote``. Like the real server it *explores* the
-  ``remoteUri``: it fetches ``<remoteUri>/info`` over HTTP and refuses URIs without a Precomputed
-  image layer; malformed bodies (missing/mistyped fields, invalid names) get 400 with webKnossos'
-  ``{"messages": [{"error": …}]}`` shape.
+- :class:`WebknossosDouble` — an HTTP server standing in for the **WEBKNOSSOS REST API**, following
+  scalableminds/webknossos ``conf/webknossos.latest.routes`` / ``webknossos.versioned.routes``
+  (API versions 5–14; only the versions given are routed, others answer 404 like an unknown
+  route), ``app/controllers/DatasetController.scala`` and ``ComposeService.scala``. Token in
+  ``X-Auth-Token``. Routes: ``GET /api/buildinfo`` (unversioned) and ``/api/vN/buildinfo``,
+  ``GET /user``, ``GET /datasets``, ``GET /datasets/{id}``, ``GET /datasets/{name}/isValidNewName``,
+  ``GET /datastores``, ``POST /datasets/exploreRemote`` (with ``credentialIdentifier`` /
+  ``credentialSecret``: URIs under ``private_prefix`` are explored only with the right
+  credential, which is then stored and referenced as ``credentialId``),
+  ``POST /datasets/exploreAndAddRemote`` (no credentials; answers the new id, or nothing with
+  ``answers_id=False`` as older releases), ``POST /datasets/addVirtualDataset/{name}``
+  (``{dataSource, dataStoreName, folderId}``) and, with ``compose=True`` (newer releases),
+  ``POST /datasets/{id}/compose/addLayer`` (``{datasetId, sourceName, newName,
+  transformations}``). Like the real server it *explores* the ``remoteUri``: it fetches
+  ``<remoteUri>/info`` over HTTP and refuses URIs without a Precomputed image layer; malformed
+  bodies get 400 with webKnossos' ``{"messages": [{"error": …}]}`` shape.
 - :class:`CatmaidDouble` — an HTTP server standing in for **CATMAID 2021.12.21**: the read API
   (``GET /projects/``, ``GET /projects/export``, ``GET /{pid}/stacks``,
   ``GET /{pid}/stack/{sid}/info``; API token in ``X-Authorization: Token …``) and, at
@@ -155,11 +164,19 @@ class _WebknossosHandler(_JSONHandler):
 
     def handle_request(self, method: str, path: str, raw: bytes) -> None:
         d = self.double
+        if method == "GET" and path == "/api/buildinfo":
+            self.send_json(200, {"webknossos": {"name": "webknossos", "version": d.release,
+                                                "commitHash": "0" * 40},
+                                 "localDataStoreEnabled": True, "localTracingStoreEnabled": True})
+            return
         m = re.match(r"^/api/v(\d+)(/.*)$", path)
         if not m or int(m.group(1)) not in d.api_versions:
-            self.wk_error(404, f"no route {path} (this double serves /api/v{sorted(d.api_versions)})")
+            self.wk_error(404, f"no route {method} {path}")
             return
         route = m.group(2)
+        if method == "GET" and route == "/buildinfo":
+            self.send_json(200, {"webknossos": {"name": "webknossos", "version": d.release}})
+            return
         token = self.headers.get("X-Auth-Token")
         if token != d.token:
             self.wk_error(401, "Unauthorized: missing or invalid X-Auth-Token")
@@ -170,6 +187,9 @@ class _WebknossosHandler(_JSONHandler):
             return
         if method == "GET" and route == "/datasets":
             self.send_json(200, list(d.datasets.values()))
+            return
+        if method == "GET" and route == "/datastores":
+            self.send_json(200, [{"name": "localhost", "url": "http://localhost:9000", "isScratch": False}])
             return
         mm = re.match(r"^/datasets/([^/]+)/isValidNewName$", route)
         if method == "GET" and mm:
@@ -191,13 +211,35 @@ class _WebknossosHandler(_JSONHandler):
                 return
             layers, report = [], []
             for p in body:
-                layer, problem = d.explore(p["remoteUri"])
+                layer, problem = d.explore(p["remoteUri"], p.get("credentialIdentifier"), p.get("credentialSecret"))
                 if layer:
                     layers.append(layer)
                 else:
                     report.append(problem)
             ds = d.data_source("explored", layers) if layers else None
             self.send_json(200, {"dataSource": ds, "report": "\n".join(report)})
+            return
+        mm = re.match(r"^/datasets/addVirtualDataset/([^/]+)$", route)
+        if method == "POST" and mm:
+            body = self._json(raw)
+            if body is None:
+                return
+            name = urllib.parse.unquote(mm.group(1))
+            if not isinstance(body, dict) or not isinstance(body.get("dataSource"), dict) \
+                    or not isinstance(body.get("dataStoreName"), str):
+                self.wk_error(400, "Invalid Json: obj.dataSource / obj.dataStoreName: error.path.missing")
+                return
+            if body["dataStoreName"] != "localhost":
+                self.wk_error(404, "dataStore.notFound")
+                return
+            if not body["dataSource"].get("dataLayers"):
+                self.wk_error(400, "dataset.explore.zeroLayers")
+                return
+            if not _WK_NAME.match(name) or any(ds["name"] == name for ds in d.datasets.values()):
+                self.wk_error(400, f"Invalid or taken dataset name {name!r}")
+                return
+            self.send_json(200, d.add_dataset(name, body["dataSource"]["dataLayers"],
+                                              body["dataSource"].get("scale", {}).get("factor", [1, 1, 1]), None))
             return
         if method == "POST" and route == "/datasets/exploreAndAddRemote":
             body = self._json(raw)
@@ -227,11 +269,40 @@ class _WebknossosHandler(_JSONHandler):
             if layer is None:
                 self.wk_error(400, f"Exploring remote dataset failed: {problem}")
                 return
-            ds_id = secrets.token_hex(12)
-            d.datasets[ds_id] = {"id": ds_id, "name": name, "folderPath": body.get("folderPath"),
-                                 "isActive": True, "isVirtual": True, "owningOrganization": d.organization,
-                                 "dataSource": d.data_source(name, [layer])}
-            self.send_json(200, ds_id)
+            res = layer.pop("_resolution")
+            ds_id = d.add_dataset(name, [layer], res, body.get("folderPath"))
+            if d.answers_id:
+                self.send_json(200, ds_id)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            return
+        mm = re.match(r"^/datasets/([0-9a-f]{24})/compose/addLayer$", route)
+        if method == "POST" and mm and d.compose:
+            body = self._json(raw)
+            if body is None:
+                return
+            target, src = d.datasets.get(mm.group(1)), d.datasets.get(str((body or {}).get("datasetId")))
+            if target is None or src is None:
+                self.wk_error(404, "Dataset not found")
+                return
+            if not all(isinstance(body.get(f), str) for f in ("sourceName", "newName")) \
+                    or not isinstance(body.get("transformations"), list):
+                self.wk_error(400, "Invalid Json: sourceName/newName/transformations")
+                return
+            layer = next((la for la in src["dataSource"]["dataLayers"] if la["name"] == body["sourceName"]), None)
+            if layer is None:
+                self.wk_error(400, f"Layer {body['sourceName']} not found in dataset {src['id']}")
+                return
+            if any(la["name"] == body["newName"] for la in target["dataSource"]["dataLayers"]):
+                self.wk_error(400, f"Layer name {body['newName']} is already used")
+                return
+            target["dataSource"]["dataLayers"].append({**json.loads(json.dumps(layer)), "name": body["newName"],
+                                                       "coordinateTransformations": body["transformations"]})
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         mm = re.match(r"^/datasets/([0-9a-f]{24})$", route)
         if method == "GET" and mm:
@@ -255,20 +326,47 @@ class _WebknossosHandler(_JSONHandler):
 
 
 class WebknossosDouble(_DoubleServer):
-    """webKnossos API v9 double (see the module docstring). ``datasets``: id → dataset JSON."""
+    """webKnossos API double (see the module docstring). ``datasets``: id → dataset JSON.
+    ``api_versions``: the versions routed (default 5–14, a current release); ``compose``: the
+    compose/addLayer route exists; ``private_prefix``/``credential``: a "private bucket" whose
+    URIs are explored only with that ``{"identifier", "secret"}``."""
     handler_class = _WebknossosHandler
 
-    def __init__(self, token: str = "wk-secret-token", api_versions=(9,), organization: str = "sample_org"):
+    def __init__(self, token: str = "wk-secret-token", api_versions=tuple(range(5, 15)), organization: str = "sample_org",
+                 release: str = "25.06.0", compose: bool = True, answers_id: bool = True,
+                 private_prefix: str | None = None, credential: dict | None = None):
         self.token = token
         self.api_versions = set(api_versions)
         self.organization = organization
+        self.release = release
+        self.compose = compose
+        self.answers_id = answers_id
+        self.private_prefix = private_prefix
+        self.credential = credential or {}
+        self.credentials: dict[str, dict] = {}
         self.datasets: dict[str, dict] = {}
         super().__init__()
 
-    def explore(self, uri: str):
+    def add_dataset(self, name: str, layers: list[dict], resolution, folder_path) -> str:
+        ds_id = secrets.token_hex(12)
+        for layer in layers:
+            layer.pop("_resolution", None)
+        self.datasets[ds_id] = {"id": ds_id, "name": name, "folderPath": folder_path, "isActive": True,
+                                "isVirtual": True, "owningOrganization": self.organization,
+                                "dataSource": {"id": {"name": name, "team": ""}, "dataLayers": layers,
+                                               "scale": {"factor": resolution, "unit": "nanometer"}}}
+        return ds_id
+
+    def explore(self, uri: str, identifier: str | None = None, secret: str | None = None):
         """(layer JSON, None) for a Precomputed image layer at ``uri``, else (None, problem)."""
         if not uri.startswith(("http://", "https://")):
             return None, f"{uri}: this double can only reach http(s) URIs"
+        cred_id = None
+        if self.private_prefix and uri.startswith(self.private_prefix):
+            if (identifier, secret) != (self.credential.get("identifier"), self.credential.get("secret")):
+                return None, f"{uri}: access denied (403) — a private bucket needs credentials"
+            cred_id = secrets.token_hex(12)
+            self.credentials[cred_id] = {"identifier": identifier, "secret": secret}
         try:
             info = _fetch_json(uri.rstrip("/") + "/info")
         except (urllib.error.URLError, ValueError, OSError) as e:
@@ -279,7 +377,8 @@ class WebknossosDouble(_DoubleServer):
         off, size = s0.get("voxel_offset", [0, 0, 0]), s0["size"]
         res0 = s0["resolution"]
         mags = [{"mag": [int(round(r / b)) for r, b in zip(s["resolution"], res0)],
-                 "path": uri.rstrip("/") + "/" + s["key"]} for s in info["scales"]]
+                 "path": uri.rstrip("/") + "/" + s["key"], **({"credentialId": cred_id} if cred_id else {})}
+                for s in info["scales"]]
         layer = {"name": "color", "category": "color", "elementClass": info["data_type"],
                  "dataFormat": "neuroglancerPrecomputed",
                  "boundingBox": {"topLeft": off, "width": size[0], "height": size[1], "depth": size[2]},
