@@ -18,15 +18,19 @@ Everything here is real networking on 127.0.0.1 (ephemeral ports); nothing is mo
   transformations}``). Like the real server it *explores* the ``remoteUri``: it fetches
   ``<remoteUri>/info`` over HTTP and refuses URIs without a Precomputed image layer; malformed
   bodies get 400 with webKnossos' ``{"messages": [{"error": …}]}`` shape.
-- :class:`CatmaidDouble` — an HTTP server standing in for **CATMAID 2021.12.21**: the read API
-  (``GET /projects/``, ``GET /projects/export``, ``GET /{pid}/stacks``,
-  ``GET /{pid}/stack/{sid}/info``; API token in ``X-Authorization: Token …``) and, at
-  ``POST /__double__/catmaid_import_projects``, the management command
-  ``manage.py catmaid_import_projects`` (which has no HTTP form in CATMAID): it applies the
-  importer's checks (PreProject/PreStack/PreMirror: required ``title``, ``dimension``,
-  ``resolution``, mirror ``title`` and ``url``, ``(x,y,z)`` tuples) and its defaults (projects and
-  stacks whose title exists are skipped). :func:`fake_manage_py` writes a ``manage.py`` that
-  forwards ``catmaid_import_projects --input FILE`` to that endpoint.
+- :class:`CatmaidDouble` — an HTTP server standing in for **CATMAID 2021.12.21**, following
+  catmaid/CATMAID at that tag: ``django/applications/catmaid/urls.py`` (read API: ``GET /version``,
+  ``GET /projects/``, ``GET /projects/export``, ``GET /{pid}/stacks``, ``GET /{pid}/stack/{sid}/info``;
+  API token in ``X-Authorization: Token …``), ``control/importer.py`` and
+  ``management/commands/catmaid_import_projects.py`` (the management command has no HTTP form;
+  here it is ``POST /__double__/catmaid_import_projects``, reached through :func:`fake_import_command`):
+  the importer's checks (required ``title``, ``dimension``, ``resolution``, mirror ``title`` and
+  ``url``, ``(x,y,z)`` tuples), its defaults (projects and stacks whose title exists are skipped)
+  and its ``PreMirror`` appending ``/`` to every mirror URL; ``admin.py`` (Django admin login with
+  session + CSRF, the plain ``stackmirror`` and ``projectstack`` add forms, 302 on success,
+  200 with an ``errorlist`` otherwise); and ``static/js/tile-source.js`` —
+  :meth:`CatmaidDouble.displays` applies the 2021.12.21 ``NeuroglancerPrecomputedImageBlockSource``
+  parsing (slice axes after the mirror URL's last ``/``) to tell whether a stack would display.
 - :data:`WEBKNOSSOS_PAGE` / :data:`CATMAID_PAGE` — HTML pages providing the platforms' front-end
   JavaScript API surface for the user script and the widget (documented in the pages).
 - :class:`RunningService` — the real gRPC server with the real JobManager + LocalExecutor.
@@ -417,6 +421,12 @@ class _CatmaidHandler(_JSONHandler):
                 return
             self.send_json(200, {"imported": imported})
             return
+        if path == "/version" and method == "GET":
+            self.send_json(200, {"SERVER_VERSION": d.version})
+            return
+        if path.startswith("/admin/"):
+            self.handle_admin(method, path, raw)
+            return
         auth = self.headers.get("X-Authorization")
         if auth is None:
             self.send_json(403, {"error": "You do not have permission to access this resource (no API token)",
@@ -458,12 +468,101 @@ class _CatmaidHandler(_JSONHandler):
         self.send_json(404, {"error": f"no route {method} {path}"})
 
 
+    # ---------------------------------------------------------------- Django admin
+    def send_html(self, status: int, text: str, cookies: dict | None = None, location: str | None = None) -> None:
+        data = text.encode()
+        self.send_response(status)
+        for k, v in (cookies or {}).items():
+            self.send_header("Set-Cookie", f"{k}={v}; Path=/")
+        if location:
+            self.send_header("Location", location)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _cookies(self) -> dict:
+        out = {}
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            if "=" in part:
+                k, v = part.strip().split("=", 1)
+                out[k] = v
+        return out
+
+    def handle_admin(self, method: str, path: str, raw: bytes) -> None:
+        d = self.double
+        cookies = self._cookies()
+        csrf = cookies.get("csrftoken") or secrets.token_hex(16)
+        if method == "GET":
+            self.send_html(200, "<form>admin</form>", {"csrftoken": csrf})
+            return
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode(), keep_blank_values=True).items()}
+        if not cookies.get("csrftoken") or form.get("csrfmiddlewaretoken") != cookies["csrftoken"] \
+                or not (self.headers.get("Referer") or "").startswith(d.url):
+            self.send_html(403, "<h1>Forbidden (403)</h1><p>CSRF verification failed.</p>")
+            return
+        if path == "/admin/login/":
+            if (form.get("username"), form.get("password")) != (d.admin_user, d.admin_password):
+                self.send_html(200, '<ul class="errorlist nonfield"><li>Please enter the correct username and '
+                                    'password for a staff account.</li></ul>')
+                return
+            sid = secrets.token_hex(16)
+            d.sessions.add(sid)
+            self.send_html(302, "", {"sessionid": sid}, "/admin/")
+            return
+        if cookies.get("sessionid") not in d.sessions:
+            self.send_html(302, "", None, "/admin/login/?next=" + path)
+            return
+        errors = []
+        if path == "/admin/catmaid/stackmirror/add/":
+            stack = d.find_stack(form.get("stack"))
+            if stack is None:
+                errors.append("Select a valid choice. That choice is not one of the available choices.")
+            for f in ("title", "image_base"):
+                if not form.get(f):
+                    errors.append(f"{f}: This field is required.")
+            try:
+                ints = {f: int(form.get(f, "")) for f in ("tile_width", "tile_height", "tile_source_type", "position")}
+            except ValueError:
+                errors.append("Enter a whole number.")
+            if not errors:
+                # a model form: image_base is stored exactly as given (no trailing slash added)
+                stack["mirrors"].append({"id": d._id("mirror"), "title": form["title"], "image_base": form["image_base"],
+                                         "file_extension": form.get("file_extension", "jpg"),
+                                         "tile_width": ints["tile_width"], "tile_height": ints["tile_height"],
+                                         "tile_source_type": ints["tile_source_type"], "position": ints["position"]})
+                stack["mirrors"].sort(key=lambda m: m["position"])
+                self.send_html(302, "", None, "/admin/catmaid/stackmirror/")
+                return
+        elif path == "/admin/catmaid/projectstack/add/":
+            stack = d.find_stack(form.get("stack"))
+            proj = d.projects.get(int(form["project"])) if str(form.get("project", "")).isdigit() else None
+            if stack is None or proj is None:
+                errors.append("Select a valid choice. That choice is not one of the available choices.")
+            try:
+                t = [float(form[f"translation_{i}"]) for i in range(3)]
+            except (KeyError, ValueError):
+                errors.append("translation: Enter a number.")
+            if not errors:
+                proj["stacks"].append(dict(stack, translation=t))
+                self.send_html(302, "", None, "/admin/catmaid/projectstack/")
+                return
+        else:
+            self.send_html(404, "<h1>Not Found</h1>")
+            return
+        self.send_html(200, "".join(f'<ul class="errorlist"><li>{e}</li></ul>' for e in errors))
+
+
 class CatmaidDouble(_DoubleServer):
     """CATMAID 2021.12.21 double (see the module docstring). ``projects``: id → project."""
     handler_class = _CatmaidHandler
 
-    def __init__(self, token: str = "catmaid-secret-token"):
+    def __init__(self, token: str = "catmaid-secret-token", version: str = "2021.12.21",
+                 admin_user: str = "emrestore-admin", admin_password: str = "admin-secret"):
         self.token = token
+        self.version = version
+        self.admin_user, self.admin_password = admin_user, admin_password
+        self.sessions: set[str] = set()
         self.projects: dict[int, dict] = {}
         self._next = {"project": 1, "stack": 1, "mirror": 1}
         super().__init__()
@@ -472,6 +571,28 @@ class CatmaidDouble(_DoubleServer):
         i = self._next[kind]
         self._next[kind] += 1
         return i
+
+    def find_stack(self, stack_id) -> dict | None:
+        for p in self.projects.values():
+            for st in p["stacks"]:
+                if str(st["id"]) == str(stack_id):
+                    return st
+        return None
+
+    @staticmethod
+    def displays(stack: dict) -> bool:
+        """Whether CATMAID 2021.12.21's front end can show the stack: it uses the first mirror
+        (lowest position) of tile source 14 and reads the slice axes after its URL's last '/'
+        (``NeuroglancerPrecomputedImageBlockSource``); a NaN axis breaks it."""
+        mirrors = sorted(stack["mirrors"], key=lambda m: m["position"])
+        if not mirrors or mirrors[0]["tile_source_type"] != 14:
+            return False
+        base = mirrors[0]["image_base"]
+        dims = []
+        for part in base[base.rfind("/") + 1:].split("_"):
+            m = re.match(r"^\s*[+-]?\d+", part)
+            dims.append(int(m.group(0)) if m else None)
+        return len(dims) == 3 and None not in dims and sorted(dims) == [0, 1, 2]
 
     def add_project(self, title: str) -> int:
         pid = self._id("project")
@@ -556,6 +677,31 @@ class CatmaidDouble(_DoubleServer):
                              "tile_width": m["tile_width"], "tile_height": m["tile_height"],
                              "tile_source_type": m["tile_source_type"], "position": m["position"]}
                             for m in s["mirrors"]]}
+
+
+def fake_import_command(path: str, catmaid: CatmaidDouble) -> list[str]:
+    """An ``import_command`` argv standing in for ``… manage.py catmaid_import_projects`` on the
+    CATMAID host: reads the document on stdin (as the real command does without ``--input``) and
+    posts it to the double; ``--permission`` arguments are accepted."""
+    script = f'''#!{sys.executable}
+"""Stand-in for 'manage.py catmaid_import_projects' (document on stdin)."""
+import json, sys, urllib.request, urllib.error
+data = sys.stdin.buffer.read()
+if not data.strip():
+    print("CommandError: Please provide either the --input argument with a file path or provide data on stdin.",
+          file=sys.stderr); sys.exit(1)
+req = urllib.request.Request("{catmaid.url}/__double__/catmaid_import_projects", data=data,
+                             headers={{"Content-Type": "application/json"}}, method="POST")
+try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+        print("Imported", len(json.loads(r.read())["imported"]), "stacks")
+except urllib.error.HTTPError as e:
+    print("CommandError:", json.loads(e.read()).get("error"), file=sys.stderr); sys.exit(1)
+'''
+    with open(path, "w") as f:
+        f.write(script)
+    os.chmod(path, 0o755)
+    return [sys.executable, path]
 
 
 def fake_manage_py(path: str, catmaid: CatmaidDouble) -> str:
