@@ -416,7 +416,7 @@ class RestoreViewer:
             s.dimensions = dims
             s.position = [o + n / 2 for o, n in zip(g["voxel_offset_xyz"], g["size_xyz"])]
             s.layers["source"] = neuroglancer.ImageLayer(source="precomputed://" + self.browser_url(self.source))
-            s.layers[ANNOTATION_LAYER] = neuroglancer.LocalAnnotationLayer(dimensions=dims)
+            s.layers[ANNOTATION_LAYER] = neuroglancer.LocalAnnotationLayer(dimensions=dims, annotation_color="#00e5ff")
             s.layers[RESULT_LAYER] = neuroglancer.LocalAnnotationLayer(dimensions=dims, annotation_color="#ffd400")
             s.layers[ANNOTATION_LAYER].tool = "annotateBoundingBox"
             s.layout = "4panel"

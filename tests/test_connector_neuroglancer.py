@@ -21,10 +21,17 @@ from tests.test_connector_bridge import make_source_and_model
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
+    from service.engine import phantom
+    from service.volume import precomputed as pc
+
     root = tmp_path_factory.mktemp("ng")
     src, models_dir, _ = make_source_and_model(root)
+    # a wider source (128×128) so that a restored region leaves most of the view untouched
+    wide = f"file://{root}/data/wide"
+    vol = phantom.to_uint8(phantom.make_phantom((25, 128, 128), seed=3))[::3]
+    pc.create_source_layer(wide, vol, (8, 8, 24), chunk_size_xyz=(32, 32, 3))
     svc = RunningService(root, models_dir)
-    yield {"root": root, "src": src, "svc": svc}
+    yield {"root": root, "src": src, "wide": wide, "svc": svc}
     svc.close()
 
 
@@ -69,16 +76,18 @@ def test_state_file_and_link(tmp_path, service):
         public_url(f"file://{tmp_path}/layer")
 
 
-def _panel_pixels(png: bytes, rect: dict):
-    """The RGB pixels of a screenshot inside an element's rectangle, as an (H, W, 3) array."""
+def _panel_pixels(png: bytes, rect: dict, size: tuple[int, int]):
+    """The RGB pixels of a screenshot in a ``size`` (h, w) window centred on an element's centre
+    (the data panel's centre is the view position, whatever the panel's size), as an int array."""
     import io
 
     import numpy as np
     from PIL import Image
 
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    x0, y0 = int(rect["x"]), int(rect["y"])
-    return img[y0:y0 + int(rect["height"]), x0:x0 + int(rect["width"])].astype(int)
+    cy, cx = int(rect["y"] + rect["height"] / 2), int(rect["x"] + rect["width"] / 2)
+    h, w = size
+    return img[cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w].astype(int)
 
 
 @pytest.mark.browser
@@ -94,15 +103,18 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     driver = chrome_driver(str(tmp_path / "profile"), window=(1100, 800))
-    viewer = RestoreViewer(service["src"], service["svc"].target, samples=2, steps=2, block_xyz=(32, 32, 9))
+    viewer = RestoreViewer(service["wide"], service["svc"].target, samples=2, steps=2, block_xyz=(32, 32, 9))
     try:
         assert viewer.bindings()[RESTORE_KEY] == RESTORE_ACTION
         assert viewer.model == "iso3" and viewer.models == ["iso3"]
         assert viewer.viewer.state.layers[ANNOTATION_LAYER].tool.to_json() == {"type": "annotateBoundingBox"}
+        css = 0.25  # voxels per screen pixel: the 128×128 source fills most of the panel
         with viewer.viewer.txn() as s:
             s.layout = "xy"
-            s.cross_section_scale = 0.125  # the 64×64 source fills most of the panel
-            s.position = [32, 32, 4.5]
+            s.cross_section_scale = css
+            s.position = [64, 64, 4.5]
+            s.show_scale_bar = False
+            s.show_default_annotations = False
         driver.get(viewer.url)
         panel = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel"), 30,
                          what="the Neuroglancer XY panel")[0]
@@ -111,10 +123,10 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         rect = panel.rect
         # draw the region with the bounding-box tool: ctrl+click at two corners
         w, h = rect["width"], rect["height"]
-        ActionChains(driver).move_to_element_with_offset(panel, int(-w * 0.2), int(-h * 0.2)) \
+        ActionChains(driver).move_to_element_with_offset(panel, int(-50 / css), int(-50 / css)) \
             .key_down(Keys.CONTROL).click().key_up(Keys.CONTROL).perform()
         time.sleep(0.5)
-        ActionChains(driver).move_to_element_with_offset(panel, int(w * 0.05), int(h * 0.05)) \
+        ActionChains(driver).move_to_element_with_offset(panel, int(-25 / css), int(-30 / css)) \
             .key_down(Keys.CONTROL).click().key_up(Keys.CONTROL).perform()
         drawn = wait_for(lambda: viewer.box_from_annotations(), 15, what="the box drawn with the bounding-box tool")
         time.sleep(1)
@@ -146,19 +158,26 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         time.sleep(6)
         after_png = driver.get_screenshot_as_png()
         (tmp_path / "neuroglancer_after.png").write_bytes(after_png)
-        before, after = _panel_pixels(before_png, rect), _panel_pixels(after_png, rect)
+        rect_after = panel.rect  # the layer bar may wrap: the panel moves, its centre stays the view position
+        size = (int(min(rect["height"], rect_after["height"])) - 4, int(min(rect["width"], rect_after["width"])) - 4)
+        before, after = _panel_pixels(before_png, rect, size), _panel_pixels(after_png, rect_after, size)
         changed = np.abs(after - before).sum(axis=2) > 30
-        # the restored box on screen: the yellow outline of the "restored regions" box
-        yellow = (after[..., 0] > 200) & (after[..., 1] > 170) & (after[..., 2] < 80)
-        assert yellow.sum() > 20, "the restored region's box is not drawn"
-        ys, xs = np.nonzero(yellow)
+        # the restored region on screen, from the view: position at the centre, 1/css pixels per voxel
+        h, w = size
+        x0, x1 = (int(w / 2 + (v - 64) / css) for v in (rb[0][0], rb[1][0]))
+        y0, y1 = (int(h / 2 + (v - 64) / css) for v in (rb[0][1], rb[1][1]))
         inside = np.zeros_like(changed)
         m = 3
-        inside[max(0, ys.min() - m):ys.max() + m + 1, max(0, xs.min() - m):xs.max() + m + 1] = True
-        assert changed[inside].sum() > 50, "nothing changed inside the restored region"
+        inside[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m] = True
+        assert 0 < (x1 - x0) * (y1 - y0) < 0.5 * h * w, (x0, x1, y0, y1, size)  # a real test of "outside"
+        assert changed[inside].sum() > 0.3 * (x1 - x0) * (y1 - y0), "the restored data do not show"
         outside = changed & ~inside
         assert outside.sum() <= 0.001 * outside.size, (
             f"{int(outside.sum())} pixels changed outside the restored region (screenshots in {tmp_path})")
+        # the box of the restored region is drawn where the region is
+        yellow = (after[..., 0] > 200) & (after[..., 1] > 170) & (after[..., 2] < 80)
+        ys, xs = np.nonzero(yellow)
+        assert yellow.sum() > 20 and abs(xs.min() - x0) <= 4 and abs(ys.max() - y1) <= 4, "the box is not drawn"
         print(f"\nNeuroglancer screenshots: {tmp_path}; changed inside {int(changed[inside].sum())}, "
               f"outside {int(outside.sum())} of {outside.size}")
     finally:
