@@ -158,7 +158,8 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         time.sleep(6)
         after_png = driver.get_screenshot_as_png()
         (tmp_path / "neuroglancer_after.png").write_bytes(after_png)
-        rect_after = panel.rect  # the layer bar may wrap: the panel moves, its centre stays the view position
+        # the layer bar may wrap and the panel be re-created: it moves, its centre stays the view position
+        rect_after = driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel")[0].rect
         size = (int(min(rect["height"], rect_after["height"])) - 4, int(min(rect["width"], rect_after["width"])) - 4)
         before, after = _panel_pixels(before_png, rect, size), _panel_pixels(after_png, rect_after, size)
         changed = np.abs(after - before).sum(axis=2) > 30
