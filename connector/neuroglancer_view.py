@@ -58,7 +58,7 @@ def restored_shader(lo: float, hi: float) -> str:
     everywhere outside the restored region."""
     return (f"#uicontrol invlerp normalized(range=[{lo:g}, {hi:g}])\n"
             "void main() {\n"
-            "  if (toRaw(getDataValue()) == 0.0) {\n"
+            "  if (toNormalized(getDataValue()) == 0.0) {\n"
             "    emitTransparent();\n"
             "  } else {\n"
             "    emitGrayscale(normalized());\n"

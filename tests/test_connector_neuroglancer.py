@@ -76,18 +76,39 @@ def test_state_file_and_link(tmp_path, service):
         public_url(f"file://{tmp_path}/layer")
 
 
-def _panel_pixels(png: bytes, rect: dict, size: tuple[int, int]):
-    """The RGB pixels of a screenshot in a ``size`` (h, w) window centred on an element's centre
-    (the data panel's centre is the view position, whatever the panel's size), as an int array."""
+def _panel_pixels(png: bytes, rect: dict):
+    """The RGB pixels of a screenshot inside an element's rectangle, as an (H, W, 3) int array."""
     import io
 
     import numpy as np
     from PIL import Image
 
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    cy, cx = int(rect["y"] + rect["height"] / 2), int(rect["x"] + rect["width"] / 2)
-    h, w = size
-    return img[cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w].astype(int)
+    x0, y0 = int(rect["x"]), int(rect["y"])
+    return img[y0:y0 + int(rect["height"]), x0:x0 + int(rect["width"])].astype(int)
+
+
+def _aligned(before, after, max_dy: int = 40, max_dx: int = 6):
+    """(before, after, dy, dx): the overlap of two panel crops at the shift that matches them best
+    (the panel moves when the layer bar wraps; most of the view is unchanged, so the best shift is
+    the true one). ``after[y + dy, x + dx]`` shows what ``before[y, x]`` showed."""
+    import numpy as np
+
+    h, w = min(before.shape[0], after.shape[0]), min(before.shape[1], after.shape[1])
+    best = None
+    for dy in range(-max_dy, max_dy + 1):
+        for dx in range(-max_dx, max_dx + 1):
+            b = before[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+            a = after[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            n = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+            score = np.abs(a[:n[0]:4, :n[1]:4] - b[:n[0]:4, :n[1]:4]).mean()
+            if best is None or score < best[0]:
+                best = (score, dy, dx)
+    _, dy, dx = best
+    b = before[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    a = after[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    n = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+    return b[:n[0], :n[1]], a[:n[0], :n[1]], dy, dx
 
 
 @pytest.mark.browser
@@ -160,17 +181,20 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         (tmp_path / "neuroglancer_after.png").write_bytes(after_png)
         # the layer bar may wrap and the panel be re-created: it moves, its centre stays the view position
         rect_after = driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel")[0].rect
-        size = (int(min(rect["height"], rect_after["height"])) - 4, int(min(rect["width"], rect_after["width"])) - 4)
-        before, after = _panel_pixels(before_png, rect, size), _panel_pixels(after_png, rect_after, size)
+        whole_before = _panel_pixels(before_png, rect)
+        before, after, dy, dx = _aligned(whole_before, _panel_pixels(after_png, rect_after))
+        oy, ox = max(0, -dy), max(0, -dx)  # where the overlap starts in the before panel
         changed = np.abs(after - before).sum(axis=2) > 30
-        # the restored region on screen, from the view: position at the centre, 1/css pixels per voxel
-        h, w = size
-        x0, x1 = (int(w / 2 + (v - 64) / css) for v in (rb[0][0], rb[1][0]))
-        y0, y1 = (int(h / 2 + (v - 64) / css) for v in (rb[0][1], rb[1][1]))
+        # the restored region on screen, from the view: position at the before panel's centre,
+        # 1/css pixels per voxel; then in the coordinates of the aligned overlap
+        h, w = before.shape[:2]
+        hb, wb = whole_before.shape[:2]
+        x0, x1 = (int(wb / 2 + (v - 64) / css) - ox for v in (rb[0][0], rb[1][0]))
+        y0, y1 = (int(hb / 2 + (v - 64) / css) - oy for v in (rb[0][1], rb[1][1]))
         inside = np.zeros_like(changed)
         m = 3
         inside[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m] = True
-        assert 0 < (x1 - x0) * (y1 - y0) < 0.5 * h * w, (x0, x1, y0, y1, size)  # a real test of "outside"
+        assert 0 < (x1 - x0) * (y1 - y0) < 0.5 * h * w, (x0, x1, y0, y1, h, w)  # a real test of "outside"
         assert changed[inside].sum() > 0.3 * (x1 - x0) * (y1 - y0), "the restored data do not show"
         outside = changed & ~inside
         assert outside.sum() <= 0.001 * outside.size, (
