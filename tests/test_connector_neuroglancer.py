@@ -123,7 +123,8 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    driver = chrome_driver(str(tmp_path / "profile"), window=(1100, 800))
+    # wide enough that the layer bar does not wrap when layers are added (the panel stays put)
+    driver = chrome_driver(str(tmp_path / "profile"), window=(1700, 800))
     viewer = RestoreViewer(service["wide"], service["svc"].target, samples=2, steps=2, block_xyz=(32, 32, 9))
     try:
         assert viewer.bindings()[RESTORE_KEY] == RESTORE_ACTION
@@ -181,28 +182,29 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         (tmp_path / "neuroglancer_after.png").write_bytes(after_png)
         # the layer bar may wrap and the panel be re-created: it moves, its centre stays the view position
         rect_after = driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel")[0].rect
-        whole_before = _panel_pixels(before_png, rect)
-        before, after, dy, dx = _aligned(whole_before, _panel_pixels(after_png, rect_after))
-        oy, ox = max(0, -dy), max(0, -dx)  # where the overlap starts in the before panel
+        before, after, dy, dx = _aligned(_panel_pixels(before_png, rect), _panel_pixels(after_png, rect_after))
         changed = np.abs(after - before).sum(axis=2) > 30
-        # the restored region on screen, from the view: position at the before panel's centre,
-        # 1/css pixels per voxel; then in the coordinates of the aligned overlap
+        # the restored region on screen: the yellow box of the "restored regions" layer, whose size
+        # must be the restored region's (1/css pixels per voxel)
         h, w = before.shape[:2]
-        hb, wb = whole_before.shape[:2]
-        x0, x1 = (int(wb / 2 + (v - 64) / css) - ox for v in (rb[0][0], rb[1][0]))
-        y0, y1 = (int(hb / 2 + (v - 64) / css) - oy for v in (rb[0][1], rb[1][1]))
+        yellow = (after[..., 0] > 200) & (after[..., 1] > 170) & (after[..., 2] < 80)
+        assert yellow.sum() > 20, "the restored region's box is not drawn"
+        ys, xs = np.nonzero(yellow)
+        x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+        assert abs((x1 - x0) - (rb[1][0] - rb[0][0]) / css) <= 4, (x0, x1, rb)
+        assert abs((y1 - y0) - (rb[1][1] - rb[0][1]) / css) <= 4, (y0, y1, rb)
         inside = np.zeros_like(changed)
         m = 3
         inside[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m] = True
         assert 0 < (x1 - x0) * (y1 - y0) < 0.5 * h * w, (x0, x1, y0, y1, h, w)  # a real test of "outside"
         assert changed[inside].sum() > 0.3 * (x1 - x0) * (y1 - y0), "the restored data do not show"
         outside = changed & ~inside
+        outside[-40:] = False  # the status bar overlays the bottom of the panel: its text changes
+        from PIL import Image
+        Image.fromarray((changed * 255).astype(np.uint8)).save(tmp_path / "neuroglancer_changed.png")
         assert outside.sum() <= 0.001 * outside.size, (
-            f"{int(outside.sum())} pixels changed outside the restored region (screenshots in {tmp_path})")
-        # the box of the restored region is drawn where the region is
-        yellow = (after[..., 0] > 200) & (after[..., 1] > 170) & (after[..., 2] < 80)
-        ys, xs = np.nonzero(yellow)
-        assert yellow.sum() > 20 and abs(xs.min() - x0) <= 4 and abs(ys.max() - y1) <= 4, "the box is not drawn"
+            f"{int(outside.sum())} pixels changed outside the restored region {x0}..{x1} × {y0}..{y1} "
+            f"(shift {dy},{dx}; screenshots in {tmp_path})")
         print(f"\nNeuroglancer screenshots: {tmp_path}; changed inside {int(changed[inside].sum())}, "
               f"outside {int(outside.sum())} of {outside.size}")
     finally:
