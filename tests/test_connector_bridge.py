@@ -245,6 +245,15 @@ def test_cli_commands_parse_and_validate(stack, tmp_path, monkeypatch):
     a = ap.parse_args(["bridge", "--token-file", str(empty)])
     with pytest.raises(ConnectorError, match="bearer token"):
         a.func(a)
+    tok = tmp_path / "tok"
+    tok.write_text("t0k\n")
+    bad = tmp_path / "targets.json"
+    bad.write_text(json.dumps({"targets": {"x": {"platform": "catmaid", "url": "https://cm", "manage_py": "/m"}}}))
+    for path, field in ((str(tmp_path / "missing.json"), "--targets"), (str(bad), "targets.x.manage_py")):
+        a = ap.parse_args(["bridge", "--token-file", str(tok), "--targets", path])
+        with pytest.raises(ConnectorError) as e:
+            a.func(a)
+        assert e.value.field == field
     a = ap.parse_args(["view", "file:///nowhere", "--block", "1,2"])
     with pytest.raises(ConnectorError, match="--block"):
         a.func(a)
