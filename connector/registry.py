@@ -27,12 +27,11 @@ import logging
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from .targets import Target, resolve_names
-from .util import ConnectorError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["completion_hook", "register_job", "job_view", "CompletedJobLike", "RegistrationError", "HANDLERS",
-           "PLATFORMS", "register_job_outputs"]
+           "PLATFORMS", "register_job_outputs", "check_names"]
 
 
 class CompletedJobLike(Protocol):
@@ -166,9 +165,7 @@ def register_job_outputs(job_id: str, spec: dict, targets: list) -> list[str]:
 
 
 def check_names(names: Sequence[Any], targets: Mapping[str, Target]) -> list[str]:
-    """Names validated against ``targets`` (ConnectorError naming ``register_in[i]`` otherwise)."""
+    """Names validated against ``targets`` (``ConnectorError`` naming ``register_in[i]`` otherwise):
+    for checking a request up front (the bridge does; the service validates names itself)."""
     return [t.name for t in resolve_names(names, targets)]
 
-
-__all__.append("check_names")
-_ = ConnectorError

@@ -5,7 +5,6 @@ platforms is the service's completion hook with the operator's targets (tests/te
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 import pytest
