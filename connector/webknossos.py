@@ -21,7 +21,8 @@ Registration (:func:`register_layer`):
    ``[{remoteUri, credentialIdentifier, credentialSecret, preferredVoxelSize}]`` (webKnossos stores
    the credential and references it from the explored data source) then
    ``POST /api/vN/datasets/addVirtualDataset/{name}`` ``{dataSource, dataStoreName, folderId}``;
-3. with the target's ``source_dataset`` (the id of the dataset the user views):
+3. with the target's ``source_dataset`` (the id of the dataset the user views, or ``"auto"``: the
+   dataset whose layer reads the job's source URL):
    ``POST /api/vN/datasets/{source}/compose/addLayer`` ``{datasetId, sourceName, newName,
    transformations: []}`` adds the restored (and uncertainty) layer to that dataset, so it
    shows as a layer over the source. Servers without that route (404) keep the separate dataset,
@@ -199,6 +200,21 @@ def _layer_names(ds: dict) -> list[str]:
     return [str(layer.get("name")) for layer in src.get("dataLayers", []) if isinstance(layer, dict)]
 
 
+def find_dataset_of_layer(client: WebknossosClient, layer_url: str, exclude: set | None = None) -> str | None:
+    """The id of a dataset with a layer whose magnifications are read from ``layer_url`` (the
+    dataset a user views for that source), or None."""
+    base = layer_url.rstrip("/") + "/"
+    for d in client.datasets():
+        if not d.get("id") or d["id"] in (exclude or set()):
+            continue
+        ds = d if d.get("dataSource") else client.dataset(d["id"])
+        for layer in (ds.get("dataSource") or {}).get("dataLayers", []):
+            for mag in layer.get("mags", []) or []:
+                if str(mag.get("path", "")).startswith(base):
+                    return str(d["id"])
+    return None
+
+
 def register_layer(client: WebknossosClient, layer_url: str, dataset_name: str, *, folder_path: str | None = None,
                    datastore: str | None = None, prefix_map: Any = None, credential: dict | None = None) -> dict:
     """Add ``layer_url`` to webKnossos as a (virtual) dataset; ``{"id", "name", "remote_uri", "url"}``."""
@@ -252,7 +268,13 @@ def register_job_target(job: dict, target) -> str:
             layers.append(("uncertainty", job["uncertainty_output"], f"{name}_uncertainty"))
         added = [(kind, register_layer(client, url, ds_name, **kw)) for kind, url, ds_name in layers]
         source_ds = option(opts, "source_dataset")
+        if str(source_ds or "").lower() == "auto":
+            source_ds = find_dataset_of_layer(client, public_url(job["source"], option(opts, "public_url_map"),
+                                                                  field="source"),
+                                              exclude={res["id"] for _, res in added})
         parts = []
+        if str(option(opts, "source_dataset") or "").lower() == "auto" and not source_ds:
+            parts.append("no dataset on the server reads the source layer, so none was extended")
         if source_ds:
             composed = []
             for kind, res in added:

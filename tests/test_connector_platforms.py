@@ -171,6 +171,13 @@ def test_webknossos_adds_layers_to_the_source_dataset(env, tmp_path, monkeypatch
         assert layers[1]["boundingBox"]["topLeft"] == [16, 8, 6]
         assert layers[1]["mags"][0]["path"] == f"{env['data_url']}/src_restored_t1/8_8_8"
         assert all(r["headers"].get("X-Auth-Token") in (None, wk.token) for r in wk.requests)
+        # "auto": the dataset whose layer reads the job's source
+        targets = _targets(tmp_path, {"auto": {"platform": "webknossos", "url": wk.url, "token": {"env": "WK_TOKEN"},
+                                               "source_dataset": "auto", "public_url_map": env["map"],
+                                               "dataset_name": "second_restore", "include_uncertainty": "false"}})
+        msgs = completion_hook(targets)(_job(env, job_id="01hzzzzzzzzzzzzzzzzzzzjob3", register_in=["auto"]))
+        assert f"to dataset {source['id']}" in msgs[0], msgs
+        assert wk.datasets[source["id"]]["dataSource"]["dataLayers"][-1]["name"] == "restored_zzzzjob3"
     finally:
         wk.close()
 
