@@ -704,30 +704,6 @@ except urllib.error.HTTPError as e:
     return [sys.executable, path]
 
 
-def fake_manage_py(path: str, catmaid: CatmaidDouble) -> str:
-    """Write a ``manage.py`` whose ``catmaid_import_projects --input FILE`` posts FILE to the
-    CATMAID double (standing in for CATMAID's management command); returns its path."""
-    script = f'''#!{sys.executable}
-"""Stand-in for CATMAID's manage.py: only 'catmaid_import_projects --input FILE [--permission …]'."""
-import json, sys, urllib.request, urllib.error
-args = sys.argv[1:]
-if not args or args[0] != "catmaid_import_projects" or "--input" not in args:
-    print("Unknown command or missing --input", file=sys.stderr); sys.exit(1)
-data = open(args[args.index("--input") + 1], "rb").read()
-req = urllib.request.Request("{catmaid.url}/__double__/catmaid_import_projects", data=data,
-                             headers={{"Content-Type": "application/json"}}, method="POST")
-try:
-    with urllib.request.urlopen(req, timeout=30) as r:
-        print("Imported", len(json.loads(r.read())["imported"]), "stacks")
-except urllib.error.HTTPError as e:
-    print("CommandError:", json.loads(e.read()).get("error"), file=sys.stderr); sys.exit(1)
-'''
-    with open(path, "w") as f:
-        f.write(script)
-    os.chmod(path, 0o755)
-    return path
-
-
 # ============================================================================ front-end API doubles
 
 #: Stands for the webKnossos front-end scripting API, version 3 (``window.webknossos.apiReady(3)``,
