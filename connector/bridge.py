@@ -32,7 +32,7 @@ POST /v1/restore-region body::
      "uncertainty": true,                       # optional: true, false or a layer URL;
                                                 #   default true when samples ≥ 2
      "samples": 2, "steps": 10, "sampler": "dpmpp2m", "seed": 0, "mip": 0,   # optional
-     "register_in": [{"platform": "neuroglancer", "url": "file:///srv/state.json", "options": {}}]}
+     "register_in": ["lab-ng"]}                 # names of the operator's targets (--targets FILE)
 
 ``start``/``stop`` may also be given at the top level. The default output names use a short
 random request id ``<id>`` (the job id is only known once the job exists); the answer returns
@@ -91,20 +91,40 @@ ASSETS = {
 }
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-_REGISTER_PREFIXES = ("neuroglancer", "webknossos", "catmaid", "connectors", "target ")
+#: structured job event kinds that end a target's registration
+REGISTRATION_KINDS = ("registered", "registration_failed")
+
+
+def job_event_kinds(job: Any) -> list[str]:
+    """The kinds of a job's structured events. THE one place that knows how a job carries them:
+    ``job.event_kinds`` (a list parallel to ``job.events``), or events (the client's ``event_log``
+    of ``{kind, message, time}``, else ``events``) that are dicts / objects with a ``kind``. Plain-text events carry no kind (older servers) and count as none."""
+    kinds = getattr(job, "event_kinds", None)
+    if kinds:
+        return [str(k) for k in kinds]
+    out = []
+    for e in (getattr(job, "event_log", None) or getattr(job, "events", []) or []):
+        k = e.get("kind") if isinstance(e, dict) else getattr(e, "kind", None)
+        if k:
+            out.append(str(k))
+    return out
 
 
 def registration_pending(job: Any) -> bool:
-    """True while a SUCCEEDED job's register targets have not all reported a message yet (the
-    manager registers outputs just before marking the job SUCCEEDED; this also covers older servers)."""
+    """True while a SUCCEEDED job has not reported one ``registered``/``registration_failed`` event
+    per target it names (the manager registers through its completion hooks)."""
     if getattr(job, "state", "") != "SUCCEEDED":
         return False
     spec = getattr(job, "spec", {}) or {}
     n = len(spec.get("register_in") or spec.get("registerIn") or [])
     if not n:
         return False
-    done = [e for e in (getattr(job, "events", []) or []) if str(e).lower().startswith(_REGISTER_PREFIXES)]
-    return len(done) < n
+    return sum(1 for k in job_event_kinds(job) if k in REGISTRATION_KINDS) < n
+
+
+def register_in_for_grpc(names: list[str]) -> list:
+    """How the bridge passes the configured target names to the gRPC client (one place to adapt)."""
+    return list(names)
 
 
 def http_status_for(code_name: str, message: str = "") -> int:
@@ -178,6 +198,8 @@ class BridgeConfig:
     keepalive_s: float = 15.0
     register_wait_s: float = 60.0
     max_body_bytes: int = 1 << 20
+    #: the operator's registration targets (connector.targets.load_targets): requests name them
+    targets: dict = field(default_factory=dict)
 
     def validate(self) -> "BridgeConfig":
         toks = [t.strip() for t in (self.tokens or []) if t and t.strip()]
@@ -306,7 +328,7 @@ def _opt_str(body: dict, name: str) -> str:
     return v.strip()
 
 
-def parse_restore_request(body: Any) -> dict:
+def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
     """Validate a restore-region body; returns keyword arguments for the client (plus ``rid``)."""
     if not isinstance(body, dict):
         raise ConnectorError("body", "must be a JSON object")
@@ -350,18 +372,11 @@ def parse_restore_request(body: Any) -> dict:
         raise ConnectorError("uncertainty", f"{unc!r}: give true, false or a layer URL")
     if uncertainty and samples < 2:
         raise ConnectorError("uncertainty", "needs samples ≥ 2 (the spread of the samples)")
-    targets = body.get("register_in") or []
-    if not isinstance(targets, list):
-        raise ConnectorError("register_in", "must be a list of {platform, url, options}")
-    clean_targets = []
-    for i, t in enumerate(targets):
-        if not isinstance(t, dict) or not isinstance(t.get("platform"), str) or not t["platform"].strip():
-            raise ConnectorError(f"register_in[{i}].platform", "required (neuroglancer, webknossos or catmaid)")
-        opts = t.get("options") or {}
-        if not isinstance(opts, dict):
-            raise ConnectorError(f"register_in[{i}].options", "must be an object of strings")
-        clean_targets.append({"platform": t["platform"].strip(), "url": str(t.get("url") or ""),
-                              "options": {str(k): str(v) for k, v in opts.items()}})
+    names = body.get("register_in") or []
+    if not isinstance(names, list):
+        raise ConnectorError("register_in", "must be a list of configured target names")
+    from .targets import resolve_names
+    clean_targets = [t.name for t in resolve_names(names, targets or {})]
     return dict(source=source, model=model, output=output, start_xyz=start, stop_xyz=stop,
                 uncertainty=uncertainty, samples=samples, steps=steps, seed=seed, mip=mip, sampler=sampler,
                 register_in=clean_targets, rid=rid)
@@ -401,14 +416,14 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
 
     async def restore_region(request: Request):
         try:
-            kw = parse_restore_request(await read_json(request))
+            kw = parse_restore_request(await read_json(request), config.targets)
         except ConnectorError as e:
             return error_response(400, "INVALID_ARGUMENT", e.field, e.detail)
         rid = kw.pop("rid")
         job, err = await call(
             client.restore_region, kw["source"], kw["model"], kw["output"], kw["start_xyz"], kw["stop_xyz"],
             uncertainty=kw["uncertainty"], samples=kw["samples"], steps=kw["steps"], seed=kw["seed"],
-            mip=kw["mip"], sampler=kw["sampler"], register_in=kw["register_in"],
+            mip=kw["mip"], sampler=kw["sampler"], register_in=register_in_for_grpc(kw["register_in"]),
             labels={"emrestore-origin": "bridge", "emrestore-request": rid})
         if err is not None:
             return err

@@ -38,8 +38,10 @@ def cmd_bridge(a) -> None:
     if not 0 <= a.port <= 65535:
         raise ConnectorError("--port", f"{a.port} is not a port number")
     origins = [o for group in (a.allow_origin or []) for o in group]
+    from .targets import load_targets
     cfg = BridgeConfig(grpc_target=a.grpc, tokens=tokens, allow_origins=origins,
-                       grpc_token=_grpc_token(a.grpc_token_file), grpc_tls_ca=a.grpc_tls_ca).validate()
+                       grpc_token=_grpc_token(a.grpc_token_file), grpc_tls_ca=a.grpc_tls_ca,
+                       targets=load_targets(a.targets)).validate()
     if not origins:
         print("note: no --allow-origin given: browsers cannot call this bridge (scripts without an Origin can)")
     run_bridge(cfg, a.host, a.port)
@@ -73,6 +75,9 @@ def register(sub) -> None:
                    help="browser origins allowed to call the bridge, e.g. https://webknossos.org (repeatable)")
     p.add_argument("--grpc-token-file", help="token for the gRPC service (default $EMRESTORE_TOKEN)")
     p.add_argument("--grpc-tls-ca", help="CA certificate (PEM) of a TLS gRPC service")
+    p.add_argument("--targets", metavar="FILE",
+                   help="the operator's registration targets (JSON/YAML, the same file as 'emrestore serve "
+                        "--targets'); requests may name only these")
     p.set_defaults(func=cmd_bridge)
 
     p = sub.add_parser("view", help="Neuroglancer viewer with a restore-region action (shift+R)")

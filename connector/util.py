@@ -30,7 +30,6 @@ __all__ = [
     "safe_name",
     "layer_geometry",
     "option",
-    "resolve_secret",
 ]
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -168,32 +167,6 @@ def option(options: Mapping[str, Any] | None, name: str, default: Any = None) ->
         if key in options and options[key] not in (None, ""):
             return options[key]
     return default
-
-
-def resolve_secret(options: Mapping[str, Any] | None, name: str = "token") -> str | None:
-    """A secret from ``options``: ``<name>`` itself, ``<name>_env`` (an environment variable
-    name) or ``<name>_file`` (first non-comment line of a file). None when none is given."""
-    direct = option(options, name)
-    if direct:
-        return str(direct).strip()
-    env = option(options, f"{name}_env")
-    if env:
-        val = os.environ.get(str(env), "").strip()
-        if not val:
-            raise ConnectorError(f"{name}_env", f"environment variable {env} is unset or empty")
-        return val
-    path = option(options, f"{name}_file")
-    if path:
-        try:
-            with open(str(path), encoding="utf-8") as f:
-                for line in f:
-                    line = line.split("#", 1)[0].strip()
-                    if line:
-                        return line
-        except OSError as e:
-            raise ConnectorError(f"{name}_file", f"cannot read {path}: {e.strerror or e}") from None
-        raise ConnectorError(f"{name}_file", f"{path} holds no {name}")
-    return None
 
 
 def as_list(value: Any) -> list[str]:

@@ -2,22 +2,35 @@
 
 Everything here is real networking on 127.0.0.1 (ephemeral ports); nothing is mocked in-process.
 
-- :class:`WebknossosDouble` — an HTTP server standing in for the **WEBKNOSSOS REST API v9**
-  (``/api/v9/…``, token in ``X-Auth-Token``): ``GET /user``, ``GET /datasets``,
-  ``GET /datasets/{id}``, ``GET /datasets/{name}/isValidNewName``, ``POST /datasets/exploreRemote``
-  and ``POST /datasets/exploreAndAddRemote``. Like the real server it *explores* the
-  ``remoteUri``: it fetches ``<remoteUri>/info`` over HTTP and refuses URIs without a Precomputed
-  image layer; malformed bodies (missing/mistyped fields, invalid names) get 400 with webKnossos'
-  ``{"messages": [{"error": …}]}`` shape.
-- :class:`CatmaidDouble` — an HTTP server standing in for **CATMAID 2021.12.21**: the read API
-  (``GET /projects/``, ``GET /projects/export``, ``GET /{pid}/stacks``,
-  ``GET /{pid}/stack/{sid}/info``; API token in ``X-Authorization: Token …``) and, at
-  ``POST /__double__/catmaid_import_projects``, the management command
-  ``manage.py catmaid_import_projects`` (which has no HTTP form in CATMAID): it applies the
-  importer's checks (PreProject/PreStack/PreMirror: required ``title``, ``dimension``,
-  ``resolution``, mirror ``title`` and ``url``, ``(x,y,z)`` tuples) and its defaults (projects and
-  stacks whose title exists are skipped). :func:`fake_manage_py` writes a ``manage.py`` that
-  forwards ``catmaid_import_projects --input FILE`` to that endpoint.
+- :class:`WebknossosDouble` — an HTTP server standing in for the **WEBKNOSSOS REST API**, following
+  scalableminds/webknossos ``conf/webknossos.latest.routes`` / ``webknossos.versioned.routes``
+  (API versions 5–14; only the versions given are routed, others answer 404 like an unknown
+  route), ``app/controllers/DatasetController.scala`` and ``ComposeService.scala``. Token in
+  ``X-Auth-Token``. Routes: ``GET /api/buildinfo`` (unversioned) and ``/api/vN/buildinfo``,
+  ``GET /user``, ``GET /datasets``, ``GET /datasets/{id}``, ``GET /datasets/{name}/isValidNewName``,
+  ``GET /datastores``, ``POST /datasets/exploreRemote`` (with ``credentialIdentifier`` /
+  ``credentialSecret``: URIs under ``private_prefix`` are explored only with the right
+  credential, which is then stored and referenced as ``credentialId``),
+  ``POST /datasets/exploreAndAddRemote`` (no credentials; answers the new id, or nothing with
+  ``answers_id=False`` as older releases), ``POST /datasets/addVirtualDataset/{name}``
+  (``{dataSource, dataStoreName, folderId}``) and, with ``compose=True`` (newer releases),
+  ``POST /datasets/{id}/compose/addLayer`` (``{datasetId, sourceName, newName,
+  transformations}``). Like the real server it *explores* the ``remoteUri``: it fetches
+  ``<remoteUri>/info`` over HTTP and refuses URIs without a Precomputed image layer; malformed
+  bodies get 400 with webKnossos' ``{"messages": [{"error": …}]}`` shape.
+- :class:`CatmaidDouble` — an HTTP server standing in for **CATMAID 2021.12.21**, following
+  catmaid/CATMAID at that tag: ``django/applications/catmaid/urls.py`` (read API: ``GET /version``,
+  ``GET /projects/``, ``GET /projects/export``, ``GET /{pid}/stacks``, ``GET /{pid}/stack/{sid}/info``;
+  API token in ``X-Authorization: Token …``), ``control/importer.py`` and
+  ``management/commands/catmaid_import_projects.py`` (the management command has no HTTP form;
+  here it is ``POST /__double__/catmaid_import_projects``, reached through :func:`fake_import_command`):
+  the importer's checks (required ``title``, ``dimension``, ``resolution``, mirror ``title`` and
+  ``url``, ``(x,y,z)`` tuples), its defaults (projects and stacks whose title exists are skipped)
+  and its ``PreMirror`` appending ``/`` to every mirror URL; ``admin.py`` (Django admin login with
+  session + CSRF, the plain ``stackmirror`` and ``projectstack`` add forms, 302 on success,
+  200 with an ``errorlist`` otherwise); and ``static/js/tile-source.js`` —
+  :meth:`CatmaidDouble.displays` applies the 2021.12.21 ``NeuroglancerPrecomputedImageBlockSource``
+  parsing (slice axes after the mirror URL's last ``/``) to tell whether a stack would display.
 - :data:`WEBKNOSSOS_PAGE` / :data:`CATMAID_PAGE` — HTML pages providing the platforms' front-end
   JavaScript API surface for the user script and the widget (documented in the pages).
 - :class:`RunningService` — the real gRPC server with the real JobManager + LocalExecutor.
@@ -155,11 +168,19 @@ class _WebknossosHandler(_JSONHandler):
 
     def handle_request(self, method: str, path: str, raw: bytes) -> None:
         d = self.double
+        if method == "GET" and path == "/api/buildinfo":
+            self.send_json(200, {"webknossos": {"name": "webknossos", "version": d.release,
+                                                "commitHash": "0" * 40},
+                                 "localDataStoreEnabled": True, "localTracingStoreEnabled": True})
+            return
         m = re.match(r"^/api/v(\d+)(/.*)$", path)
         if not m or int(m.group(1)) not in d.api_versions:
-            self.wk_error(404, f"no route {path} (this double serves /api/v{sorted(d.api_versions)})")
+            self.wk_error(404, f"no route {method} {path}")
             return
         route = m.group(2)
+        if method == "GET" and route == "/buildinfo":
+            self.send_json(200, {"webknossos": {"name": "webknossos", "version": d.release}})
+            return
         token = self.headers.get("X-Auth-Token")
         if token != d.token:
             self.wk_error(401, "Unauthorized: missing or invalid X-Auth-Token")
@@ -170,6 +191,9 @@ class _WebknossosHandler(_JSONHandler):
             return
         if method == "GET" and route == "/datasets":
             self.send_json(200, list(d.datasets.values()))
+            return
+        if method == "GET" and route == "/datastores":
+            self.send_json(200, [{"name": "localhost", "url": "http://localhost:9000", "isScratch": False}])
             return
         mm = re.match(r"^/datasets/([^/]+)/isValidNewName$", route)
         if method == "GET" and mm:
@@ -191,13 +215,35 @@ class _WebknossosHandler(_JSONHandler):
                 return
             layers, report = [], []
             for p in body:
-                layer, problem = d.explore(p["remoteUri"])
+                layer, problem = d.explore(p["remoteUri"], p.get("credentialIdentifier"), p.get("credentialSecret"))
                 if layer:
                     layers.append(layer)
                 else:
                     report.append(problem)
             ds = d.data_source("explored", layers) if layers else None
             self.send_json(200, {"dataSource": ds, "report": "\n".join(report)})
+            return
+        mm = re.match(r"^/datasets/addVirtualDataset/([^/]+)$", route)
+        if method == "POST" and mm:
+            body = self._json(raw)
+            if body is None:
+                return
+            name = urllib.parse.unquote(mm.group(1))
+            if not isinstance(body, dict) or not isinstance(body.get("dataSource"), dict) \
+                    or not isinstance(body.get("dataStoreName"), str):
+                self.wk_error(400, "Invalid Json: obj.dataSource / obj.dataStoreName: error.path.missing")
+                return
+            if body["dataStoreName"] != "localhost":
+                self.wk_error(404, "dataStore.notFound")
+                return
+            if not body["dataSource"].get("dataLayers"):
+                self.wk_error(400, "dataset.explore.zeroLayers")
+                return
+            if not _WK_NAME.match(name) or any(ds["name"] == name for ds in d.datasets.values()):
+                self.wk_error(400, f"Invalid or taken dataset name {name!r}")
+                return
+            self.send_json(200, d.add_dataset(name, body["dataSource"]["dataLayers"],
+                                              body["dataSource"].get("scale", {}).get("factor", [1, 1, 1]), None))
             return
         if method == "POST" and route == "/datasets/exploreAndAddRemote":
             body = self._json(raw)
@@ -227,11 +273,40 @@ class _WebknossosHandler(_JSONHandler):
             if layer is None:
                 self.wk_error(400, f"Exploring remote dataset failed: {problem}")
                 return
-            ds_id = secrets.token_hex(12)
-            d.datasets[ds_id] = {"id": ds_id, "name": name, "folderPath": body.get("folderPath"),
-                                 "isActive": True, "isVirtual": True, "owningOrganization": d.organization,
-                                 "dataSource": d.data_source(name, [layer])}
-            self.send_json(200, ds_id)
+            res = layer.pop("_resolution")
+            ds_id = d.add_dataset(name, [layer], res, body.get("folderPath"))
+            if d.answers_id:
+                self.send_json(200, ds_id)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            return
+        mm = re.match(r"^/datasets/([0-9a-f]{24})/compose/addLayer$", route)
+        if method == "POST" and mm and d.compose:
+            body = self._json(raw)
+            if body is None:
+                return
+            target, src = d.datasets.get(mm.group(1)), d.datasets.get(str((body or {}).get("datasetId")))
+            if target is None or src is None:
+                self.wk_error(404, "Dataset not found")
+                return
+            if not all(isinstance(body.get(f), str) for f in ("sourceName", "newName")) \
+                    or not isinstance(body.get("transformations"), list):
+                self.wk_error(400, "Invalid Json: sourceName/newName/transformations")
+                return
+            layer = next((la for la in src["dataSource"]["dataLayers"] if la["name"] == body["sourceName"]), None)
+            if layer is None:
+                self.wk_error(400, f"Layer {body['sourceName']} not found in dataset {src['id']}")
+                return
+            if any(la["name"] == body["newName"] for la in target["dataSource"]["dataLayers"]):
+                self.wk_error(400, f"Layer name {body['newName']} is already used")
+                return
+            target["dataSource"]["dataLayers"].append({**json.loads(json.dumps(layer)), "name": body["newName"],
+                                                       "coordinateTransformations": body["transformations"]})
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         mm = re.match(r"^/datasets/([0-9a-f]{24})$", route)
         if method == "GET" and mm:
@@ -255,20 +330,47 @@ class _WebknossosHandler(_JSONHandler):
 
 
 class WebknossosDouble(_DoubleServer):
-    """webKnossos API v9 double (see the module docstring). ``datasets``: id → dataset JSON."""
+    """webKnossos API double (see the module docstring). ``datasets``: id → dataset JSON.
+    ``api_versions``: the versions routed (default 5–14, a current release); ``compose``: the
+    compose/addLayer route exists; ``private_prefix``/``credential``: a "private bucket" whose
+    URIs are explored only with that ``{"identifier", "secret"}``."""
     handler_class = _WebknossosHandler
 
-    def __init__(self, token: str = "wk-secret-token", api_versions=(9,), organization: str = "sample_org"):
+    def __init__(self, token: str = "wk-secret-token", api_versions=tuple(range(5, 15)), organization: str = "sample_org",
+                 release: str = "25.06.0", compose: bool = True, answers_id: bool = True,
+                 private_prefix: str | None = None, credential: dict | None = None):
         self.token = token
         self.api_versions = set(api_versions)
         self.organization = organization
+        self.release = release
+        self.compose = compose
+        self.answers_id = answers_id
+        self.private_prefix = private_prefix
+        self.credential = credential or {}
+        self.credentials: dict[str, dict] = {}
         self.datasets: dict[str, dict] = {}
         super().__init__()
 
-    def explore(self, uri: str):
+    def add_dataset(self, name: str, layers: list[dict], resolution, folder_path) -> str:
+        ds_id = secrets.token_hex(12)
+        for layer in layers:
+            layer.pop("_resolution", None)
+        self.datasets[ds_id] = {"id": ds_id, "name": name, "folderPath": folder_path, "isActive": True,
+                                "isVirtual": True, "owningOrganization": self.organization,
+                                "dataSource": {"id": {"name": name, "team": ""}, "dataLayers": layers,
+                                               "scale": {"factor": resolution, "unit": "nanometer"}}}
+        return ds_id
+
+    def explore(self, uri: str, identifier: str | None = None, secret: str | None = None):
         """(layer JSON, None) for a Precomputed image layer at ``uri``, else (None, problem)."""
         if not uri.startswith(("http://", "https://")):
             return None, f"{uri}: this double can only reach http(s) URIs"
+        cred_id = None
+        if self.private_prefix and uri.startswith(self.private_prefix):
+            if (identifier, secret) != (self.credential.get("identifier"), self.credential.get("secret")):
+                return None, f"{uri}: access denied (403) — a private bucket needs credentials"
+            cred_id = secrets.token_hex(12)
+            self.credentials[cred_id] = {"identifier": identifier, "secret": secret}
         try:
             info = _fetch_json(uri.rstrip("/") + "/info")
         except (urllib.error.URLError, ValueError, OSError) as e:
@@ -279,7 +381,8 @@ class WebknossosDouble(_DoubleServer):
         off, size = s0.get("voxel_offset", [0, 0, 0]), s0["size"]
         res0 = s0["resolution"]
         mags = [{"mag": [int(round(r / b)) for r, b in zip(s["resolution"], res0)],
-                 "path": uri.rstrip("/") + "/" + s["key"]} for s in info["scales"]]
+                 "path": uri.rstrip("/") + "/" + s["key"], **({"credentialId": cred_id} if cred_id else {})}
+                for s in info["scales"]]
         layer = {"name": "color", "category": "color", "elementClass": info["data_type"],
                  "dataFormat": "neuroglancerPrecomputed",
                  "boundingBox": {"topLeft": off, "width": size[0], "height": size[1], "depth": size[2]},
@@ -317,6 +420,12 @@ class _CatmaidHandler(_JSONHandler):
                 self.send_json(400, {"error": str(e), "type": type(e).__name__})
                 return
             self.send_json(200, {"imported": imported})
+            return
+        if path == "/version" and method == "GET":
+            self.send_json(200, {"SERVER_VERSION": d.version})
+            return
+        if path.startswith("/admin/"):
+            self.handle_admin(method, path, raw)
             return
         auth = self.headers.get("X-Authorization")
         if auth is None:
@@ -359,12 +468,101 @@ class _CatmaidHandler(_JSONHandler):
         self.send_json(404, {"error": f"no route {method} {path}"})
 
 
+    # ---------------------------------------------------------------- Django admin
+    def send_html(self, status: int, text: str, cookies: dict | None = None, location: str | None = None) -> None:
+        data = text.encode()
+        self.send_response(status)
+        for k, v in (cookies or {}).items():
+            self.send_header("Set-Cookie", f"{k}={v}; Path=/")
+        if location:
+            self.send_header("Location", location)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _cookies(self) -> dict:
+        out = {}
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            if "=" in part:
+                k, v = part.strip().split("=", 1)
+                out[k] = v
+        return out
+
+    def handle_admin(self, method: str, path: str, raw: bytes) -> None:
+        d = self.double
+        cookies = self._cookies()
+        csrf = cookies.get("csrftoken") or secrets.token_hex(16)
+        if method == "GET":
+            self.send_html(200, "<form>admin</form>", {"csrftoken": csrf})
+            return
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode(), keep_blank_values=True).items()}
+        if not cookies.get("csrftoken") or form.get("csrfmiddlewaretoken") != cookies["csrftoken"] \
+                or not (self.headers.get("Referer") or "").startswith(d.url):
+            self.send_html(403, "<h1>Forbidden (403)</h1><p>CSRF verification failed.</p>")
+            return
+        if path == "/admin/login/":
+            if (form.get("username"), form.get("password")) != (d.admin_user, d.admin_password):
+                self.send_html(200, '<ul class="errorlist nonfield"><li>Please enter the correct username and '
+                                    'password for a staff account.</li></ul>')
+                return
+            sid = secrets.token_hex(16)
+            d.sessions.add(sid)
+            self.send_html(302, "", {"sessionid": sid}, "/admin/")
+            return
+        if cookies.get("sessionid") not in d.sessions:
+            self.send_html(302, "", None, "/admin/login/?next=" + path)
+            return
+        errors = []
+        if path == "/admin/catmaid/stackmirror/add/":
+            stack = d.find_stack(form.get("stack"))
+            if stack is None:
+                errors.append("Select a valid choice. That choice is not one of the available choices.")
+            for f in ("title", "image_base"):
+                if not form.get(f):
+                    errors.append(f"{f}: This field is required.")
+            try:
+                ints = {f: int(form.get(f, "")) for f in ("tile_width", "tile_height", "tile_source_type", "position")}
+            except ValueError:
+                errors.append("Enter a whole number.")
+            if not errors:
+                # a model form: image_base is stored exactly as given (no trailing slash added)
+                stack["mirrors"].append({"id": d._id("mirror"), "title": form["title"], "image_base": form["image_base"],
+                                         "file_extension": form.get("file_extension", "jpg"),
+                                         "tile_width": ints["tile_width"], "tile_height": ints["tile_height"],
+                                         "tile_source_type": ints["tile_source_type"], "position": ints["position"]})
+                stack["mirrors"].sort(key=lambda m: m["position"])
+                self.send_html(302, "", None, "/admin/catmaid/stackmirror/")
+                return
+        elif path == "/admin/catmaid/projectstack/add/":
+            stack = d.find_stack(form.get("stack"))
+            proj = d.projects.get(int(form["project"])) if str(form.get("project", "")).isdigit() else None
+            if stack is None or proj is None:
+                errors.append("Select a valid choice. That choice is not one of the available choices.")
+            try:
+                t = [float(form[f"translation_{i}"]) for i in range(3)]
+            except (KeyError, ValueError):
+                errors.append("translation: Enter a number.")
+            if not errors:
+                proj["stacks"].append(dict(stack, translation=t))
+                self.send_html(302, "", None, "/admin/catmaid/projectstack/")
+                return
+        else:
+            self.send_html(404, "<h1>Not Found</h1>")
+            return
+        self.send_html(200, "".join(f'<ul class="errorlist"><li>{e}</li></ul>' for e in errors))
+
+
 class CatmaidDouble(_DoubleServer):
     """CATMAID 2021.12.21 double (see the module docstring). ``projects``: id → project."""
     handler_class = _CatmaidHandler
 
-    def __init__(self, token: str = "catmaid-secret-token"):
+    def __init__(self, token: str = "catmaid-secret-token", version: str = "2021.12.21",
+                 admin_user: str = "emrestore-admin", admin_password: str = "admin-secret"):
         self.token = token
+        self.version = version
+        self.admin_user, self.admin_password = admin_user, admin_password
+        self.sessions: set[str] = set()
         self.projects: dict[int, dict] = {}
         self._next = {"project": 1, "stack": 1, "mirror": 1}
         super().__init__()
@@ -373,6 +571,28 @@ class CatmaidDouble(_DoubleServer):
         i = self._next[kind]
         self._next[kind] += 1
         return i
+
+    def find_stack(self, stack_id) -> dict | None:
+        for p in self.projects.values():
+            for st in p["stacks"]:
+                if str(st["id"]) == str(stack_id):
+                    return st
+        return None
+
+    @staticmethod
+    def displays(stack: dict) -> bool:
+        """Whether CATMAID 2021.12.21's front end can show the stack: it uses the first mirror
+        (lowest position) of tile source 14 and reads the slice axes after its URL's last '/'
+        (``NeuroglancerPrecomputedImageBlockSource``); a NaN axis breaks it."""
+        mirrors = sorted(stack["mirrors"], key=lambda m: m["position"])
+        if not mirrors or mirrors[0]["tile_source_type"] != 14:
+            return False
+        base = mirrors[0]["image_base"]
+        dims = []
+        for part in base[base.rfind("/") + 1:].split("_"):
+            m = re.match(r"^\s*[+-]?\d+", part)
+            dims.append(int(m.group(0)) if m else None)
+        return len(dims) == 3 and None not in dims and sorted(dims) == [0, 1, 2]
 
     def add_project(self, title: str) -> int:
         pid = self._id("project")
@@ -459,16 +679,17 @@ class CatmaidDouble(_DoubleServer):
                             for m in s["mirrors"]]}
 
 
-def fake_manage_py(path: str, catmaid: CatmaidDouble) -> str:
-    """Write a ``manage.py`` whose ``catmaid_import_projects --input FILE`` posts FILE to the
-    CATMAID double (standing in for CATMAID's management command); returns its path."""
+def fake_import_command(path: str, catmaid: CatmaidDouble) -> list[str]:
+    """An ``import_command`` argv standing in for ``… manage.py catmaid_import_projects`` on the
+    CATMAID host: reads the document on stdin (as the real command does without ``--input``) and
+    posts it to the double; ``--permission`` arguments are accepted."""
     script = f'''#!{sys.executable}
-"""Stand-in for CATMAID's manage.py: only 'catmaid_import_projects --input FILE [--permission …]'."""
+"""Stand-in for 'manage.py catmaid_import_projects' (document on stdin)."""
 import json, sys, urllib.request, urllib.error
-args = sys.argv[1:]
-if not args or args[0] != "catmaid_import_projects" or "--input" not in args:
-    print("Unknown command or missing --input", file=sys.stderr); sys.exit(1)
-data = open(args[args.index("--input") + 1], "rb").read()
+data = sys.stdin.buffer.read()
+if not data.strip():
+    print("CommandError: Please provide either the --input argument with a file path or provide data on stdin.",
+          file=sys.stderr); sys.exit(1)
 req = urllib.request.Request("{catmaid.url}/__double__/catmaid_import_projects", data=data,
                              headers={{"Content-Type": "application/json"}}, method="POST")
 try:
@@ -480,7 +701,7 @@ except urllib.error.HTTPError as e:
     with open(path, "w") as f:
         f.write(script)
     os.chmod(path, 0o755)
-    return path
+    return [sys.executable, path]
 
 
 # ============================================================================ front-end API doubles

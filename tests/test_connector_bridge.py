@@ -44,7 +44,10 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("bridge")
     src, models_dir, _ = make_source_and_model(root)
     svc = RunningService(root, models_dir, token=GRPC_TOKEN)
-    cfg = BridgeConfig(grpc_target=svc.target, tokens=[BRIDGE_TOKEN], allow_origins=[ORIGIN], grpc_token=GRPC_TOKEN)
+    from connector.targets import parse_targets
+    targets = parse_targets({"lab-ng": {"platform": "neuroglancer", "url": f"file://{root}/state.json"}})
+    cfg = BridgeConfig(grpc_target=svc.target, tokens=[BRIDGE_TOKEN], allow_origins=[ORIGIN], grpc_token=GRPC_TOKEN,
+                       targets=targets)
     srv = BridgeServer(create_app(cfg)).start()
     yield {"svc": svc, "bridge": srv, "src": src, "root": root}
     srv.stop()
@@ -110,7 +113,11 @@ def test_cors_allow_list_and_preflight(stack):
     ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
       "samples": 1, "uncertainty": True}, "uncertainty", 400),
     ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
-      "register_in": [{"url": "x"}]}, "register_in[0].platform", 400),
+      "register_in": [{"platform": "neuroglancer", "url": "file:///etc/important.conf"}]}, "register_in[0]", 400),
+    ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
+      "register_in": ["lab-ng", "not-configured"]}, "register_in[1]", 400),
+    ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
+      "register_in": "lab-ng"}, "register_in", 400),
 ])
 def test_bad_requests_name_the_field(stack, body, field, status):
     url = stack["bridge"].url
@@ -238,6 +245,15 @@ def test_cli_commands_parse_and_validate(stack, tmp_path, monkeypatch):
     a = ap.parse_args(["bridge", "--token-file", str(empty)])
     with pytest.raises(ConnectorError, match="bearer token"):
         a.func(a)
+    tok = tmp_path / "tok"
+    tok.write_text("t0k\n")
+    bad = tmp_path / "targets.json"
+    bad.write_text(json.dumps({"targets": {"x": {"platform": "catmaid", "url": "https://cm", "manage_py": "/m"}}}))
+    for path, field in ((str(tmp_path / "missing.json"), "--targets"), (str(bad), "targets.x.manage_py")):
+        a = ap.parse_args(["bridge", "--token-file", str(tok), "--targets", path])
+        with pytest.raises(ConnectorError) as e:
+            a.func(a)
+        assert e.value.field == field
     a = ap.parse_args(["view", "file:///nowhere", "--block", "1,2"])
     with pytest.raises(ConnectorError, match="--block"):
         a.func(a)
@@ -284,3 +300,22 @@ def test_cli_bridge_serves(stack, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_registration_is_decided_from_structured_event_kinds():
+    """The bridge waits for one ``registered``/``registration_failed`` event per named target; event
+    text (a message starting with "catmaid:") decides nothing."""
+    from types import SimpleNamespace
+
+    from connector.bridge import job_event_kinds, registration_pending
+
+    spec = {"register_in": ["lab-ng", "lab-wk"]}
+    job = SimpleNamespace(state="SUCCEEDED", spec=spec, events=["catmaid: registered", "neuroglancer: wrote"])
+    assert job_event_kinds(job) == [] and registration_pending(job)
+    job.events = [{"kind": "registered", "message": "lab-ng: …"}, {"kind": "progress", "message": "x"}]
+    assert registration_pending(job)
+    job.events.append({"kind": "registration_failed", "message": "lab-wk: …"})
+    assert not registration_pending(job)
+    assert not registration_pending(SimpleNamespace(state="SUCCEEDED", spec=spec, events=[],
+                                                    event_kinds=["registered", "registered"]))
+    assert not registration_pending(SimpleNamespace(state="FAILED", spec=spec, events=[]))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 import urllib.parse
@@ -21,10 +20,17 @@ from tests.test_connector_bridge import make_source_and_model
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
+    from service.engine import phantom
+    from service.volume import precomputed as pc
+
     root = tmp_path_factory.mktemp("ng")
     src, models_dir, _ = make_source_and_model(root)
+    # a wider source (128×128) so that a restored region leaves most of the view untouched
+    wide = f"file://{root}/data/wide"
+    vol = phantom.to_uint8(phantom.make_phantom((25, 128, 128), seed=3))[::3]
+    pc.create_source_layer(wide, vol, (8, 8, 24), chunk_size_xyz=(32, 32, 3))
     svc = RunningService(root, models_dir)
-    yield {"root": root, "src": src, "svc": svc}
+    yield {"root": root, "src": src, "wide": wide, "svc": svc}
     svc.close()
 
 
@@ -55,7 +61,7 @@ def test_state_file_and_link(tmp_path, service):
     assert names == ["source", "restored", "uncertainty"]
     assert state["layers"][0]["source"] == "precomputed://https://files.example.org/em/src"
     assert state["layers"][1]["source"] == "precomputed://gs://lab/em/raw_restored_abc"
-    assert "colormapJet" in state["layers"][2]["shader"]
+    assert "emitRGBA" in state["layers"][2]["shader"] and "emitTransparent" in state["layers"][1]["shader"]
     assert state["dimensions"]["z"] == [8e-9, "m"] and state["position"] == [10, 20, 30]
     assert link.startswith("https://neuroglancer-demo.appspot.com/#!")
     assert json.loads(urllib.parse.unquote(link.split("#!", 1)[1])) == state
@@ -69,61 +75,137 @@ def test_state_file_and_link(tmp_path, service):
         public_url(f"file://{tmp_path}/layer")
 
 
+def _panel_pixels(png: bytes, rect: dict):
+    """The RGB pixels of a screenshot inside an element's rectangle, as an (H, W, 3) int array."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    x0, y0 = int(rect["x"]), int(rect["y"])
+    return img[y0:y0 + int(rect["height"]), x0:x0 + int(rect["width"])].astype(int)
+
+
+def _aligned(before, after, max_dy: int = 40, max_dx: int = 6):
+    """(before, after, dy, dx): the overlap of two panel crops at the shift that matches them best
+    (the panel moves when the layer bar wraps; most of the view is unchanged, so the best shift is
+    the true one). ``after[y + dy, x + dx]`` shows what ``before[y, x]`` showed."""
+    import numpy as np
+
+    h, w = min(before.shape[0], after.shape[0]), min(before.shape[1], after.shape[1])
+    best = None
+    for dy in range(-max_dy, max_dy + 1):
+        for dx in range(-max_dx, max_dx + 1):
+            b = before[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+            a = after[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            n = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+            score = np.abs(a[:n[0]:4, :n[1]:4] - b[:n[0]:4, :n[1]:4]).mean()
+            if best is None or score < best[0]:
+                best = (score, dy, dx)
+    _, dy, dx = best
+    b = before[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    a = after[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    n = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+    return b[:n[0], :n[1]], a[:n[0], :n[1]], dy, dx
+
+
 @pytest.mark.browser
 @pytest.mark.timeout(300)
 def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
+    """The user draws the region with Neuroglancer's own bounding-box tool (ctrl+click twice),
+    presses shift+R (a real key press: no fallback), and the restored layers appear: the XY panel
+    changes only inside the restored region, whose box is drawn and stated in the status bar,
+    and z steps at the restored layer's resolution."""
+    import numpy as np
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    import neuroglancer
 
-    driver = chrome_driver(str(tmp_path / "profile"), window=(1100, 800))
-    viewer = RestoreViewer(service["src"], service["svc"].target, samples=2, steps=2, block_xyz=(32, 32, 9))
+    # wide enough that the layer bar does not wrap when layers are added (the panel stays put)
+    driver = chrome_driver(str(tmp_path / "profile"), window=(1700, 800))
+    viewer = RestoreViewer(service["wide"], service["svc"].target, samples=2, steps=2, block_xyz=(32, 32, 9))
     try:
-        # the binding is registered in the viewer's config state
         assert viewer.bindings()[RESTORE_KEY] == RESTORE_ACTION
         assert viewer.model == "iso3" and viewer.models == ["iso3"]
-        driver.get(viewer.url)
-        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-panel, canvas"), 30,
-                 what="the Neuroglancer client")
-        source_layer = viewer.viewer.state.layers["source"]
-        assert source_layer.source[0].url.startswith("precomputed://http://127.0.0.1:")
-        # the user drew a box in the annotation layer (source voxels)
+        assert viewer.viewer.state.layers[ANNOTATION_LAYER].tool.to_json() == {"type": "annotateBoundingBox"}
+        css = 0.25  # voxels per screen pixel: the 128×128 source fills most of the panel
         with viewer.viewer.txn() as s:
-            s.layers[ANNOTATION_LAYER].annotations.append(neuroglancer.AxisAlignedBoundingBoxAnnotation(
-                id="box1", point_a=[8, 8, 0], point_b=[40, 40, 9]))
-        time.sleep(4)  # let the client load and draw the source
-        before = tmp_path / "neuroglancer_before.png"
-        driver.save_screenshot(str(before))
-        # press shift+R over a data panel
-        panel = driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel")[0]
+            s.layout = "xy"
+            s.cross_section_scale = css
+            s.position = [64, 64, 4.5]
+            s.show_scale_bar = False
+            s.show_default_annotations = False
+        driver.get(viewer.url)
+        panel = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel"), 30,
+                         what="the Neuroglancer XY panel")[0]
+        assert viewer.viewer.state.layers["source"].source[0].url.startswith("precomputed://http://127.0.0.1:")
+        time.sleep(5)  # let the client load and draw the source
+        rect = panel.rect
+        # draw the region with the bounding-box tool: ctrl+click at two corners
+        w, h = rect["width"], rect["height"]
+        ActionChains(driver).move_to_element_with_offset(panel, int(-50 / css), int(-50 / css)) \
+            .key_down(Keys.CONTROL).click().key_up(Keys.CONTROL).perform()
+        time.sleep(0.5)
+        ActionChains(driver).move_to_element_with_offset(panel, int(-25 / css), int(-30 / css)) \
+            .key_down(Keys.CONTROL).click().key_up(Keys.CONTROL).perform()
+        drawn = wait_for(lambda: viewer.box_from_annotations(), 15, what="the box drawn with the bounding-box tool")
+        time.sleep(1)
+        before_png = driver.get_screenshot_as_png()
+        (tmp_path / "neuroglancer_before.png").write_bytes(before_png)
+        # a real shift+R over the panel; a missing key press fails the test
         ActionChains(driver).move_to_element(panel).key_down(Keys.SHIFT).send_keys("r").key_up(Keys.SHIFT).perform()
-        delivered = True
-        try:
-            wait_for(lambda: viewer.jobs, 15, what="the key action to start a job")
-        except AssertionError:  # key delivery can be unreliable headless: trigger the same action
-            delivered = False
-            viewer._on_restore_action(type("S", (), {"viewer_state": viewer.viewer.state,  # noqa: SLF001
-                                                     "mouse_voxel_coordinates": None})())
+        wait_for(lambda: viewer.jobs, 20, what="the shift+R key press to start a job")
         viewer.wait_idle(180)
         job = viewer.jobs[0]
         assert job.state == "SUCCEEDED", (job, viewer.viewer.config_state.state.status_messages)
-        assert (job.start_xyz, job.stop_xyz) == ([8, 8, 0], [40, 40, 9])  # the annotation box
+        assert (job.start_xyz, job.stop_xyz) == drawn  # the tool's box is what was restored
         short = job.job_id[-8:]
         names = [layer.name for layer in viewer.viewer.state.layers]
         assert f"restored {short}" in names and f"uncertainty {short}" in names
         restored = viewer.viewer.state.layers[f"restored {short}"]
-        assert restored.source[0].url.startswith("precomputed://http://127.0.0.1:")
+        assert "emitTransparent" in restored.shader and restored.opacity == 1.0
+        assert "emitRGBA" in viewer.viewer.state.layers[f"uncertainty {short}"].shader
+        # the region actually restored (snapped to output chunks) is boxed and stated
+        rb = job.restored_box
+        assert rb is not None and all(a <= s_ and e <= b for a, s_, e, b in zip(rb[0], job.start_xyz, job.stop_xyz,
+                                                                                 rb[1]))
+        boxes = viewer.viewer.state.layers["restored regions"].annotations
+        assert [list(boxes[0].point_a), list(boxes[0].point_b)] == [list(map(float, rb[0])), list(map(float, rb[1]))]
         status = viewer.viewer.config_state.state.status_messages["emrestore"]
-        assert f"job {short} done" in status
-        # the browser really reads the restored layer through the CORS static server
-        info_url = restored.source[0].url[len("precomputed://"):] + "/info"
-        assert httpx.get(info_url, headers={"Origin": viewer.url.split("/v/")[0]}).json()["scales"]
-        time.sleep(4)
-        after = tmp_path / "neuroglancer_after.png"
-        driver.save_screenshot(str(after))
-        assert before.stat().st_size > 1000 and after.stat().st_size > 1000
-        print(f"\nNeuroglancer screenshots (key delivered: {delivered}): before {before} after {after}")
+        assert f"job {short} done" in status and f"restored region {rb[0]}–{rb[1]}" in status, status
+        # generated sections are browsable: one z step is the restored layer's 8 nm (source: 24 nm)
+        assert viewer.z_step_nm() == 8.0 and "z step 8 nm" in status
+        time.sleep(6)
+        after_png = driver.get_screenshot_as_png()
+        (tmp_path / "neuroglancer_after.png").write_bytes(after_png)
+        # the layer bar may wrap and the panel be re-created: it moves, its centre stays the view position
+        rect_after = driver.find_elements(By.CSS_SELECTOR, ".neuroglancer-rendered-data-panel")[0].rect
+        before, after, dy, dx = _aligned(_panel_pixels(before_png, rect), _panel_pixels(after_png, rect_after))
+        changed = np.abs(after - before).sum(axis=2) > 30
+        # the restored region on screen: the yellow box of the "restored regions" layer, whose size
+        # must be the restored region's (1/css pixels per voxel)
+        h, w = before.shape[:2]
+        yellow = (after[..., 0] > 200) & (after[..., 1] > 170) & (after[..., 2] < 80)
+        assert yellow.sum() > 20, "the restored region's box is not drawn"
+        ys, xs = np.nonzero(yellow)
+        x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+        assert abs((x1 - x0) - (rb[1][0] - rb[0][0]) / css) <= 4, (x0, x1, rb)
+        assert abs((y1 - y0) - (rb[1][1] - rb[0][1]) / css) <= 4, (y0, y1, rb)
+        inside = np.zeros_like(changed)
+        m = 3
+        inside[max(0, y0 - m):y1 + m, max(0, x0 - m):x1 + m] = True
+        assert 0 < (x1 - x0) * (y1 - y0) < 0.5 * h * w, (x0, x1, y0, y1, h, w)  # a real test of "outside"
+        assert changed[inside].sum() > 0.3 * (x1 - x0) * (y1 - y0), "the restored data do not show"
+        outside = changed & ~inside
+        outside[-40:] = False  # the status bar overlays the bottom of the panel: its text changes
+        from PIL import Image
+        Image.fromarray((changed * 255).astype(np.uint8)).save(tmp_path / "neuroglancer_changed.png")
+        assert outside.sum() <= 0.001 * outside.size, (
+            f"{int(outside.sum())} pixels changed outside the restored region {x0}..{x1} × {y0}..{y1} "
+            f"(shift {dy},{dx}; screenshots in {tmp_path})")
+        print(f"\nNeuroglancer screenshots: {tmp_path}; changed inside {int(changed[inside].sum())}, "
+              f"outside {int(outside.sum())} of {outside.size}")
     finally:
         driver.quit()
         viewer.close()

@@ -1,11 +1,10 @@
 """The webKnossos user script and the CATMAID widget in real headless Chromium, against the real
 bridge → real gRPC service (JobManager + LocalExecutor). The pages provide the platforms'
-front-end JavaScript API as documented doubles (tests/platform_doubles.py); the job registers its
-output in the webKnossos / CATMAID HTTP doubles when it succeeds."""
+front-end JavaScript API as documented doubles (tests/platform_doubles.py). Registration in the
+platforms is the service's completion hook with the operator's targets (tests/test_connector_platforms.py)."""
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from connector.bridge import BridgeConfig, BridgeServer, create_app
 from connector.static_server import StaticFileServer
 from tests.platform_doubles import (CATMAID_PAGE, WEBKNOSSOS_PAGE, CatmaidDouble, RunningService, WebknossosDouble,
-                                    chrome_driver, fake_manage_py, page_with_config, wait_for)
+                                    chrome_driver, page_with_config, wait_for)
 from tests.test_connector_bridge import make_source_and_model
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
@@ -49,10 +48,7 @@ def _write_page(env, name: str, html: str) -> str:
 
 def _wk_page(env, **overrides) -> str:
     cfg = {"bridgeUrl": env["bridge"].url, "token": TOKEN, "sources": {"color": env["src"]},
-           "block": [32, 32, 9], "samples": 1, "steps": 2, "button": True,
-           "registerIn": [{"platform": "webknossos", "url": env["wk"].url, "options": {
-               "token": env["wk"].token, "dataset_name": "restored_by_userscript",
-               "public_url_map": f"file://{env['root']}/data={env['data_url']}"}}]}
+           "block": [32, 32, 9], "samples": 1, "steps": 2, "button": True}
     cfg.update(overrides)
     double = {"position": [20, 24, 4], "layers": ["color"], "bboxMin": [0, 0, 0], "bboxMax": [64, 64, 9]}
     html = page_with_config(WEBKNOSSOS_PAGE, f"{env['static'].base_url}/assets/webknossos_restore.user.js",
@@ -88,14 +84,11 @@ def test_webknossos_userscript_key_restores_and_registers(env):
     msgs = [t["message"] for t in _toasts(d)]
     assert any("starting restoration of [4,8,0]–[36,40,9]" in m for m in msgs), msgs
     assert any("RUNNING" in m for m in msgs), msgs
-    assert "SUCCEEDED" in final["message"] and "webknossos: added remote dataset 'restored_by_userscript'" in final["message"]
+    assert "SUCCEEDED" in final["message"]
     result = d.execute_script("return window.emrestore.state.lastResult")
     out = result["output"]
     assert out.startswith(env["src"] + "_restored_")
     assert pc.open_layer(out).resolution_nm_xyz == (8.0, 8.0, 8.0)
-    ds = [x for x in env["wk"].datasets.values() if x["name"] == "restored_by_userscript"]
-    assert len(ds) == 1 and ds[0]["dataSource"]["dataLayers"][0]["dataFormat"] == "neuroglancerPrecomputed"
-    assert ds[0]["dataSource"]["dataLayers"][0]["mags"][0]["path"].startswith(env["data_url"])
 
 
 def test_webknossos_userscript_errors(env):
@@ -121,20 +114,24 @@ def test_webknossos_userscript_errors(env):
     assert "allow-origin" in last["message"]
 
 
-def test_catmaid_widget_restores_current_view_and_registers(env, tmp_path):
+def test_catmaid_widget_restores_current_view_in_layer_voxels(env, tmp_path):
+    """The widget converts CATMAID stack coordinates (0 = the layer's voxel_offset) to the layer's
+    absolute voxels: a source with voxel_offset (16, 8, 3) is restored where the view is."""
     from selenium.webdriver.common.by import By
+    from service.volume import precomputed as pc
 
-    d, cm = env["driver"], env["cm"]
-    manage = fake_manage_py(str(tmp_path / "manage.py"), cm)
+    d = env["driver"]
+    vol = pc.read_zyx(env["src"], (0, 0, 0), (9, 64, 64))
+    off_src = f"file://{env['root']}/data/src_off"
+    pc.create_source_layer(off_src, vol, (8, 8, 24), voxel_offset_xyz=(16, 8, 3), chunk_size_xyz=(32, 32, 3))
     cfg = {"bridgeUrl": env["bridge"].url, "token": TOKEN, "block": [32, 32, 9], "samples": 2, "steps": 2,
-           "sourceMap": {env["data_url"]: f"file://{env['root']}/data"},
-           "registerIn": [{"platform": "catmaid", "url": cm.url, "options": {
-               "token": cm.token, "manage_py": manage, "manage_python": os.sys.executable,
-               "project": "EM restored", "public_url_map": f"file://{env['root']}/data={env['data_url']}"}}]}
+           "sourceMap": {env["data_url"]: f"file://{env['root']}/data"}}
+    # the stack as CATMAID shows it: dimension = the layer's size; no voxelOffset in its metadata,
+    # so the widget reads the offset from the layer's info file next to the mirror URL
     double = {"projectId": 1, "stackId": 7, "stackTitle": "raw EM", "dimension": [64, 64, 9],
               "resolution": [8, 8, 24], "position": [40, 30, 5], "viewSize": [400, 300], "scale": 1.0,
               "mirrors": [{"id": 1, "title": "precomputed", "tile_source_type": 14,
-                           "image_base": f"{env['data_url']}/src/%SCALE_DATASET%/0_1_2"}],
+                           "image_base": f"{env['data_url']}/src_off/%SCALE_DATASET%/0_1_2"}],
               "emrestoreConfig": cfg}
     html = page_with_config(CATMAID_PAGE, f"{env['static'].base_url}/assets/catmaid_restore_widget.js",
                             "__CATMAID_DOUBLE__", double)
@@ -150,14 +147,9 @@ def test_catmaid_widget_restores_current_view_and_registers(env, tmp_path):
                     what="the widget to finish")
     assert done[-1]["level"] == "msg", (done, d.get_log("browser")[-5:])
     msgs = d.execute_script("return window.__messages")
-    assert any("started: [24,14,0]–[56,46,9]" in (m.get("text") or "") for m in msgs), msgs
-    assert "catmaid: registered stack" in done[-1]["text"]
+    # stack region [24,14,0]–[56,46,9] + offset (16, 8, 3)
+    assert any("started: [40,22,3]–[72,54,12]" in (m.get("text") or "") for m in msgs), msgs
     assert d.execute_script("return document.querySelector('progress').value") == 1
     result = d.execute_script("return window.__widget.lastResult")
-    assert result["output"].startswith(env["src"] + "_restored_") and result["uncertainty"]
-    project = next(p for p in cm.projects.values() if p["title"] == "EM restored")
-    titles = [s["title"] for s in project["stacks"]]
-    assert len(titles) == 2 and titles[1] == titles[0] + " uncertainty"
-    mirror = project["stacks"][0]["mirrors"][0]
-    assert mirror["tile_source_type"] == 14 and mirror["image_base"].endswith("/%SCALE_DATASET%/0_1_2/")
-    assert mirror["image_base"].startswith(env["data_url"] + "/src_restored_")
+    assert result["output"].startswith(off_src + "_restored_") and result["uncertainty"]
+    assert result["job"]["region"] == {"start": [40, 22, 3], "stop": [72, 54, 12]}

@@ -20,7 +20,12 @@
  *   source             precomputed URL the service reads; default: the stack's tile source 14
  *                      mirror (image_base without "/%SCALE_DATASET%/…"), rewritten by sourceMap
  *   sourceMap          {"<public URL prefix>": "<service URL prefix>"} (e.g. https → gs://)
- *   model, block [x, y, z], samples, steps, registerIn (register targets, e.g. a catmaid target)
+ *   model, block [x, y, z], samples, steps, registerIn (NAMES of registration targets the operator
+ *                      configured for the service, e.g. ["lab-catmaid"]; nothing else is accepted)
+ *
+ * Coordinates: CATMAID's stack coordinate 0 is the Precomputed layer's voxel_offset (tile source 14
+ * reads from there), so the region sent is the stack region plus the offset (metadata.voxelOffset,
+ * else the layer's info file).
  */
 (function (CATMAID) {
   "use strict";
@@ -114,6 +119,32 @@
       return false;
     });
     return url;
+  }
+
+  /** The layer's voxel_offset: CATMAID's stack coordinate 0 is this voxel of the Precomputed layer
+   * (tile source 14 reads from the offset). From the stack's metadata.voxelOffset (emrestore and
+   * most importers write it), else from the layer's info file next to the mirror URL. */
+  function layerOffset(stack) {
+    var meta = stack.metadata;
+    if (typeof meta === "string") { try { meta = JSON.parse(meta); } catch (e) { meta = null; } }
+    if (meta && Array.isArray(meta.voxelOffset) && meta.voxelOffset.length === 3) {
+      return Promise.resolve(meta.voxelOffset.map(Number));
+    }
+    var mirror = (stack.mirrors || []).filter(function (m) {
+      return Number(m.tile_source_type) === PRECOMPUTED_TILE_SOURCE;
+    })[0];
+    if (!mirror) return Promise.resolve([0, 0, 0]);
+    var layer = String(mirror.image_base).replace(/\/?%SCALE_DATASET%.*$/, "").replace(/\/+$/, "")
+      .replace(/^precomputed:\/\//, "").replace(/^gs:\/\//, "https://storage.googleapis.com/");
+    return fetch(layer + "/info").then(function (r) {
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.json();
+    }).then(function (info) {
+      var off = (info.scales && info.scales[0] && info.scales[0].voxel_offset) || [0, 0, 0];
+      return off.map(Number);
+    }).catch(function (e) {
+      throw new Error("cannot read the layer's voxel offset from " + layer + "/info (" + e.message + ")");
+    });
   }
 
   /** The on-screen part of the focused stack (stack voxels), capped at cfg.block. */
@@ -239,14 +270,19 @@
       CATMAID.error("emrestore: stack '" + sv.primaryStack.title + "' has no Neuroglancer precomputed (tile source 14) mirror; set a source");
       return Promise.resolve(null);
     }
-    var region = currentViewRegion(cfg, sv);
+    var inStack = currentViewRegion(cfg, sv), region = null;
     this.busy = true;
-    this.setStatus("Starting restoration of " + JSON.stringify(region.start) + "–" + JSON.stringify(region.stop) + " …", 0);
     var modelP = cfg.model ? Promise.resolve(cfg.model) : this.refreshModels().then(function (ms) {
       if (!ms.length) throw bridgeError(0, { error: "NO_MODELS", message: "the server lists no models" });
       return ms[0].name;
     });
-    return modelP.then(function (model) {
+    return layerOffset(sv.primaryStack).then(function (off) {
+      // stack voxels → the layer's absolute voxels (what the service's region means)
+      region = { start: inStack.start.map(function (v, i) { return v + off[i]; }),
+                 stop: inStack.stop.map(function (v, i) { return v + off[i]; }) };
+      self.setStatus("Starting restoration of " + JSON.stringify(region.start) + "–" + JSON.stringify(region.stop) + " …", 0);
+      return modelP;
+    }).then(function (model) {
       return request(cfg, "POST", "/v1/restore-region", {
         source: source, model: model, region: region, samples: cfg.samples, steps: cfg.steps,
         register_in: cfg.registerIn || []
@@ -264,7 +300,8 @@
         self.lastResult = { job: final, output: created.output, uncertainty: created.uncertainty_output };
         if (final.state === "SUCCEEDED") {
           self.setStatus("Job " + short + " SUCCEEDED: " + created.output, 1);
-          var reg = (final.events || []).filter(function (e) { return /^catmaid:/.test(e); });
+          var reg = (final.events || []).map(function (e) { return typeof e === "string" ? e : (e.message || ""); })
+            .filter(function (e) { return /catmaid:/.test(e); });
           CATMAID.msg("emrestore", "Job " + short + " SUCCEEDED — restored layer " + created.output + (reg.length ? " — " + reg.join(" — ") : ""));
         } else {
           self.setStatus("Job " + short + " " + final.state + ": " + final.message);

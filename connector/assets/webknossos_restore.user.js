@@ -24,8 +24,9 @@
 //   model      model name on the server (default: the server's first model)
 //   block      [x, y, z] voxels restored around the position (default [128, 128, 8])
 //   samples, steps   sampling settings (samples ≥ 2 also writes an uncertainty layer)
-//   registerIn [{platform: "webknossos", url: "https://webknossos.org", options: {…}}] — register
-//              the restored layer as a remote dataset when the job succeeds (server side)
+//   registerIn ["lab-wk"] — NAMES of registration targets the operator configured for the service
+//              (emrestore serve/bridge --targets); the service adds the restored layer to the dataset
+//              when the job succeeds. URLs, tokens and options live only in that configuration.
 //   key        key combination (default "shift + r")
 (function () {
   "use strict";
@@ -199,7 +200,8 @@
           var final = last.data;
           state.lastResult = { job: final, output: created.output, uncertainty: created.uncertainty_output };
           if (final.state === "SUCCEEDED") {
-            var reg = (final.events || []).filter(function (e) { return /^(webknossos|neuroglancer|catmaid):/.test(e); });
+            var reg = (final.events || []).map(function (e) { return typeof e === "string" ? e : (e.message || ""); })
+              .filter(function (e) { return /(webknossos|neuroglancer|catmaid):/.test(e); });
             toast("success", "emrestore: job " + short + " SUCCEEDED — restored layer " + created.output +
               (reg.length ? " — " + reg.join(" — ") : ""), 0);
           } else {
