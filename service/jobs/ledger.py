@@ -7,6 +7,7 @@ Layout under the ledger root URL::
     jobs/{job_id}/state.json                 state, message, times, counters
     jobs/{job_id}/blocks/{index:08d}.done    completion marker of one block
     jobs/{job_id}/leases/{index:08d}.json    lease on one block (owner, expiry)
+    jobs/{job_id}/supervisor.json            lease of the server that supervises the job
     jobs/{job_id}/events/{ns:020d}-{writer}-{n:08d}.json   one object per event
 
 Objects are written through an atomic store (store.py), whose back-end decides how exact
@@ -376,9 +377,11 @@ class Ledger:
         best-effort stores). After winning, re-check the block's completion marker.
         """
         self._check_index(job_id, index)
+        return self._acquire(job_id, self._lease_key(job_id, index), index, owner, ttl_s)
+
+    def _acquire(self, job_id: str, key: str, index: int, owner: str, ttl_s: float) -> bool:
         _check_owner(owner)
         ttl = _check_ttl(ttl_s)
-        key = self._lease_key(job_id, index)
         lock = self._k(job_id, ".lock")
         token = secrets.token_hex(8)
 
@@ -400,6 +403,19 @@ class Ledger:
             return KEEP
 
         return self._store.update(key, fn, lock)
+
+    def try_supervise(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Take (or extend) the job's supervisor lease: one server supervises a job at a time;
+        another takes over when the holder stops renewing it for ``ttl_s`` seconds."""
+        self.num_blocks(validate_job_id(job_id))  # JobNotFound
+        return self._acquire(job_id, self._k(job_id, "supervisor.json"), -1, owner, ttl_s)
+
+    def supervisor(self, job_id: str) -> str | None:
+        """The owner of the job's supervisor lease when it has not expired, else None."""
+        cur = self._parse_lease(self._store.read(self._k(validate_job_id(job_id), "supervisor.json")))
+        if cur is None or not cur["owner"] or self._clock() > cur["expires_at"]:
+            return None
+        return cur["owner"]
 
     def lease_block(self, job_id: str, block_index: int, owner: str, ttl: float) -> bool:
         """Pool-worker name of :meth:`try_acquire_lease`: lease any block of any job."""

@@ -3,10 +3,14 @@ loaded models (the cutout path keeps one copy per model in memory)."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 from ..engine.model import RestorationModel, list_models, read_metadata
-from ..errors import RequestError
+from ..errors import RequestError, quote
+
+#: A model name: one directory below the model directory (no '/', no '..').
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ModelRegistry:
@@ -16,11 +20,18 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     def resolve(self, name_or_url: str, field: str = "model") -> str:
-        """The URL of a model given by URL or by name (a directory below the model directory)."""
+        """The URL of a model given by URL or by name (a directory right below the model
+        directory; names never escape it). URLs are checked against the store policy by the
+        manager."""
+        if not isinstance(name_or_url, str) or not name_or_url.strip():
+            raise RequestError(field, "required: a model name or URL")
         if "://" in name_or_url or name_or_url.startswith("/"):
             return name_or_url
+        if not _NAME_RE.match(name_or_url) or ".." in name_or_url:
+            raise RequestError(field, f"{quote(name_or_url)} is not a model name (letters, digits and '_.-', "
+                                      "at most 128, no '/' or '..') nor a URL")
         if self.models_dir is None:
-            raise RequestError(field, f"{name_or_url[:200]!r} is not a URL and the server has no model directory")
+            raise RequestError(field, f"{quote(name_or_url)} is not a URL and the server has no model directory")
         return self.models_dir.rstrip("/") + "/" + name_or_url
 
     def list(self) -> list[dict]:
