@@ -333,3 +333,37 @@ def test_workers_recheck_the_plan_against_the_policy(site, monkeypatch):
     with pytest.raises(Exception) as e:
         run_task(site["mgr"].ledger_url, job.job_id, 0, 1)
     assert getattr(e.value, "code", "") == "PERMISSION_DENIED" and str(e.value).startswith("source:")
+
+
+def test_a_worker_crash_is_an_event_of_the_job(tmp_path):
+    from service.jobs.executors import ExecutorStatus
+
+    class CrashingExecutor(CountingExecutor):
+        def status(self, job_id):
+            return ExecutorStatus(active=1, messages=["task 0 exited with code -9; retrying"])
+
+    src, vol = make_source(str(tmp_path))
+    make_model(str(tmp_path / "models"), "iso3", vol)
+    mgr = JobManager(f"file://{tmp_path}/ledger", CrashingExecutor(), models_dir=str(tmp_path / "models"))
+    job = mgr.submit(RestoreSpec(source=src, model="iso3", output=f"file://{tmp_path}/out", steps=1))
+    mgr.tick()
+    mgr.tick()
+    crashes = [e for e in mgr.ledger.events(job.job_id)[0] if e.kind == "worker_failed"]
+    assert [e.message for e in crashes] == ["task 0 exited with code -9; retrying"]
+    assert any(e["kind"] == "worker_failed" for e in mgr.get(job.job_id).event_log)
+
+
+def test_local_executor_keeps_the_logs_of_earlier_attempts(tmp_path, monkeypatch):
+    from service.jobs import executors
+
+    def fake_command(ledger_url, job_id, task_index, num_tasks):
+        return [executors.sys.executable, "-c", "import sys; print('attempt'); sys.exit(1)"]
+
+    monkeypatch.setattr(executors, "worker_command", fake_command)
+    ex = executors.LocalExecutor("file:///unused", max_retries=1, log_dir=str(tmp_path / "logs"))
+    for _ in range(2):  # two launches (a relaunch after the first ended), two attempts each
+        ex.launch("01aaaaaaaaaaaaaaaaaaaaaaaa", 1, 1)
+        ex._jobs["01aaaaaaaaaaaaaaaaaaaaaaaa"].thread.join(timeout=60)
+    logs = sorted(os.listdir(tmp_path / "logs"))
+    text = "".join((tmp_path / "logs" / n).read_text() for n in logs)
+    assert text.count("attempt") == 4 and ex.status("01aaaaaaaaaaaaaaaaaaaaaaaa").failed == 1
