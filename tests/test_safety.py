@@ -367,3 +367,21 @@ def test_local_executor_keeps_the_logs_of_earlier_attempts(tmp_path, monkeypatch
     logs = sorted(os.listdir(tmp_path / "logs"))
     text = "".join((tmp_path / "logs" / n).read_text() for n in logs)
     assert text.count("attempt") == 4 and ex.status("01aaaaaaaaaaaaaaaaaaaaaaaa").failed == 1
+
+
+def test_unreachable_or_unauthorised_model_stores_are_not_internal(s3_endpoint, tmp_path):
+    from service.volume import stores
+    src, vol = make_source(str(tmp_path))
+    stores.register_s3_endpoint("labdown9", "http://127.0.0.1:9", "k", "s")
+    stores.register_s3_endpoint("labbad9", s3_endpoint.endpoint_url, s3_endpoint.access_key_id, "wrong")
+    mgr = JobManager(f"file://{tmp_path}/ledger", NullExecutor())
+    server, port = start_server(mgr)
+    try:
+        with EmrestoreClient(f"127.0.0.1:{port}", timeout=60) as c:
+            for model, codes in ((f"labdown9://{s3_endpoint.bucket}/m", {"UNAVAILABLE"}),
+                                 (f"labbad9://{s3_endpoint.bucket}/m", {"PERMISSION_DENIED", "UNAUTHENTICATED"})):
+                e = refused(c.restore_region, src, model, f"file://{tmp_path}/o", (0, 0, 0), (8, 8, 2))
+                assert e.code_name in codes and e.message.startswith("model:"), (model, e)
+    finally:
+        server.stop(0).wait()
+        mgr.close()

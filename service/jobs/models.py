@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import threading
 
-from ..engine.model import RestorationModel, list_models, read_metadata
+from ..engine.model import ModelError, RestorationModel, list_models, read_metadata
 from ..errors import RequestError, quote
+from ..volume.stores import translate_store_error
 
 #: A model name: one directory below the model directory (no '/', no '..').
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -39,15 +40,29 @@ class ModelRegistry:
 
     def describe(self, name_or_url: str) -> dict:
         url = self.resolve(name_or_url)
-        meta = read_metadata(url)
+        meta = self.metadata(url)
         meta["url"] = url
         return meta
 
-    def metadata(self, url: str) -> dict:
-        return read_metadata(url)
+    def metadata(self, url: str, field: str = "model") -> dict:
+        """model.json of the model at ``url``; store failures as UNAVAILABLE / PERMISSION_DENIED /
+        NOT_FOUND naming ``field`` (never INTERNAL)."""
+        return _translated(read_metadata, url, field)
 
     def load(self, url: str) -> RestorationModel:
         with self._lock:
             if url not in self._models:
-                self._models[url] = RestorationModel.load(url)
+                self._models[url] = _translated(RestorationModel.load, url, "model")
             return self._models[url]
+
+
+def _translated(fn, url: str, field: str):
+    try:
+        return fn(url)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - store errors get their status, the rest propagates
+        known = translate_store_error(e, quote(url), field)
+        if known is None:
+            raise
+        raise known from None
