@@ -385,3 +385,10 @@ def test_unreachable_or_unauthorised_model_stores_are_not_internal(s3_endpoint, 
     finally:
         server.stop(0).wait()
         mgr.close()
+
+
+def test_voxels_per_job_are_bounded(site, monkeypatch):
+    monkeypatch.setattr(site["mgr"], "limits", WorkLimits(max_job_voxels=1000))
+    with client(site) as c:
+        e = refused(c.restore_dataset, site["src"], "iso3", out_url(site, "huge"), steps=1)
+    assert e.code_name == "RESOURCE_EXHAUSTED" and e.message.startswith("region:") and "1000" in e.message
