@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from ..errors import PermissionDenied, RequestError, ResourceExhausted, status_of
+from ..errors import PermissionDenied, RequestError, ResourceExhausted, quote, status_of
 from ..jobs.records import TERMINAL_STATES
 from . import auth
 from .gen import emrestore_pb2 as pb
@@ -173,7 +173,7 @@ def _sampler(name: str) -> str | None:
         return None
     from ..engine.samplers import SAMPLERS
     if name not in SAMPLERS:
-        raise RequestError("sampler", f"unknown sampler {name!r}; allowed: {', '.join(sorted(SAMPLERS))}")
+        raise RequestError("sampler", f"unknown sampler {quote(name)}; allowed: {', '.join(sorted(SAMPLERS))}")
     return name
 
 
@@ -200,7 +200,7 @@ def _job_id(value: str) -> str:
     try:
         validate_job_id(v)
     except ValueError:
-        raise RequestError("job_id", f"{value!r} is not a job id (26 lowercase letters and digits)") from None
+        raise RequestError("job_id", f"{quote(value)} is not a job id (26 lowercase letters and digits)") from None
     return v
 
 
@@ -416,7 +416,7 @@ class RestorationServicer(pb_grpc.RestorationServicer):
         except (ValueError, KeyError) as exc:
             code, msg = status_of(exc)
             if token is not None and code in ("INVALID_ARGUMENT", "NOT_FOUND") and "page_token" not in msg:
-                raise RequestError("page_token", f"{token!r} is not a token returned by ListJobs "
+                raise RequestError("page_token", f"{quote(token)} is not a token returned by ListJobs "
                                                  f"({msg})") from None
             raise
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=next_token or "")
