@@ -268,6 +268,8 @@ def test_two_servers_on_one_ledger_never_double_the_workers(tmp_path):
     m2.tick()
     assert e2.launches == 1 and m2.ledger.supervisor(job.job_id) == m2.supervisor_id
     assert any(ev.kind == "resumed" for ev in m2.ledger.events(job.job_id)[0])
+    m2.close()  # a server shutting down hands its jobs on at once
+    assert m2.ledger.supervisor(job.job_id) is None
 
 
 # ---------------------------------------------------------------- incremental means complete

@@ -35,30 +35,9 @@ __all__ = [
 from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
     _CROCKFORD, _DONE_RE, _EVENT_ID_RE, _EVENT_NAME_RE, _JOB_ID_RE, _KIND_RE, _OWNER_RE, CANCELLED,
     FAILED, MAX_BLOCKS, MAX_PAGE_SIZE, MAX_TTL_S, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES,
-    TRANSITIONS, Event, IllegalTransition, JobExists, JobNotFound, JobRecord, Lease, new_job_id,
-    validate_job_id,
+    TRANSITIONS, Event, IllegalTransition, JobExists, JobNotFound, JobRecord, Lease, _check_int, _check_owner,
+    _check_ttl, new_job_id, validate_job_id,
 )
-
-
-def _check_owner(owner: Any) -> str:
-    if not isinstance(owner, str) or not _OWNER_RE.match(owner):
-        raise ValueError(
-            "owner must be 1-128 characters of letters, digits and '_.:@-' "
-            f"starting with a letter or digit, got {owner!r}")
-    return owner
-
-
-def _check_ttl(ttl_s: Any) -> float:
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) \
-            or not (0 < ttl_s <= MAX_TTL_S):
-        raise ValueError(f"ttl_s must be a number in (0, {MAX_TTL_S:g}] seconds, got {ttl_s!r}")
-    return float(ttl_s)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
 
 
 def _dumps(obj: Any, what: str) -> bytes:
@@ -409,6 +388,13 @@ class Ledger:
         another takes over when the holder stops renewing it for ``ttl_s`` seconds."""
         self.num_blocks(validate_job_id(job_id))  # JobNotFound
         return self._acquire(job_id, self._k(job_id, "supervisor.json"), -1, owner, ttl_s)
+
+    def release_supervisor(self, job_id: str, owner: str) -> bool:
+        """Drop ``owner``'s supervisor lease (a server shutting down hands its jobs on at once)."""
+        def fn(old: bytes | None):
+            cur = self._parse_lease(old)
+            return DELETE if cur is not None and cur["owner"] == owner else KEEP
+        return self._store.update(self._k(validate_job_id(job_id), "supervisor.json"), fn, self._k(job_id, ".lock"))
 
     def supervisor(self, job_id: str) -> str | None:
         """The owner of the job's supervisor lease when it has not expired, else None."""

@@ -102,6 +102,7 @@ class JobManager:
         self.supervisor_id = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
         self.supervisor_ttl_s = max(30.0, 20 * poll_interval_s)
         self._messages_seen: dict[str, int] = {}
+        self._supervised: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
@@ -129,6 +130,17 @@ class JobManager:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.executor.shutdown()
+        for job_id in list(self._supervised):  # hand the jobs on to the next server at once
+            try:
+                self.ledger.release_supervisor(job_id, self.supervisor_id)
+            except Exception as e:  # noqa: BLE001 - the lease expires anyway
+                print(f"[supervisor] releasing {job_id}: {type(e).__name__}: {e}", flush=True)
+
+    def _supervise_lease(self, job_id: str) -> bool:
+        ok = self.ledger.try_supervise(job_id, self.supervisor_id, self.supervisor_ttl_s)
+        if ok:
+            self._supervised.add(job_id)
+        return ok
 
     # ------------------------------------------------------------------ models
     def resolve_model(self, name_or_url: str, field: str = "model") -> str:
@@ -211,7 +223,7 @@ class JobManager:
                        overwrite_check_source_url=spec.source, overwrite=spec.overwrite,
                        allow_foreign=self.allow_foreign_overwrite, check_only=check_only)
         rec = self.ledger.create_job(spec.to_dict(), n, plan=plan.to_dict(), owner=owner)
-        self.ledger.try_supervise(rec.job_id, self.supervisor_id, self.supervisor_ttl_s)
+        self._supervise_lease(rec.job_id)
         if plan.blocks.message:
             self.ledger.add_event(rec.job_id, "planned", plan.blocks.message)
         if n == 0:
@@ -234,7 +246,7 @@ class JobManager:
         self._check_existing_model(spec)
         plan = self.planner.train(spec)
         rec = self.ledger.create_job(spec.to_dict(), 1, plan=plan.to_dict(), owner=owner)
-        self.ledger.try_supervise(rec.job_id, self.supervisor_id, self.supervisor_ttl_s)
+        self._supervise_lease(rec.job_id)
         if plan.message:
             self.ledger.add_event(rec.job_id, "planned", plan.message)
         self._launch(rec.job_id, 1)
@@ -383,7 +395,7 @@ class JobManager:
 
     def _supervise_job(self, rec) -> None:
         job_id = rec.job_id
-        if not self.ledger.try_supervise(job_id, self.supervisor_id, self.supervisor_ttl_s):
+        if not self._supervise_lease(job_id):
             return  # another server supervises this job (its lease is live)
         if rec.cancel_requested:
             self.executor.cancel(job_id)
