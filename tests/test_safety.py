@@ -302,7 +302,16 @@ def test_incremental_redoes_blocks_missing_a_lower_scale_or_uncertainty_chunk(tm
 
 
 # ---------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize("info", [{}, {"scales": []}, "truncated"])
+def _scale(**kw):
+    base = {"key": "8_8_24", "size": [64, 64, 8], "resolution": [8, 8, 24], "chunk_sizes": [[32, 32, 8]],
+            "voxel_offset": [0, 0, 0], "encoding": "raw"}
+    base.update(kw)
+    return {"type": "image", "data_type": "uint8", "num_channels": 1, "scales": [base]}
+
+
+@pytest.mark.parametrize("info", [{}, {"scales": []}, "truncated", _scale(resolution=[0, 8, 24]),
+                                  _scale(size=[-64, 64, 8]), _scale(chunk_sizes=[[32, 32]])],
+                         ids=["empty", "no scales", "truncated", "zero resolution", "negative size", "bad chunk"])
 def test_broken_source_info_names_the_source(site, info):
     d = site["allowed"] / f"broken-{time.monotonic_ns()}"
     d.mkdir()
