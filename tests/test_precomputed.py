@@ -284,9 +284,16 @@ def test_existing_output_resume_and_conflict(tmp_path, ramp_volume):
     url = f"file://{tmp_path}/out"
     first = P.create_output_layer(url, geo, (16, 16, 6), "uint8", {"run": 1})
     prov_before = (tmp_path / "out" / "provenance").read_text()
-    again = P.create_output_layer(url, geo, (16, 16, 6), "uint8", {"run": 2})
+    again = P.create_output_layer(url, geo, (16, 16, 6), "uint8", {"run": 1})  # the same job: a resume
     assert again == first
     assert (tmp_path / "out" / "provenance").read_text() == prov_before
+    # another job's output is not a resume: refused unless overwrite is asked, which records the new job
+    with pytest.raises(VolumeError) as e:
+        P.create_output_layer(url, geo, (16, 16, 6), "uint8", {"run": 2})
+    assert e.value.code == "FAILED_PRECONDITION" and "overwrite" in str(e.value)
+    assert (tmp_path / "out" / "provenance").read_text() == prov_before
+    assert P.create_output_layer(url, geo, (16, 16, 6), "uint8", {"run": 2}, overwrite=True) == first
+    assert '"run": 2' in (tmp_path / "out" / "provenance").read_text().replace('"run":2', '"run": 2')
     info_before = (tmp_path / "out" / "info").read_text()
     for kwargs in (
         dict(geometry=P.output_geometry(src, (1, 1, 5)), chunk_size_xyz=(16, 16, 10), dtype="uint8"),

@@ -8,20 +8,31 @@ constant time (SHA-256 digests through ``hmac.compare_digest``, every configured
 Tokens come from the ``token`` argument (one string or a list), a token file (one token per
 line; blank lines and ``#`` comments ignored) or an environment variable (default
 ``EMRESTORE_TOKEN``; several tokens separated by commas or whitespace).
+
+Each token names a user: a line ``alice:s3cret`` is user ``alice`` with token ``s3cret``; a bare
+token is user ``default``. Jobs record the user who created them; only that user or an admin
+(``emrestore serve --admin USER``; the ``default`` user is one) may cancel them. Failed
+authentications are logged with the method and the reason, never the token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import re
 from typing import Iterable
 
 import grpc
 
 __all__ = ["TOKEN_ENV", "EXEMPT_PREFIXES", "load_tokens", "BearerTokenInterceptor", "bearer_metadata"]
 
+log = logging.getLogger(__name__)
+
 TOKEN_ENV = "EMRESTORE_TOKEN"
+DEFAULT_USER = "default"
+_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 METADATA_KEY = "authorization"
 EXEMPT_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -70,6 +81,16 @@ def load_tokens(token: str | Iterable[str] | None = None, token_file: str | None
     return tokens
 
 
+def split_user(entry: str) -> tuple[str, str]:
+    """(user, token) of a configured entry ``user:token`` (or a bare token: user ``default``)."""
+    user, sep, token = entry.partition(":")
+    if not sep:
+        return DEFAULT_USER, entry
+    if not _USER_RE.match(user) or not token:
+        raise ValueError("token: entries are 'user:token' with a user name of letters, digits and '_.@-'")
+    return user, token
+
+
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying ``token`` (empty when None)."""
     return ((METADATA_KEY, f"Bearer {token}"),) if token else ()
@@ -99,10 +120,26 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a valid ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
 
     def __init__(self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES):
-        self._digests = [_digest(t) for t in tokens]
+        pairs = [split_user(t) for t in tokens]
+        self._users = [(_digest(tok), user) for user, tok in pairs]
+        self._digests = [d for d, _ in self._users]
         if not self._digests:
             raise ValueError("token: BearerTokenInterceptor needs at least one token")
         self._exempt = tuple(exempt_prefixes)
+
+    def user_of(self, header: str | None) -> str | None:
+        """The user whose token ``header`` carries, or None (constant time over all tokens)."""
+        if header is None:
+            return None
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        given = _digest(token.strip())
+        found = None
+        for d, user in self._users:  # no early exit: the time does not depend on which token matched
+            if hmac.compare_digest(given, d):
+                found = user
+        return found
 
     def check(self, header: str | None) -> str | None:
         """None when ``header`` (the authorization value) is valid, else the error message."""
@@ -112,11 +149,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         scheme, _, token = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return f"{METADATA_KEY}: expected 'Bearer <token>'"
-        given = _digest(token.strip())
-        ok = False
-        for d in self._digests:  # no early exit: the time does not depend on which token matched
-            ok |= hmac.compare_digest(given, d)
-        return None if ok else f"{METADATA_KEY}: invalid bearer token"
+        return None if self.user_of(header) is not None else f"{METADATA_KEY}: invalid bearer token"
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
@@ -134,4 +167,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if problem is None or handler is None:
             return handler
+        log.warning("authentication failed: %s: %s", method[:200], problem)  # never the token
         return _denying_handler(handler, problem)
+
+
+def caller(context, interceptor: BearerTokenInterceptor | None) -> str | None:
+    """The authenticated user of a call (None when authentication is off)."""
+    if interceptor is None:
+        return None
+    for k, v in context.invocation_metadata() or ():
+        if k.lower() == METADATA_KEY:
+            return interceptor.user_of(v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+    return None

@@ -187,7 +187,8 @@ def cmd_submit(a):
         raise _bad("--uncertainty: needs --samples of at least 2")
     region = parse_region(a.region) if a.region else None
     kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
-              steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism)
+              steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism,
+              register_in=a.register_in or [], overwrite=a.overwrite)
     with _client(a) as c:
         if getattr(a, "reuse_active", False):
             active = _active_job_for(c, a.source, a.output, region)
@@ -326,6 +327,10 @@ def register(sub) -> None:
     p.add_argument("--uncertainty", help="uncertainty layer URL (needs --samples ≥ 2)")
     _add_sampling_args(p)
     p.add_argument("--parallelism", type=int, default=0, help="workers at once (0: server default)")
+    p.add_argument("--register-in", action="append", metavar="TARGET",
+                   help="a registration target configured on the server (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output written by emrestore for another job")
     p.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_client_args(p)

@@ -52,22 +52,32 @@ def _address(host: str, port: int) -> str:
 
 def build_server(manager, host: str = "127.0.0.1", port: int = 50051,
                  token: str | Iterable[str] | None = None, tls_cert: str | bytes | None = None,
-                 tls_key: str | bytes | None = None, max_workers: int = 16) -> tuple[grpc.Server, int]:
+                 tls_key: str | bytes | None = None, max_workers: int = 16,
+                 admins: Iterable[str] = (), max_concurrent_cutouts: int = 2,
+                 cutout_queue: int = 4) -> tuple[grpc.Server, int]:
     """A bound, unstarted server for ``manager`` and the port it got (port 0: an ephemeral one).
 
     ``token``: one token or a list; when given every call except health and reflection needs
-    ``authorization: Bearer <token>``. ``tls_cert``/``tls_key``: PEM file paths (or bytes) of
-    the server certificate chain and key; both or neither.
+    ``authorization: Bearer <token>`` (entries ``user:token`` name users; ``admins`` may cancel
+    any job). ``tls_cert``/``tls_key``: PEM file paths (or bytes) of the server certificate chain
+    and key; both or neither. At most ``max_concurrent_cutouts`` cutouts run at once and
+    ``cutout_queue`` more wait; beyond that RESOURCE_EXHAUSTED — so cheap calls and health
+    checks always find a free thread (the limits must stay below ``max_workers``).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("--tls-cert/--tls-key: give both or neither")
     if max_workers < 1:
         raise ValueError(f"max_workers: must be ≥ 1, got {max_workers}")
     tokens = [] if token is None else auth.load_tokens(token, env_var=None)
-    interceptors = [auth.BearerTokenInterceptor(tokens)] if tokens else []
+    interceptor = auth.BearerTokenInterceptor(tokens) if tokens else None
+    if max_concurrent_cutouts + cutout_queue >= max_workers:
+        raise ValueError(f"--max-concurrent-cutouts: {max_concurrent_cutouts} running + {cutout_queue} queued "
+                         f"must stay below the {max_workers} RPC threads (cheap calls need threads too)")
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="emrestore-rpc"),
-                         interceptors=interceptors, options=SERVER_OPTIONS)
-    pb_grpc.add_RestorationServicer_to_server(RestorationServicer(manager), server)
+                         interceptors=[interceptor] if interceptor else [], options=SERVER_OPTIONS)
+    servicer = RestorationServicer(manager, interceptor=interceptor, admins=admins,
+                                   max_concurrent_cutouts=max_concurrent_cutouts, cutout_queue=cutout_queue)
+    pb_grpc.add_RestorationServicer_to_server(servicer, server)
     hs = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     for name in ("", SERVICE_NAME):
@@ -97,14 +107,16 @@ def health_servicer(server: grpc.Server) -> health.HealthServicer | None:
 
 def serve(manager, host: str = "127.0.0.1", port: int = 50051, token=None, tls_cert=None, tls_key=None,
           max_workers: int = 16, *, grace_s: float = 10.0, start_manager: bool = True,
-          stop_event: threading.Event | None = None, on_ready=None) -> None:
+          stop_event: threading.Event | None = None, on_ready=None, admins: Iterable[str] = (),
+          max_concurrent_cutouts: int = 2, cutout_queue: int = 4) -> None:
     """Serve until SIGTERM/SIGINT (main thread only) or ``stop_event``; then shut down gracefully.
 
     Starts ``manager`` (its supervisor thread) first when ``start_manager`` and closes it at the
     end. ``on_ready(bound_port)`` is called once the server listens.
     """
     server, bound = build_server(manager, host, port, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                                 max_workers=max_workers)
+                                 max_workers=max_workers, admins=admins,
+                                 max_concurrent_cutouts=max_concurrent_cutouts, cutout_queue=cutout_queue)
     stop = stop_event or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -21,8 +21,9 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from ..errors import PermissionDenied, RequestError, ResourceExhausted, status_of
+from ..errors import PermissionDenied, RequestError, ResourceExhausted, quote, status_of
 from ..jobs.records import TERMINAL_STATES
+from . import auth
 from .gen import emrestore_pb2 as pb
 from .gen import emrestore_pb2_grpc as pb_grpc
 
@@ -172,7 +173,7 @@ def _sampler(name: str) -> str | None:
         return None
     from ..engine.samplers import SAMPLERS
     if name not in SAMPLERS:
-        raise RequestError("sampler", f"unknown sampler {name!r}; allowed: {', '.join(sorted(SAMPLERS))}")
+        raise RequestError("sampler", f"unknown sampler {quote(name)}; allowed: {', '.join(sorted(SAMPLERS))}")
     return name
 
 
@@ -199,7 +200,7 @@ def _job_id(value: str) -> str:
     try:
         validate_job_id(v)
     except ValueError:
-        raise RequestError("job_id", f"{value!r} is not a job id (26 lowercase letters and digits)") from None
+        raise RequestError("job_id", f"{quote(value)} is not a job id (26 lowercase letters and digits)") from None
     return v
 
 
@@ -366,18 +367,32 @@ def _streaming(fn):
 
 # ----------------------------------------------------------------------------- servicer
 class RestorationServicer(pb_grpc.RestorationServicer):
-    """Serves ``emrestore.v1.Restoration`` from a ``service.jobs.manager.JobManager``."""
+    """Serves ``emrestore.v1.Restoration`` from a ``service.jobs.manager.JobManager``.
 
-    def __init__(self, manager):
+    ``interceptor``: the bearer-token interceptor (it names the calling user; None: no
+    authentication, every caller may cancel every job). ``admins``: users who may cancel any job.
+    Cutouts: at most ``max_concurrent_cutouts`` run, ``cutout_queue`` wait, more are refused.
+    """
+
+    def __init__(self, manager, interceptor=None, admins=(), max_concurrent_cutouts: int = 2,
+                 cutout_queue: int = 4):
         self.manager = manager
+        self.interceptor = interceptor
+        self.admins = frozenset(admins) | {auth.DEFAULT_USER}
+        self.max_concurrent_cutouts = max_concurrent_cutouts
+        self._cutout_slots = threading.BoundedSemaphore(max(1, max_concurrent_cutouts))
+        self._cutout_waiting = threading.BoundedSemaphore(max(1, max_concurrent_cutouts) + max(0, cutout_queue))
+
+    def _user(self, context) -> str:
+        return auth.caller(context, self.interceptor) or ""
 
     @_unary
     def CreateRestoreJob(self, request, context):
-        return job_to_proto(self.manager.submit(restore_spec_from_request(request)))
+        return job_to_proto(self.manager.submit(restore_spec_from_request(request), owner=self._user(context)))
 
     @_unary
     def CreateTrainJob(self, request, context):
-        return job_to_proto(self.manager.submit(train_spec_from_request(request)))
+        return job_to_proto(self.manager.submit(train_spec_from_request(request), owner=self._user(context)))
 
     @_unary
     def GetJob(self, request, context):
@@ -401,14 +416,21 @@ class RestorationServicer(pb_grpc.RestorationServicer):
         except (ValueError, KeyError) as exc:
             code, msg = status_of(exc)
             if token is not None and code in ("INVALID_ARGUMENT", "NOT_FOUND") and "page_token" not in msg:
-                raise RequestError("page_token", f"{token!r} is not a token returned by ListJobs "
+                raise RequestError("page_token", f"{quote(token)} is not a token returned by ListJobs "
                                                  f"({msg})") from None
             raise
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=next_token or "")
 
     @_unary
     def CancelJob(self, request, context):
-        return job_to_proto(_job_call(self.manager.cancel, _job_id(request.job_id)))
+        job_id = _job_id(request.job_id)
+        if self.interceptor is not None:
+            user = self._user(context)
+            owner = _job_call(self.manager.get, job_id).owner
+            if user not in self.admins and user != owner:
+                raise PermissionDenied("job_id", f"job {job_id} belongs to another user; only its owner or an "
+                                                 "admin may cancel it")
+        return job_to_proto(_job_call(self.manager.cancel, job_id))
 
     @_streaming
     def WatchJob(self, request, context):
@@ -434,7 +456,15 @@ class RestorationServicer(pb_grpc.RestorationServicer):
     @_unary
     def Cutout(self, request, context):
         spec = cutout_spec_from_request(request, self.manager.max_cutout_voxels)
-        return cutout_to_proto(self.manager.cutout(spec))
+        # bounded: a place in the queue at once or RESOURCE_EXHAUSTED, then a running slot
+        if not self._cutout_waiting.acquire(blocking=False):
+            raise ResourceExhausted("region", f"the server runs at most {self.max_concurrent_cutouts} cutouts at "
+                                              "once and its queue is full; retry later")
+        try:
+            with self._cutout_slots:
+                return cutout_to_proto(self.manager.cutout(spec))
+        finally:
+            self._cutout_waiting.release()
 
     @_unary
     def ListModels(self, request, context):

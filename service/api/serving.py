@@ -41,9 +41,16 @@ def cmd_serve(a):
         tokens = load_tokens(token_file=a.token_file) if a.token_file else load_tokens()
     except ValueError as e:
         raise _bad(str(e)) from None
+    from ..volume.policy import StorePolicy
+    # stores the service may touch: the data and model directories, plus --allow-store prefixes
+    policy = StorePolicy([data, models] + list(a.allow_store or []))
+    for name in ("max_job_voxels", "max_sample_steps", "max_jobs_per_user", "max_concurrent_cutouts"):
+        if getattr(a, name) < 1:
+            raise _bad(f"--{name.replace('_', '-')}: must be ≥ 1, got {getattr(a, name)}")
     if a.executor == "local":
         from ..jobs.executors import LocalExecutor
-        executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"))
+        executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"),
+                                 env=policy.env())
     else:
         from dataclasses import replace
 
@@ -80,7 +87,11 @@ def cmd_serve(a):
             raise CommandError("FAILED_PRECONDITION", "--targets: no registration plug-in is installed "
                                                       "(entry point group emrestore.completion_hooks)")
         hooks.extend(ep.load()(a.targets) for ep in plugins)
+    from ..jobs.manager import WorkLimits
+    limits = WorkLimits(max_job_voxels=a.max_job_voxels, max_sample_steps=a.max_sample_steps,
+                        max_jobs_per_user=a.max_jobs_per_user)
     manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels,
+                         store_policy=policy, limits=limits, allow_foreign_overwrite=a.allow_foreign_overwrite,
                          block_size_xyz=block, output_chunk_xyz=chunk, completion_hooks=hooks)
 
     def ready(port):
@@ -89,6 +100,7 @@ def cmd_serve(a):
               f"ledger {ledger}; models {models}; {a.executor} executor)", file=sys.stderr, flush=True)
 
     serve(manager, a.host, a.port, token=tokens or None, tls_cert=a.tls_cert, tls_key=a.tls_key,
+          admins=a.admin or (), max_concurrent_cutouts=a.max_concurrent_cutouts, cutout_queue=a.cutout_queue,
           max_workers=a.rpc_threads, grace_s=a.grace, on_ready=ready)
     print("emrestore: server stopped", file=sys.stderr)
 
@@ -110,6 +122,21 @@ def register(sub) -> None:
     p.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key")
     p.add_argument("--tls-key", help="server private key (PEM); with --tls-cert")
     p.add_argument("--rpc-threads", type=int, default=16, help="threads serving calls (default %(default)s)")
+    p.add_argument("--allow-store", action="append", metavar="PREFIX",
+                   help="URL prefix the service may read or write (repeatable; e.g. file:///data/em/, "
+                        "s3://lab-em/, lab://bucket/); the data and model directories are always allowed")
+    p.add_argument("--admin", action="append", metavar="USER",
+                   help="a user (token file line user:token) who may cancel any job (repeatable)")
+    p.add_argument("--max-job-voxels", type=int, default=2 ** 36, help="output voxels per job (default %(default)s)")
+    p.add_argument("--max-sample-steps", type=int, default=4000,
+                   help="samples × steps per request (default %(default)s)")
+    p.add_argument("--max-jobs-per-user", type=int, default=16, help="live jobs per user (default %(default)s)")
+    p.add_argument("--max-concurrent-cutouts", type=int, default=2,
+                   help="cutouts running at once (default %(default)s; more wait in a queue)")
+    p.add_argument("--cutout-queue", type=int, default=4,
+                   help="cutouts waiting; beyond: RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--allow-foreign-overwrite", action="store_true",
+                   help="let requests with overwrite replace layers without emrestore provenance")
     p.add_argument("--max-cutout-voxels", type=int, default=4_194_304,
                    help="largest Cutout in output voxels (default %(default)s)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")

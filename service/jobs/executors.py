@@ -96,7 +96,8 @@ class LocalExecutor:
         out = subprocess.DEVNULL
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
-            out = open(os.path.join(self.log_dir, f"{job.job_id}-{i}-{job.attempts[i]}.log"), "wb")
+            # appended: logs of earlier attempts and earlier launches are kept
+            out = open(os.path.join(self.log_dir, f"{job.job_id}-{i}-{job.attempts[i]}.log"), "ab")
         job.attempts[i] += 1
         return subprocess.Popen(worker_command(self.ledger_url, job.job_id, None, job.num_tasks),
                                 env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -7,6 +7,7 @@ Layout under the ledger root URL::
     jobs/{job_id}/state.json                 state, message, times, counters
     jobs/{job_id}/blocks/{index:08d}.done    completion marker of one block
     jobs/{job_id}/leases/{index:08d}.json    lease on one block (owner, expiry)
+    jobs/{job_id}/supervisor.json            lease of the server that supervises the job
     jobs/{job_id}/events/{ns:020d}-{writer}-{n:08d}.json   one object per event
 
 Objects are written through an atomic store (store.py), whose back-end decides how exact
@@ -34,30 +35,9 @@ __all__ = [
 from .records import (  # noqa: F401 - re-exported: the ledger's vocabulary
     _CROCKFORD, _DONE_RE, _EVENT_ID_RE, _EVENT_NAME_RE, _JOB_ID_RE, _KIND_RE, _OWNER_RE, CANCELLED,
     FAILED, MAX_BLOCKS, MAX_PAGE_SIZE, MAX_TTL_S, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES,
-    TRANSITIONS, Event, IllegalTransition, JobExists, JobNotFound, JobRecord, Lease, new_job_id,
-    validate_job_id,
+    TRANSITIONS, Event, IllegalTransition, JobExists, JobNotFound, JobRecord, Lease, _check_int, _check_owner,
+    _check_ttl, new_job_id, validate_job_id,
 )
-
-
-def _check_owner(owner: Any) -> str:
-    if not isinstance(owner, str) or not _OWNER_RE.match(owner):
-        raise ValueError(
-            "owner must be 1-128 characters of letters, digits and '_.:@-' "
-            f"starting with a letter or digit, got {owner!r}")
-    return owner
-
-
-def _check_ttl(ttl_s: Any) -> float:
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) \
-            or not (0 < ttl_s <= MAX_TTL_S):
-        raise ValueError(f"ttl_s must be a number in (0, {MAX_TTL_S:g}] seconds, got {ttl_s!r}")
-    return float(ttl_s)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
 
 
 def _dumps(obj: Any, what: str) -> bytes:
@@ -376,9 +356,11 @@ class Ledger:
         best-effort stores). After winning, re-check the block's completion marker.
         """
         self._check_index(job_id, index)
+        return self._acquire(job_id, self._lease_key(job_id, index), index, owner, ttl_s)
+
+    def _acquire(self, job_id: str, key: str, index: int, owner: str, ttl_s: float) -> bool:
         _check_owner(owner)
         ttl = _check_ttl(ttl_s)
-        key = self._lease_key(job_id, index)
         lock = self._k(job_id, ".lock")
         token = secrets.token_hex(8)
 
@@ -400,6 +382,26 @@ class Ledger:
             return KEEP
 
         return self._store.update(key, fn, lock)
+
+    def try_supervise(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Take (or extend) the job's supervisor lease: one server supervises a job at a time;
+        another takes over when the holder stops renewing it for ``ttl_s`` seconds."""
+        self.num_blocks(validate_job_id(job_id))  # JobNotFound
+        return self._acquire(job_id, self._k(job_id, "supervisor.json"), -1, owner, ttl_s)
+
+    def release_supervisor(self, job_id: str, owner: str) -> bool:
+        """Drop ``owner``'s supervisor lease (a server shutting down hands its jobs on at once)."""
+        def fn(old: bytes | None):
+            cur = self._parse_lease(old)
+            return DELETE if cur is not None and cur["owner"] == owner else KEEP
+        return self._store.update(self._k(validate_job_id(job_id), "supervisor.json"), fn, self._k(job_id, ".lock"))
+
+    def supervisor(self, job_id: str) -> str | None:
+        """The owner of the job's supervisor lease when it has not expired, else None."""
+        cur = self._parse_lease(self._store.read(self._k(validate_job_id(job_id), "supervisor.json")))
+        if cur is None or not cur["owner"] or self._clock() > cur["expires_at"]:
+            return None
+        return cur["owner"]
 
     def lease_block(self, job_id: str, block_index: int, owner: str, ttl: float) -> bool:
         """Pool-worker name of :meth:`try_acquire_lease`: lease any block of any job."""

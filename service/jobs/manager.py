@@ -6,6 +6,9 @@ restarted manager picks up every PENDING/RUNNING job and relaunches what is miss
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -13,9 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import FailedPrecondition, RequestError
+from ..errors import FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
+from ..volume.policy import StorePolicy, inside
 from .completion import CompletedJob, CompletionHook
 from .executors import Executor
 from .ledger import CANCELLED, FAILED, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES, Ledger
@@ -26,6 +30,14 @@ from .spec import CutoutSpec, RestoreSpec, TrainSpec
 from .worker import restore_block
 
 MAX_RELAUNCHES = 2
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """Bounds on the work one request may ask for (the operator's, with defaults)."""
+    max_job_voxels: int = 2 ** 36          # output voxels written by one restore job
+    max_sample_steps: int = 4_000          # samples × steps per request
+    max_jobs_per_user: int = 16            # live (PENDING/RUNNING) jobs of one user
 
 
 @dataclass
@@ -74,7 +86,8 @@ class JobManager:
                  max_cutout_voxels: int = 4_194_304, poll_interval_s: float = 0.5,
                  block_size_xyz: tuple[int, int, int] = (256, 256, 0), tile: int = 256,
                  overlap: int = 32, output_chunk_xyz: tuple[int, int, int] | None = None,
-                 completion_hooks: list[CompletionHook] | None = None):
+                 completion_hooks: list[CompletionHook] | None = None, store_policy: StorePolicy | None = None,
+                 limits: WorkLimits | None = None, allow_foreign_overwrite: bool = False):
         self.ledger = Ledger(ledger_url)
         self.ledger_url = ledger_url
         self.executor = executor
@@ -83,6 +96,13 @@ class JobManager:
         self.planner = Planner(self.models, block_size_xyz, tile, overlap, output_chunk_xyz, max_cutout_voxels)
         self.poll_interval_s = poll_interval_s
         self.completion_hooks = list(completion_hooks or [])
+        self.policy = store_policy or StorePolicy(None)
+        self.limits = limits or WorkLimits()
+        self.allow_foreign_overwrite = allow_foreign_overwrite
+        self.supervisor_id = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.supervisor_ttl_s = max(30.0, 20 * poll_interval_s)
+        self._messages_seen: dict[str, int] = {}
+        self._supervised: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
@@ -110,6 +130,17 @@ class JobManager:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.executor.shutdown()
+        for job_id in list(self._supervised):  # hand the jobs on to the next server at once
+            try:
+                self.ledger.release_supervisor(job_id, self.supervisor_id)
+            except Exception as e:  # noqa: BLE001 - the lease expires anyway
+                print(f"[supervisor] releasing {job_id}: {type(e).__name__}: {e}", flush=True)
+
+    def _supervise_lease(self, job_id: str) -> bool:
+        ok = self.ledger.try_supervise(job_id, self.supervisor_id, self.supervisor_ttl_s)
+        if ok:
+            self._supervised.add(job_id)
+        return ok
 
     # ------------------------------------------------------------------ models
     def resolve_model(self, name_or_url: str, field: str = "model") -> str:
@@ -123,29 +154,76 @@ class JobManager:
 
     # ------------------------------------------------------------------ submit
     def submit(self, spec: RestoreSpec | TrainSpec, owner: str = "") -> JobStatus:
+        """Validate, check the store policy and the limits, plan, write the layers, record the
+        job and its plan, launch. Nothing is written before every check has passed."""
         if isinstance(spec, RestoreSpec):
-            return self._submit_restore(spec.validate(), owner)
+            spec.validate()
+            self._check_owner_quota(owner)
+            return self._submit_restore(spec, owner)
         if isinstance(spec, TrainSpec):
-            return self._submit_train(spec.validate(), owner)
+            spec.validate()
+            self._check_owner_quota(owner)
+            return self._submit_train(spec, owner)
         raise RequestError("spec", f"unknown job kind {type(spec).__name__}")
+
+    def _check_owner_quota(self, owner: str) -> None:
+        if not owner:
+            return
+        live = [r for r in self.ledger.pending_jobs() if r.owner == owner]
+        if len(live) >= self.limits.max_jobs_per_user:
+            raise ResourceExhausted("owner", f"user {owner} has {len(live)} live jobs; the limit is "
+                                             f"{self.limits.max_jobs_per_user} per user")
+
+    def _check_sampling_work(self, samples: int, steps: int) -> None:
+        if samples * steps > self.limits.max_sample_steps:
+            raise ResourceExhausted("samples", f"samples × steps = {samples} × {steps} = {samples * steps}; "
+                                               f"the limit is {self.limits.max_sample_steps}")
+
+    def _check_restore_stores(self, spec: RestoreSpec) -> str:
+        """Every URL of a restore request against the policy, before any I/O; the model's URL."""
+        src = self.policy.check(spec.source, "source")
+        out = self.policy.check(spec.output, "output")
+        model_url = self.resolve_model(spec.model)
+        model = self.policy.check(model_url, "model")
+        roots = [("source", src), ("model", model)]
+        if self.models_dir:
+            roots.append(("model directory", self.policy.check(self.models_dir, "model")))
+        outs = [("output", out)]
+        if spec.uncertainty_output:
+            unc = self.policy.check(spec.uncertainty_output, "uncertainty_output")
+            if inside(unc, out) or inside(out, unc):
+                raise RequestError("uncertainty_output", "must not be the output layer or lie inside it (or it inside)")
+            outs.append(("uncertainty_output", unc))
+        for name, url in outs:
+            for what, root in roots:
+                if inside(url, root) or inside(root, url):
+                    raise PermissionDenied(name, f"lies inside the {what} (or contains it); outputs go elsewhere")
+        return model_url
 
     def _num_tasks(self, spec_parallelism: int, n: int) -> int:
         return max(1, min(n, spec_parallelism or self.executor.default_parallelism))
 
     def _submit_restore(self, spec: RestoreSpec, owner: str) -> JobStatus:
+        self._check_restore_stores(spec)
+        self._check_sampling_work(spec.samples, spec.steps)
         p = self.planner.restore(spec)
         n = len(p.plan.blocks.blocks)
+        if p.plan.blocks.write_box.size > self.limits.max_job_voxels:
+            raise ResourceExhausted("region", f"the job would write {p.plan.blocks.write_box.size} output voxels; "
+                                              f"the limit is {self.limits.max_job_voxels} per job")
         plan = replace(p.plan, num_tasks=self._num_tasks(spec.parallelism, n))
         geom = p.geometry
-        # everything validated: now write
-        pc.create_output_layer(spec.output, geom, geom.chunk_size_xyz, geom.dtype, p.provenance,
-                               num_downsample_scales=len(geom.downsample_factors_xyz),
-                               overwrite_check_source_url=spec.source)
+        layers = [(pc.create_output_layer, spec.output, geom.dtype)]
         if spec.uncertainty_output:
-            pc.create_uncertainty_layer(spec.uncertainty_output, geom, geom.chunk_size_xyz, p.provenance,
-                                        num_downsample_scales=len(geom.downsample_factors_xyz),
-                                        overwrite_check_source_url=spec.source)
+            layers.append((pc.create_uncertainty_layer, spec.uncertainty_output, None))
+        for check_only in (True, False):  # every check on both layers first, then write
+            for create, url, dtype in layers:
+                args = (url, geom, geom.chunk_size_xyz) + ((dtype,) if dtype else ()) + (p.provenance,)
+                create(*args, num_downsample_scales=len(geom.downsample_factors_xyz),
+                       overwrite_check_source_url=spec.source, overwrite=spec.overwrite,
+                       allow_foreign=self.allow_foreign_overwrite, check_only=check_only)
         rec = self.ledger.create_job(spec.to_dict(), n, plan=plan.to_dict(), owner=owner)
+        self._supervise_lease(rec.job_id)
         if plan.blocks.message:
             self.ledger.add_event(rec.job_id, "planned", plan.blocks.message)
         if n == 0:
@@ -157,12 +235,33 @@ class JobManager:
         return self.get(rec.job_id)
 
     def _submit_train(self, spec: TrainSpec, owner: str) -> JobStatus:
+        self.policy.check(spec.source, "source")
+        if spec.target:
+            self.policy.check(spec.target, "target")
+        if spec.base_model:
+            self.policy.check(self.resolve_model(spec.base_model, "base_model"), "base_model")
+        out_model = self.policy.check(self.resolve_model(spec.output_model, "output_model"), "output_model")
+        if inside(out_model, self.policy.check(spec.source, "source")):
+            raise PermissionDenied("output_model", "lies inside the source layer")
+        self._check_existing_model(spec)
         plan = self.planner.train(spec)
         rec = self.ledger.create_job(spec.to_dict(), 1, plan=plan.to_dict(), owner=owner)
+        self._supervise_lease(rec.job_id)
         if plan.message:
             self.ledger.add_event(rec.job_id, "planned", plan.message)
         self._launch(rec.job_id, 1)
         return self.get(rec.job_id)
+
+    def _check_existing_model(self, spec: TrainSpec) -> None:
+        """A train job into an existing model of another task or factor is refused up front."""
+        url = self.resolve_model(spec.output_model, "output_model")
+        try:
+            meta = self.models.metadata(url)
+        except (FileNotFoundError, ValueError, KeyError):
+            return  # no model there yet (or unreadable: training writes a new one)
+        if meta.get("task") != spec.task or (spec.factor and int(meta.get("factor") or 0) != spec.factor):
+            raise FailedPrecondition("output_model", f"an existing model of task {str(meta.get('task'))[:40]} "
+                                                     f"(factor {meta.get('factor')}) is there; choose a new name")
 
     def _launch(self, job_id: str, num_tasks: int) -> None:
         with self._lock:
@@ -256,6 +355,9 @@ class JobManager:
     def cutout(self, spec: CutoutSpec) -> CutoutResult:
         """Plan one block over the region and restore it with the workers' code; nothing written."""
         spec.validate()
+        self.policy.check(spec.source, "source")
+        self.policy.check(self.resolve_model(spec.model), "model")
+        self._check_sampling_work(spec.samples, spec.steps)
         plan, block, src = self.planner.cutout(spec)
         data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
         model = self.models.load(plan.model_url)
@@ -293,6 +395,8 @@ class JobManager:
 
     def _supervise_job(self, rec) -> None:
         job_id = rec.job_id
+        if not self._supervise_lease(job_id):
+            return  # another server supervises this job (its lease is live)
         if rec.cancel_requested:
             self.executor.cancel(job_id)
             self.ledger.set_state(job_id, CANCELLED, "cancelled by request")
@@ -315,9 +419,12 @@ class JobManager:
             self._launch(job_id, plan.num_tasks)
             return
         st = self.executor.status(job_id)
+        seen = self._messages_seen.get(job_id, 0)
+        for m in st.messages[seen:]:  # a worker crash or retry is an event of the job
+            self.ledger.add_event(job_id, "worker_failed", str(m)[:500])
+        self._messages_seen[job_id] = max(seen, len(st.messages))
         if st.finished:
-            for m in st.messages:
-                self.ledger.add_event(job_id, "worker_failed", m)
+            self._messages_seen.pop(job_id, None)
             launches = self._launches.get(job_id, 1)
             if launches <= MAX_RELAUNCHES:
                 self.ledger.add_event(job_id, "relaunched",

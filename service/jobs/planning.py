@@ -185,6 +185,9 @@ class Planner:
             raise RequestError("region", f"{list(region.start_xyz)}–{list(region.stop_xyz)} (xyz) lies outside "
                                          f"the source bounds {src.describe_bounds()} (zyx)")
         fx, _, k = scale
+        if k > 1 and k % 2 == 0:
+            raise RequestError("model", f"an isotropic model by an even factor ({k}) would put sections half a "
+                                        "voxel off the output grid; refused for cutouts as for layers")
         h = (k - 1) // 2
         (z0, y0, x0), (z1, y1, x1) = region.start, region.stop
         write = Box((z0 * k + h, y0 * fx, x0 * fx), ((z1 - 1) * k + h + 1, y1 * fx, x1 * fx))

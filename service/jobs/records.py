@@ -153,3 +153,22 @@ def validate_job_id(job_id: Any) -> str:
     return job_id
 
 
+def _check_owner(owner: Any) -> str:
+    if not isinstance(owner, str) or not _OWNER_RE.match(owner):
+        raise ValueError(
+            "owner must be 1-128 characters of letters, digits and '_.:@-' "
+            f"starting with a letter or digit, got {owner!r}")
+    return owner
+
+
+def _check_ttl(ttl_s: Any) -> float:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) \
+            or not (0 < ttl_s <= MAX_TTL_S):
+        raise ValueError(f"ttl_s must be a number in (0, {MAX_TTL_S:g}] seconds, got {ttl_s!r}")
+    return float(ttl_s)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value

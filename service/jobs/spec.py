@@ -49,15 +49,15 @@ def _vec3(v, name: str, allow_none=True) -> Vec3 | None:
     try:
         t = tuple(int(a) for a in v)
     except (TypeError, ValueError):
-        raise RequestError(name, f"{v!r} must be three integers (x, y, z)") from None
+        raise RequestError(name, f"{quote(v)} must be three integers (x, y, z)") from None
     if len(t) != 3 or any(int(a) != a for a in v):
-        raise RequestError(name, f"{v!r} must be three integers (x, y, z)")
+        raise RequestError(name, f"{quote(v)} must be three integers (x, y, z)")
     return t  # type: ignore[return-value]
 
 
 def _check_int(value, name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RequestError(name, f"{value!r} must be an integer in [{lo}, {hi}]")
+        raise RequestError(name, f"{quote(value)} must be an integer in [{lo}, {hi}]")
     return value
 
 
@@ -172,12 +172,12 @@ class TrainSpec:
         self.source = _check_url(self.source, "source")
         self.output_model = _check_url(self.output_model, "output_model")
         if self.task != "isotropic":
-            raise RequestError("task", f"{self.task!r}; training on a layer supports: isotropic "
+            raise RequestError("task", f"{quote(self.task)}; training on a layer supports: isotropic "
                                        "(use the CLI's train command for denoise/superres pairs)")
         if self.factor:
             _check_int(self.factor, "factor", 2, 16)
         if self.preset not in PRESETS:
-            raise RequestError("preset", f"{self.preset!r}; allowed: {', '.join(PRESETS)}")
+            raise RequestError("preset", f"{quote(self.preset)}; allowed: {', '.join(PRESETS)}")
         _check_int(self.steps, "steps", 1, MAX_TRAIN_STEPS)
         _check_int(self.seed, "seed", 0, 2 ** 63 - 1)
         _check_int(self.mip, "mip", 0, LIMITS.max_mip)
@@ -221,7 +221,7 @@ def spec_from_dict(d: dict[str, Any]) -> RestoreSpec | TrainSpec:
     kind = d.get("kind", "restore")
     cls = {"restore": RestoreSpec, "train": TrainSpec}.get(kind)
     if cls is None:
-        raise RequestError("kind", f"{kind!r}; allowed: restore, train")
+        raise RequestError("kind", f"{quote(kind)}; allowed: restore, train")
     names = {f.name for f in fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}
     for key in ("region_start_xyz", "region_stop_xyz"):

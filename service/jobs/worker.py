@@ -24,6 +24,7 @@ from ..engine.normalize import IntensityNorm
 from ..engine.restore import derive_seed, restore
 from ..volume import precomputed as pc
 from ..volume.blocks import Block, assemble_isotropic, crop_to_write_box
+from ..volume.policy import StorePolicy
 from .ledger import Ledger
 from .plans import JobPlan, RestorePlan, TrainPlan, plan_from_dict
 
@@ -35,6 +36,19 @@ def load_plan(ledger: Ledger, job_id: str) -> JobPlan:
     for jobs of older versions."""
     ledger.num_blocks(job_id)  # JobNotFound
     return plan_from_dict(ledger.get_plan(job_id), job_id)
+
+
+def check_plan_stores(plan: JobPlan, policy: StorePolicy) -> None:
+    """Workers re-check every URL of the plan they are handed against the store policy."""
+    if isinstance(plan, RestorePlan):
+        urls = [("source", plan.source), ("output", plan.output), ("model", plan.model_url),
+                ("uncertainty_output", plan.uncertainty_output)]
+    else:
+        urls = [("source", plan.source), ("output_model", plan.output_model), ("base_model", plan.base_model),
+                ("target", plan.target)]
+    for field, url in urls:
+        if url:
+            policy.check(url, field)
 
 
 class _Heartbeat:
@@ -103,6 +117,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
     ledger = Ledger(ledger_url)
     plan = load_plan(ledger, job_id)
+    check_plan_stores(plan, StorePolicy.from_env())
     if isinstance(plan, TrainPlan):
         return run_training(ledger, job_id, plan, log=log)
     T = int(num_tasks or plan.num_tasks)

@@ -235,7 +235,44 @@ def _read_info(url: str, field_name: str) -> tuple[str, dict]:
     url = normalize_url(url)
     if not _info_exists(url, field_name):
         raise SourceNotFound(field_name, f"no Precomputed info file at {join_url(url, 'info')}")
-    return url, _open_cv(url, 0, field_name).info
+    try:
+        info = _open_cv(url, 0, field_name).info
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # bad JSON, cloud-volume's own checks
+        if isinstance(e, VolumeError):
+            raise
+        raise VolumeError(field_name, f"the info file at {join_url(url, 'info')[:200]} is not valid: "
+                                      f"{' '.join(str(e).split())[:200]}") from None
+    _validate_info(info, url, field_name)
+    return url, info
+
+
+def _validate_info(info: Any, url: str, field_name: str) -> None:
+    """A readable Precomputed image info (every scale: size, resolution, chunk sizes), else
+    INVALID_ARGUMENT naming the field and what is wrong."""
+    where = f"the info file at {join_url(url, 'info')[:200]}"
+    if not isinstance(info, dict):
+        raise VolumeError(field_name, f"{where} is not a JSON object")
+    if info.get("data_type") not in ALLOWED_DTYPES:
+        raise VolumeError(field_name, f"{where}: data_type {str(info.get('data_type'))[:40]!r}; allowed: "
+                                      f"{', '.join(ALLOWED_DTYPES)}")
+    scales = info.get("scales")
+    if not isinstance(scales, list) or not scales:
+        raise VolumeError(field_name, f"{where} has no scales")
+    for i, sc in enumerate(scales):
+        try:
+            size = [int(v) for v in sc["size"]]
+            res = [float(v) for v in sc["resolution"]]
+            chunk = [int(v) for v in sc["chunk_sizes"][0]]
+            offset = [int(v) for v in sc.get("voxel_offset", (0, 0, 0))]
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise VolumeError(field_name, f"{where}: scale {i} needs size, resolution and chunk_sizes "
+                                          "(three numbers each)") from None
+        if len(size) != 3 or len(res) != 3 or len(chunk) != 3 or len(offset) != 3:
+            raise VolumeError(field_name, f"{where}: scale {i}: size, resolution, chunk_sizes and voxel_offset "
+                                          "need three numbers each")
+        if min(size) < 1 or min(chunk) < 1 or not all(r > 0 and r == r and r != float("inf") for r in res):
+            raise VolumeError(field_name, f"{where}: scale {i}: size {size[:3]} and chunk sizes must be ≥ 1, "
+                                          f"resolution {res[:3]} > 0")
 
 
 def open_layer(url: str, mip: int = 0, field_name: str = "layer") -> VolumeInfo:

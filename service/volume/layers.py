@@ -4,22 +4,14 @@ provenance and the refusal to overwrite what is not ours), output geometry and d
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
-from .stores import (
-    PermissionDenied,
-    SourceNotFound,
-    StoreUnreachable,
-    VolumeError,
-    join_url,
-    normalize_url,
-    object_exists,
-    translate_store_error,
-)
+from .stores import VolumeError, normalize_url
 
 from .info import (
     ALLOWED_DTYPES,
@@ -32,7 +24,6 @@ from .info import (
     _info_exists,
     _num,
     _open_cv,
-    _read_info,
     _run_io,
     _volume_info_from_dict,
 )
@@ -217,14 +208,22 @@ def create_output_layer(
     *,
     encoding: str = "raw",
     description: str = "emrestore restored layer",
+    overwrite: bool = False,
+    allow_foreign: bool = False,
+    check_only: bool = False,
+    field: str = "output",
 ) -> VolumeInfo:
     """Create (or resume) the restored layer; returns its mip-0 VolumeInfo.
 
     Writes an info with mip 0 and ``num_downsample_scales`` lower scales (see
     :func:`downsample_factors`) and a provenance file whose processing entry holds
     ``provenance``. The output chunk z must be a multiple of k. Refuses (field "output") the
-    source URL itself and an existing layer of different geometry; an identical existing info
-    is accepted as a resume and left untouched. Everything is validated before writing.
+    source URL itself and an existing layer of different geometry. An existing layer is written
+    only when its emrestore provenance is this job's (``provenance`` equal: a resume, left
+    untouched) or ``overwrite`` is set and it has emrestore provenance (then the new job is added
+    to the provenance); a layer without emrestore provenance only with ``overwrite`` and
+    ``allow_foreign`` (the operator's choice). ``check_only``: run every check, write nothing.
+    Errors name ``field``.
     """
     url = normalize_url(url)
     chunk = _as_vec3(chunk_size_xyz, "chunk_size", positive=True)
@@ -245,38 +244,60 @@ def create_output_layer(
                 f"{list(fmax)} of mip {len(factors)} along {', '.join(bad)}; use fewer downsampled scales",
             )
     try:
-        provenance_json = dict(provenance)
-        import json
-
-        json.dumps(provenance_json)
+        provenance_json = json.loads(json.dumps(dict(provenance)))
     except (TypeError, ValueError) as exc:
         raise VolumeError("provenance", f"must be a JSON-serialisable dict ({exc})") from exc
     source_url = normalize_url(overwrite_check_source_url) if overwrite_check_source_url else None
     if source_url is not None and source_url == url:
-        raise VolumeError("output", f"{url} is the source layer; the output must be a different URL")
+        raise VolumeError(field, f"{url} is the source layer; the output must be a different URL")
 
     geometry = replace(geometry, chunk_size_xyz=chunk, dtype=dtype, downsample_factors_xyz=factors)
     info = _layer_info(geometry, chunk, dtype, encoding)
     result = replace(_volume_info_from_dict(info, 0, url), scale_xyz=geometry.scale_xyz)
 
-    if _info_exists(url, "output"):
-        existing_cv = _open_cv(url, 0, "output")
+    if _info_exists(url, field):
+        existing_cv = _open_cv(url, 0, field)
         existing = existing_cv.info
         if _geometry_key(existing) != _geometry_key(info):
             raise VolumeError(
-                "output",
+                field,
                 f"an existing layer at {url} has a different geometry ({_describe_info(existing)}; "
                 f"this job needs {_describe_info(info)}); choose a new output URL",
             )
-        sources = existing_cv.provenance.sources or []
+        prov = existing_cv.provenance
+        sources = prov.sources or []
         if isinstance(sources, str):
             sources = [sources]
-        if source_url is not None and sources and source_url not in [normalize_url(u) for u in sources]:
+        ours = [p.get("method") for p in (prov.processing or []) if isinstance(p, dict) and p.get("by") == "emrestore"]
+        same = bool(ours) and json.dumps(ours[-1], sort_keys=True) == json.dumps(provenance_json, sort_keys=True)
+        if not ours:
+            if not (overwrite and allow_foreign):
+                raise VolumeError(field, f"an existing layer at {url} was not written by emrestore; it is never "
+                                         "overwritten (choose a new output URL)", "FAILED_PRECONDITION")
+        elif (not overwrite and source_url is not None and sources
+              and source_url not in [normalize_url(u) for u in sources]):
             raise VolumeError(
-                "output",
-                f"the existing layer at {url} was restored from {', '.join(sources)}, not {source_url}; choose a new output URL",
+                field,
+                f"the existing layer at {url} was restored from {', '.join(sources)[:200]}, not {source_url}; "
+                "choose a new output URL", "FAILED_PRECONDITION",
             )
-        return result  # resume: identical layer
+        elif not same:
+            if not overwrite:
+                m = ours[-1] if isinstance(ours[-1], dict) else {}
+                raise VolumeError(field, f"the existing layer at {url} holds another emrestore job's output (model "
+                                         f"{str(m.get('model'))[:200]}, steps {m.get('steps')}, samples {m.get('samples')}, "
+                                         f"seed {m.get('seed')}); set overwrite to replace it, or choose a new output URL",
+                                  "FAILED_PRECONDITION")
+        if check_only or same:
+            return result  # a resume: identical layer and job
+        prov.processing.append({"method": provenance_json, "by": "emrestore", "overwrote": True,
+                                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        if source_url is not None:
+            prov.sources = [source_url]
+        _run_io(existing_cv.commit_provenance, url, field)
+        return result
+    if check_only:
+        return result
 
     cv = _open_cv(url, 0, "output", info=info)
     _run_io(cv.commit_info, url, "output")
@@ -305,6 +326,9 @@ def create_uncertainty_layer(
     uint8_full_scale: float | None = None,
     num_downsample_scales: int = 1,
     overwrite_check_source_url: str | None = None,
+    overwrite: bool = False,
+    allow_foreign: bool = False,
+    check_only: bool = False,
 ) -> VolumeInfo:
     """Create the per-voxel uncertainty layer (standard deviation of the K samples).
 
@@ -332,6 +356,10 @@ def create_uncertainty_layer(
         num_downsample_scales,
         overwrite_check_source_url,
         description="emrestore uncertainty layer (std of samples)",
+        overwrite=overwrite,
+        allow_foreign=allow_foreign,
+        check_only=check_only,
+        field="uncertainty_output",
     )
 
 
