@@ -58,6 +58,8 @@ def cmd_serve(a):
         cfg = KubeConfig.from_env()
         if not cfg.ledger_url:
             cfg = replace(cfg, ledger_url=ledger)
+        # worker pods re-check their plan against the same store policy as local workers
+        cfg = replace(cfg, env={**cfg.env, **policy.env()})
         if cfg.ledger_url.startswith("file://"):
             print("emrestore: warning: worker pods need a shared ledger (gs://, s3://); "
                   f"{cfg.ledger_url} is local", file=sys.stderr)
