@@ -29,3 +29,27 @@ class CompletedJob:
 
 #: A hook returns human-readable messages (one event each) and raises on failure.
 CompletionHook = Callable[[CompletedJob], list[str]]
+
+
+def configured_target_names(hooks: list[CompletionHook]) -> set[str] | None:
+    """The target names the hooks serve, for refusing an unknown name before the job runs.
+
+    A hook declares them as a ``targets`` mapping attribute (``connector.registry.completion_hook``
+    does); ``None`` when some hook declares none (then names are checked only at completion)."""
+    names: set[str] = set()
+    for hook in hooks:
+        declared = getattr(hook, "targets", None)
+        if declared is None:
+            return None
+        names.update(str(n) for n in declared)
+    return names
+
+
+def failure_messages(exc: BaseException) -> list[tuple[str, str]]:
+    """Events ``(kind, message)`` for a hook that raised: one per target when the exception carries
+    the per-target ``messages`` (``RegistrationError``), else one ``registration_failed``."""
+    messages = getattr(exc, "messages", None)
+    if isinstance(messages, (list, tuple)) and messages:
+        return [("registration_failed" if ": FAILED" in str(m) else "registered", str(m)[:500])
+                for m in messages]
+    return [("registration_failed", f"{type(exc).__name__}: {exc}"[:500])]

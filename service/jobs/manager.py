@@ -16,11 +16,11 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted
+from ..errors import FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted, quote
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
-from .completion import CompletedJob, CompletionHook
+from .completion import CompletedJob, CompletionHook, configured_target_names, failure_messages
 from .executors import Executor
 from .ledger import CANCELLED, FAILED, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES, Ledger
 from .models import ModelRegistry
@@ -203,7 +203,23 @@ class JobManager:
     def _num_tasks(self, spec_parallelism: int, n: int) -> int:
         return max(1, min(n, spec_parallelism or self.executor.default_parallelism))
 
+    def _check_targets(self, names: list[str]) -> None:
+        """Registration targets a request names must be configured on this server."""
+        if not names:
+            return
+        if not self.completion_hooks:
+            raise FailedPrecondition("register_in", "this server has no registration targets configured "
+                                                    "(emrestore serve --targets FILE)")
+        known = configured_target_names(self.completion_hooks)
+        if known is None:
+            return
+        for i, n in enumerate(names):
+            if n not in known:
+                raise RequestError(f"register_in[{i}]", f"{quote(n)} is not a configured target; "
+                                                        f"configured: {', '.join(sorted(known)) or 'none'}")
+
     def _submit_restore(self, spec: RestoreSpec, owner: str) -> JobStatus:
+        self._check_targets(list(spec.register_in or []))
         self._check_restore_stores(spec)
         self._check_sampling_work(spec.samples, spec.steps)
         p = self.planner.restore(spec)
@@ -454,6 +470,7 @@ class JobManager:
             try:
                 for msg in hook(done):
                     self.ledger.add_event(job_id, "registered", str(msg))
-            except Exception as e:  # noqa: BLE001 - recorded as an event of the job
-                self.ledger.add_event(job_id, "registration_failed", f"{type(e).__name__}: {e}"[:500])
+            except Exception as e:  # noqa: BLE001 - recorded as events of the job
+                for kind, msg in failure_messages(e):
+                    self.ledger.add_event(job_id, kind, msg)
 
