@@ -14,7 +14,8 @@ def test_demo_quick(tmp_path):
         assert (wd / name).exists(), name
     rep = json.loads((wd / "report.json").read_text())
     assert rep["service_state"] == "SUCCEEDED"
-    assert rep["network_evaluations_per_gap"] == 10
+    assert rep["estimate"] == "mean" and rep["network_evaluations_per_voxel_default"] == 2
+    assert rep["network_evaluations_per_image_with_uncertainty"] == 1 + 10
     state = json.loads((wd / "neuroglancer_state.json").read_text())
     names = [layer["name"] for layer in state["layers"]]
     assert names == ["source", "restored", "uncertainty"]
