@@ -9,6 +9,10 @@ import pytest
 
 from service.cli import main
 from service.volume.tiff import read_stack, read_voxel_size, write_stack
+import torch
+
+# one thread: on a shared 2-core machine two OpenMP threads per process ran 10× slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,10 @@ import json
 import os
 
 from service.cli import main
+import torch
+
+# one thread: on a shared 2-core machine two OpenMP threads per process ran 10× slower
+torch.set_num_threads(1)
 
 
 def test_demo_quick(tmp_path):

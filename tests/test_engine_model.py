@@ -14,6 +14,9 @@ from service.engine.restore import check_model_for_task, check_voxel_size, deriv
 from service.engine.tasks import TaskSpec, linear_rows
 from service.engine.training import TrainConfig, train
 
+# one thread: on a shared 2-core machine two OpenMP threads per process ran 10× slower
+torch.set_num_threads(1)
+
 
 def _smooth_volume(shape, seed=0, sigma=2.5):
     rng = np.random.default_rng(seed)
