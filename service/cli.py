@@ -104,19 +104,27 @@ def cmd_train(a):
     vol = read_stack(a.input)
     vs = _voxel_size(a, a.input)
     if a.task == "isotropic":
+        from .engine.pairs import lateral_zoom
         k = a.factor
         if k is None:
             if not a.self_supervised:
                 raise CLIError("--factor: required for supervised isotropic training")
-            k = int(round(vs[2] / vs[0]))
+            k = max(2, int(round(vs[2] / min(vs[0], vs[1]))))
         task = TaskSpec("isotropic", k)
         if a.target:
             raise CLIError("--target: isotropic training learns from --input alone "
                            "(isotropic volume, or anisotropic with --self-supervised)")
-        if a.self_supervised and abs(vs[2] / vs[0] - k) > 0.5 * k:
-            print(f"note: voxel size {vs} suggests factor {vs[2] / vs[0]:.1f}, training factor {k}",
-                  file=sys.stderr)
-        pairs = IsotropicPairs(task, vol, self_supervised=a.self_supervised)
+        if a.section_thickness and not a.self_supervised:
+            raise CLIError("--section-thickness: only with --self-supervised")
+        if a.self_supervised:
+            zoom = lateral_zoom(k, vs)  # refuses a factor far from the physical z/xy ratio
+            if zoom != 1.0:
+                print(f"note: voxel size {vs[0]:g}×{vs[1]:g}×{vs[2]:g} nm, factor {k}: XY sections are "
+                      f"resampled ×{zoom:.3f} along the gap axis so the learned gap is the physical one",
+                      file=sys.stderr)
+        pairs = IsotropicPairs(task, vol, self_supervised=a.self_supervised,
+                               voxel_size_nm=vs if a.self_supervised else None,
+                               section_thickness=a.section_thickness)
         norm_in = norm_out = pairs.norm
         model_vs = vs if a.self_supervised else (vs[0], vs[1], vs[2] * k)
         mode = "self-supervised" if a.self_supervised else "supervised-isotropic"
@@ -133,6 +141,9 @@ def cmd_train(a):
     _check_writable(a.out, "--out")
     model = RestorationModel.create(task, a.preset, kind=a.kind, voxel_size_nm=model_vs, seed=a.seed)
     model.input_norm, model.target_norm = norm_in, norm_out
+    if task.name == "isotropic":
+        model.gap = {"row_spacing_nm": model_vs[2] / task.factor, "lateral_nm": min(model_vs[:2]),
+                     "zoom": getattr(pairs, "zoom", 1.0), "section_thickness": bool(a.section_thickness)}
     model.name = a.name or os.path.basename(a.out.rstrip("/"))
     if a.resume:
         from .engine.model import read_metadata
@@ -157,8 +168,10 @@ def cmd_finetune(a):
     low = read_stack(a.input)
     task = model.task
     if task.name == "isotropic":
+        from .volume.tiff import read_voxel_size
         pairs = (StackGapPairs(task, low, read_stack(a.target)) if a.target
-                 else IsotropicPairs(task, low, self_supervised=True))
+                 else IsotropicPairs(task, low, self_supervised=True, voxel_size_nm=read_voxel_size(a.input),
+                                     section_thickness=bool(model.gap.get("section_thickness"))))
         model.input_norm = model.target_norm = pairs.norm
     else:
         if not a.target:
@@ -180,7 +193,7 @@ def cmd_restore(a):
     from .volume.tiff import read_stack, read_voxel_size, write_stack
     model = RestorationModel.load(a.model)
     vol = read_stack(a.input)
-    validate_request(model, vol, a.sampler, a.steps, a.samples)
+    validate_request(model, vol, a.sampler, a.steps, a.samples, a.estimate)
     if a.uncertainty and a.samples < 2:
         raise CLIError("--uncertainty: needs --samples of at least 2")
     if os.path.abspath(a.output) == os.path.abspath(a.input):
@@ -196,23 +209,24 @@ def cmd_restore(a):
         bar.n = done
         bar.refresh()
 
+    vs = _floats(a.voxel_size, 3, "--voxel-size") if a.voxel_size else read_voxel_size(a.input)
+    from .engine.restore import check_voxel_size
+    check_voxel_size(model, vs)
     res = restore(model, vol, sampler=a.sampler, steps=a.steps, samples=a.samples, seed=a.seed,
-                  tile=a.tile, overlap=a.overlap, device=a.device, progress=prog)
+                  tile=a.tile, overlap=a.overlap, device=a.device, progress=prog, estimate=a.estimate,
+                  voxel_size_nm=vs)
     bar.close()
-    vs = read_voxel_size(a.input)
-    out_vs = None
-    if vs:
-        f = model.task.factor
-        out_vs = {"isotropic": (vs[0], vs[1], vs[2] / f), "superres": (vs[0] / f, vs[1] / f, vs[2]),
-                  "denoise": vs}[model.task.name]
+    out_vs = model.task.output_voxel_size(vs) if vs else None
     write_stack(a.output, res.mean, voxel_size_nm=out_vs)
     if a.uncertainty:
         write_stack(a.uncertainty, res.std.astype(np.float32), voxel_size_nm=out_vs)
     msg = (f"wrote {a.output}: {res.mean.shape[0]} sections of {res.mean.shape[1]}×{res.mean.shape[2]}, "
-           f"{res.images} images × {res.evaluations} network evaluations, {res.seconds:.1f} s")
+           f"estimate {res.estimate}, {res.images} images × {res.evaluations} network evaluations "
+           f"({res.evaluations_per_voxel} per output voxel), {res.seconds:.1f} s")
     if res.score is not None:
         flag = "NEEDS FINE-TUNING" if res.needs_finetuning else "ok"
-        msg += f"; uncertainty score {res.score:.4f} (threshold {UNCERTAINTY_THRESHOLD}): {flag}"
+        msg += (f"; needs-fine-tuning score {res.score:.3f} (spread vs the model's in-domain spread, "
+                f"threshold {UNCERTAINTY_THRESHOLD}): {flag}")
     print(msg)
 
 
@@ -273,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel-size", help="X,Y,Z nm (default: from the TIFF)")
     p.add_argument("--factor", type=int)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--kind", default="diffusion", choices=["diffusion", "regression"])
+    p.add_argument("--kind", default="diffusion", choices=["diffusion", "regression"],
+                   help="diffusion: predictor + residual sampler (default); regression: predictor only")
+    p.add_argument("--section-thickness", action="store_true",
+                   help="isotropic self-supervised: known rows average `factor` rows (sections that "
+                        "integrate their thickness, e.g. thick serial sections); off for FIB-SEM / thin slices")
     p.add_argument("--name")
     p.add_argument("--out", required=True, help="model URL (a directory: file://, s3://, gs://, memory://)")
     p.add_argument("--resume", action="store_true")
@@ -294,7 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--samples", type=int, default=1, help="K samples; mean is the output")
+    p.add_argument("--samples", type=int, default=1,
+                   help="K realisations; K ≥ 2 gives the uncertainty (and the mean of K with --estimate sample-mean)")
+    p.add_argument("--estimate", default="mean", choices=["mean", "sample", "sample-mean"],
+                   help="mean: posterior mean, 1 evaluation (default, best PSNR); sample: one sharp "
+                        "realisation; sample-mean: mean of --samples realisations")
+    p.add_argument("--voxel-size", help="X,Y,Z nm of the input (default: from the TIFF); checked against the model")
     p.add_argument("--uncertainty", help="write the per-voxel standard deviation here (K ≥ 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=256)

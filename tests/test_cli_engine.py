@@ -9,6 +9,10 @@ import pytest
 
 from service.cli import main
 from service.volume.tiff import read_stack, read_voxel_size, write_stack
+import torch
+
+# one thread: on a shared 2-core machine two OpenMP threads per process ran 10× slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,8 @@ def test_train_restore_models(workdir, capsys):
     np.testing.assert_array_equal(r[::5], read_stack(str(workdir / "aniso.tif")))
     assert read_stack(str(unc)).dtype == np.float32
     assert read_voxel_size(str(out)) == pytest.approx((8, 8, 8))
-    assert "uncertainty score" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "needs-fine-tuning score" in out_text and "estimate mean" in out_text
     assert main(["models", str(workdir / "models")]) == 0
     assert "iso5" in capsys.readouterr().out
 
@@ -72,7 +77,21 @@ def test_denoise_and_superres_cli(tmp_path):
     assert read_voxel_size(str(tmp_path / "sr.tif")) == pytest.approx((4, 4, 40))
 
 
+def test_restore_estimates_and_voxel_size_check(workdir, capsys):
+    m, inp = str(workdir / "models" / "iso5"), str(workdir / "aniso.tif")
+    for est in ("sample", "sample-mean"):
+        out = workdir / f"{est}.tif"
+        assert main(["restore", "--model", m, "--input", inp, "--output", str(out), "--estimate", est,
+                     "--samples", "2", "--steps", "2", "--quiet"]) == 0
+        assert read_stack(str(out)).shape == (21, 48, 48)
+        assert f"estimate {est}" in capsys.readouterr().out
+
+
 BAD = [
+    (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--voxel-size", "8,8,80"],
+     "voxel_size"),
+    (["train", "--task", "isotropic", "--self-supervised", "--input", "{d}/aniso.tif", "--factor", "16",
+      "--voxel-size", "8,8,16", "--out", "{d}/o"], "factor"),
     (["restore", "--model", "{m}", "--input", "{d}/missing.tif", "--output", "{d}/o.tif"], "missing.tif"),
     (["restore", "--model", "{d}/nomodel", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif"], "no model"),
     (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--steps", "0"], "steps"),

@@ -3,7 +3,8 @@
 A model lives at any fsspec URL (file://, s3://, gs://, memory://, or a registered S3-compatible
 alias) as a directory with ``model.json`` (everything needed to use it: task, factor, voxel size,
 preset, network config, schedule, normalisation, training record, code version) and
-``weights.pt`` (EMA weights). ``train_state.pt`` holds what resuming training needs.
+``weights.pt`` (EMA weights of the predictor and the residual denoiser). ``train_state.pt`` holds
+what resuming training needs; both load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
+from .diffusion import ResidualDiffusion
 from .network import UNet, UNetConfig, count_parameters, preset_config
 from .normalize import IntensityNorm
 from .schedule import NoiseSchedule
-from .tasks import TaskSpec
+from .tasks import Task, TaskSpec
 
 FORMAT = "emrestore-model"
-FORMAT_VERSION = 1
+#: 2: predict-and-refine (predictor + residual denoiser), row-filling isotropic design.
+FORMAT_VERSION = 2
 KINDS = ("diffusion", "regression")
 
 
@@ -45,46 +48,72 @@ class ModelNotFound(ModelError):
 
 @dataclass
 class RestorationModel:
-    task: TaskSpec
-    net: UNet
+    """Predictor (L2 regression → posterior mean, one evaluation) plus, for ``kind="diffusion"``,
+    a denoiser that samples the residual around the prediction (``diffusion`` owns the process).
+
+    ``net`` is the residual denoiser (None for ``kind="regression"``).
+    """
+    task: Task
+    predictor: UNet
+    net: UNet | None
     preset: str
     kind: str = "diffusion"
-    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    diffusion: ResidualDiffusion = field(default_factory=ResidualDiffusion)
     voxel_size_nm: tuple[float, float, float] | None = None
     input_norm: IntensityNorm | None = None
     target_norm: IntensityNorm | None = None
     training: dict = field(default_factory=dict)
     name: str = ""
-    #: Residual diffusion: the network generates (target − base)·residual_scale, where base is the
-    #: classical estimate (``tasks.base_prediction``). None: it generates the target itself.
-    residual_scale: float | None = None
-    #: What the network predicts: "v" (v = γ·ε − sqrt(1−γ²)·x0, stable at every noise level, good
-    #: for few-step sampling) or "eps" (the reference's ε-prediction).
-    prediction: str = "v"
+    #: in-domain spread of the samples, measured after training (see restore.needs_finetuning)
+    calibration: dict = field(default_factory=dict)
+    #: isotropic: the geometry the model learned (physical z/xy ratio, lateral zoom, thickness)
+    gap: dict = field(default_factory=dict)
 
     @classmethod
-    def create(cls, task: TaskSpec, preset: str = "tiny", kind: str = "diffusion",
+    def create(cls, task: Task, preset: str = "tiny", kind: str = "diffusion",
                voxel_size_nm=None, seed: int = 0, **unet_overrides) -> "RestorationModel":
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
-        noisy = task.out_channels if kind == "diffusion" else 0
-        cfg = preset_config(preset, noisy + task.cond_channels, task.out_channels,
-                            noise_conditioned=(kind == "diffusion"), **unet_overrides)
         torch.manual_seed(seed)
-        return cls(task=task, net=UNet(cfg), preset=preset, kind=kind,
+        pcfg = preset_config(preset, task.cond_channels, task.out_channels,
+                             noise_conditioned=False, **unet_overrides)
+        predictor = UNet(pcfg)
+        # the predictor starts as the classical estimate (its correction is zero) and improves on it
+        torch.nn.init.zeros_(predictor.out[-1].weight)
+        torch.nn.init.zeros_(predictor.out[-1].bias)
+        net = None
+        if kind == "diffusion":
+            dcfg = preset_config(preset, task.out_channels + task.cond_channels + task.out_channels,
+                                 task.out_channels, noise_conditioned=True, **unet_overrides)
+            net = UNet(dcfg)
+        return cls(task=task, predictor=predictor, net=net, preset=preset, kind=kind,
                    voxel_size_nm=tuple(voxel_size_nm) if voxel_size_nm else None)
 
-    def x0_from_output(self, out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """The network's output at noisy sample x and level gamma → predicted clean sample."""
-        g = gamma.reshape(-1, 1, 1, 1).to(out.dtype)
-        s = torch.sqrt((1 - g * g).clamp_min(0))
-        if self.prediction == "v":
-            return g * x - s * out
-        return (x - s * out) / g.clamp_min(1e-4)
+    # compatibility views
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    @property
+    def networks(self) -> dict[str, UNet]:
+        nets = {"predictor": self.predictor}
+        if self.net is not None:
+            nets["denoiser"] = self.net
+        return nets
+
+    def to(self, device) -> "RestorationModel":
+        for n in self.networks.values():
+            n.to(device)
+        return self
+
+    def eval(self) -> "RestorationModel":
+        for n in self.networks.values():
+            n.eval()
+        return self
 
     @property
     def num_parameters(self) -> int:
-        return count_parameters(self.net)
+        return sum(count_parameters(n) for n in self.networks.values())
 
     def metadata(self) -> dict:
         return {
@@ -95,25 +124,30 @@ class RestorationModel:
             "task": self.task.name,
             "factor": self.task.factor,
             "preset": self.preset,
-            "unet": self.net.config.to_dict(),
+            "predictor_unet": self.predictor.config.to_dict(),
+            "unet": self.net.config.to_dict() if self.net is not None else None,
             "num_parameters": self.num_parameters,
-            "schedule": self.schedule.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
             "voxel_size_nm": list(self.voxel_size_nm) if self.voxel_size_nm else None,
             "input_norm": self.input_norm.to_dict() if self.input_norm else None,
             "target_norm": self.target_norm.to_dict() if self.target_norm else None,
             "training": self.training,
-            "residual_scale": self.residual_scale,
-            "prediction": self.prediction,
+            "calibration": self.calibration,
+            "gap": self.gap,
             "code_version": __version__,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
     # ------------------------------------------------------------------ storage
+    def state_dict(self) -> dict:
+        return {f"{name}.{k}": v.detach().cpu()
+                for name, n in self.networks.items() for k, v in n.state_dict().items()}
+
     def save(self, url: str, train_state: dict | None = None) -> str:
         fs, path = open_fs(url)
         fs.makedirs(path, exist_ok=True)
         buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, buf)
+        torch.save(self.state_dict(), buf)
         fs.pipe_file(posixpath.join(path, "weights.pt"), buf.getvalue())
         if train_state is not None:
             buf = io.BytesIO()
@@ -133,26 +167,37 @@ class RestorationModel:
                                map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ModelError(f"model: {url} has model.json but no weights.pt") from None
-        cfg = UNetConfig.from_dict(meta["unet"])
-        net = UNet(cfg)
-        net.load_state_dict(state)
-        net.to(device).eval()
-        m = cls(task=TaskSpec(meta["task"], int(meta["factor"])), net=net, preset=meta["preset"],
-                kind=meta.get("kind", "diffusion"),
-                schedule=NoiseSchedule.from_dict(meta["schedule"]),
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is one line for the user
+            raise ModelError(f"model: {url}/weights.pt cannot be read safely ({type(e).__name__})") from None
+        predictor = UNet(UNetConfig.from_dict(meta["predictor_unet"]))
+        net = UNet(UNetConfig.from_dict(meta["unet"])) if meta.get("unet") else None
+        try:
+            predictor.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("predictor.")})
+            if net is not None:
+                net.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("denoiser.")})
+        except RuntimeError:
+            raise ModelError(f"model: {url}/weights.pt does not match its model.json") from None
+        m = cls(task=TaskSpec(meta["task"], int(meta["factor"])), predictor=predictor, net=net,
+                preset=meta["preset"], kind=meta.get("kind", "diffusion"),
+                diffusion=ResidualDiffusion.from_dict(meta["diffusion"]),
                 voxel_size_nm=tuple(meta["voxel_size_nm"]) if meta.get("voxel_size_nm") else None,
                 input_norm=IntensityNorm.from_dict(meta["input_norm"]) if meta.get("input_norm") else None,
                 target_norm=IntensityNorm.from_dict(meta["target_norm"]) if meta.get("target_norm") else None,
                 training=meta.get("training", {}), name=meta.get("name", ""),
-                residual_scale=meta.get("residual_scale"), prediction=meta.get("prediction", "eps"))
-        return m
+                calibration=meta.get("calibration") or {}, gap=meta.get("gap") or {})
+        return m.to(device).eval()
 
     def load_train_state(self, url: str) -> dict | None:
+        """The resume state (tensors, numbers, strings only: read with ``weights_only=True``)."""
         fs, path = open_fs(url)
         p = posixpath.join(path, "train_state.pt")
         if not fs.exists(p):
             return None
-        return torch.load(io.BytesIO(fs.cat_file(p)), map_location="cpu", weights_only=False)
+        try:
+            return torch.load(io.BytesIO(fs.cat_file(p)), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            raise ModelError(f"resume: {url}/train_state.pt was written by an older emrestore and "
+                             f"cannot be read safely; train again without --resume") from None
 
 
 def read_metadata(url: str) -> dict:
@@ -170,8 +215,12 @@ def read_metadata(url: str) -> dict:
         raise ModelError(f"model: {url}/model.json is not valid JSON") from None
     if meta.get("format") != FORMAT:
         raise ModelError(f"model: {url} is not an emrestore model (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelError(f"model: {url} has format_version {meta['format_version']}; this code reads up to {FORMAT_VERSION}")
+    version = int(meta.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise ModelError(f"model: {url} has format_version {version}; this code reads up to {FORMAT_VERSION}")
+    if version < FORMAT_VERSION:
+        raise ModelError(f"model: {url} was saved by an earlier emrestore (format {version}: sample-only "
+                         f"output, plane-pair isotropic design); train it again with this version")
     return meta
 
 

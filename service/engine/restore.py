@@ -1,9 +1,17 @@
-"""Inference: restore a stack with a model, K samples per image, mean as output, spread as uncertainty.
+"""Inference: restore a stack with a model — batching, estimating, assembling.
 
-All K samples of several images run as one batch through one sampler chain; isotropic restoration
-generates the k−1 sections of a gap jointly (one chain per gap). Noise for an image comes from a
-generator seeded by (seed, image id), so the result does not depend on how images are batched and
-re-running a block writes the same bytes.
+Estimates (``estimate=``):
+
+- ``mean`` (default): the predictor's posterior mean, one network evaluation per image.
+- ``sample``: one sharp realisation — the prediction plus one residual sampled by the diffusion
+  model (``steps`` evaluations); EMDiffuse-style detail, about 3 dB below the mean in PSNR.
+- ``sample-mean``: the mean of the ``samples`` realisations.
+
+With ``samples`` K ≥ 2 every estimate also returns the per-voxel standard deviation of the K
+realisations (the uncertainty) and the needs-fine-tuning score. Isotropic restoration evaluates
+XZ and YZ views (``tasks.IsotropicTask``), so the default costs two evaluations per output voxel.
+Noise for an image comes from a generator seeded by (seed, view, image id), so the result does not
+depend on batching and re-running a block writes the same bytes.
 """
 
 from __future__ import annotations
@@ -18,18 +26,17 @@ import torch
 
 from .model import ModelError, RestorationModel
 from .normalize import IntensityNorm
-from .pairs import upsample
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
-from .tasks import base_prediction
 from .tiling import TiledDenoiser, auto_max_batch
-from .training import resolve_device
+from .training import predict_mean, resolve_device
 
-#: Uncertainty score above which a model is flagged as needing fine-tuning on this data:
-#: mean per-voxel standard deviation of the K samples over generated voxels, as a fraction of
-#: the normalised intensity range. Calibrated in bench/quality.py (README): a tiny model on its
-#: own phantom data scored 0.074; models used out of their domain 0.086–0.102, and an
-#: undertrained in-domain model that did not beat linear interpolation 0.121.
-UNCERTAINTY_THRESHOLD = 0.08
+ESTIMATES = ("mean", "sample", "sample-mean")
+DEFAULT_ESTIMATE = "mean"
+#: needs-fine-tuning threshold on the score: the mean per-voxel spread of the samples over
+#: generated voxels divided by the model's own in-domain spread (measured after training and
+#: stored in model.json). 1.0 = as uncertain as on its training data. Calibrated in
+#: bench/realz.py (README).
+UNCERTAINTY_THRESHOLD = 1.3
 MAX_SAMPLES = 64
 
 
@@ -41,27 +48,20 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class RestoreResult:
-    mean: np.ndarray            # restored stack, (Z', Y', X'), dtype of the input unless asked otherwise
+    mean: np.ndarray            # the restored stack (the requested estimate), (Z', Y', X')
     std: np.ndarray | None      # per-voxel standard deviation in intensity units (K ≥ 2), float32
-    score: float | None         # uncertainty score (K ≥ 2), see UNCERTAINTY_THRESHOLD
+    score: float | None         # needs-fine-tuning score (K ≥ 2), see UNCERTAINTY_THRESHOLD
     needs_finetuning: bool
-    evaluations: int            # network evaluations per image (= sampler steps)
-    images: int                 # images (sections or gaps) generated
+    evaluations: int            # network evaluations per image (predictor + denoiser steps × K)
+    images: int                 # network images (sections, or XZ + YZ views)
     seconds: float
+    estimate: str = DEFAULT_ESTIMATE
+    spread: float | None = None  # mean std over generated voxels in normalised units (K ≥ 2)
+    evaluations_per_voxel: int = 0  # network evaluations that touch each output voxel
 
     @property
     def evaluations_per_image(self) -> int:
         return self.evaluations
-
-
-class _DataPrediction:
-    """Network output (v or ε) → predicted clean sample, for the samplers."""
-
-    def __init__(self, model: RestorationModel, tiled: TiledDenoiser):
-        self.model, self.tiled = model, tiled
-
-    def __call__(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return self.model.x0_from_output(self.tiled(x, gamma), x, gamma)
 
 
 def output_norm(model: RestorationModel, input_norm: IntensityNorm) -> IntensityNorm:
@@ -73,21 +73,21 @@ def output_norm(model: RestorationModel, input_norm: IntensityNorm) -> Intensity
     return IntensityNorm(input_norm.lo + (t.lo - i.lo) * s, input_norm.lo + (t.hi - i.lo) * s)
 
 
-def _items(model: RestorationModel, vol_n: np.ndarray):
-    """Conditioning images (Cc, H, W) in network units, one per output image."""
-    task = model.task
-    if task.name == "isotropic":
-        for i in range(vol_n.shape[0] - 1):
-            yield i, vol_n[i:i + 2]
-    elif task.name == "superres":
-        for z in range(vol_n.shape[0]):
-            yield z, upsample(vol_n[z][None, None], task.factor)[0].numpy()
-    else:
-        for z in range(vol_n.shape[0]):
-            yield z, vol_n[z][None]
+def check_voxel_size(model: RestorationModel, voxel_size_nm) -> None:
+    """Isotropic: refuse input whose z/xy ratio differs from the geometry the model learned."""
+    if model.task.name != "isotropic" or voxel_size_nm is None or not model.gap.get("row_spacing_nm"):
+        return
+    vx, vy, vz = (float(v) for v in voxel_size_nm)
+    want = model.gap["row_spacing_nm"] / model.gap["lateral_nm"]
+    got = (vz / model.task.factor) / min(vx, vy)
+    if abs(got / want - 1.0) > 0.1:
+        raise ValueError(f"voxel_size: input {vx:g}×{vy:g}×{vz:g} nm gives rows {got:.2f}× the lateral "
+                         f"pixel at factor {model.task.factor}; the model learned {want:.2f}× — "
+                         f"train or fine-tune on this data")
 
 
-def validate_request(model: RestorationModel, vol: np.ndarray, sampler: str, steps: int, samples: int):
+def validate_request(model: RestorationModel, vol: np.ndarray, sampler: str, steps: int, samples: int,
+                     estimate: str = DEFAULT_ESTIMATE):
     if not isinstance(vol, np.ndarray) or vol.ndim != 3:
         raise ValueError(f"input: expected a (Z, Y, X) stack, got shape {getattr(vol, 'shape', None)}")
     if vol.dtype not in (np.uint8, np.uint16, np.float32):
@@ -103,6 +103,92 @@ def validate_request(model: RestorationModel, vol: np.ndarray, sampler: str, ste
         raise ValueError(f"steps: must be an integer in [1, {model.schedule.num_steps}], got {steps!r}")
     if not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
         raise ValueError(f"samples: must be an integer in [1, {MAX_SAMPLES}], got {samples!r}")
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate: must be one of {', '.join(ESTIMATES)}, got {estimate!r}")
+    if model.net is None and (estimate != "mean" or samples > 1):
+        raise ValueError(f"estimate: a regression model gives only the mean with 1 sample "
+                         f"(got estimate={estimate}, samples={samples})")
+
+
+# ------------------------------------------------------------------------- estimating
+class _Estimator:
+    """Point estimate and K realisations for a batch of conditioning images (network units)."""
+
+    def __init__(self, model: RestorationModel, dev: torch.device, sampler: str, steps: int,
+                 spacing: str | None, tile: int, overlap: int, max_batch: int):
+        self.model, self.dev = model, dev
+        self.smp = get_sampler(sampler)
+        self.alpha_bars = model.schedule.inference_alpha_bars(steps, spacing or DEFAULT_SPACING[sampler])
+        self.tile, self.overlap, self.mb = tile, overlap, max_batch
+        self.autocast = torch.bfloat16 if dev.type == "cuda" else None
+        self.evaluations = 0
+
+    def _tiled(self, fn, cond, K):
+        mult = self.model.predictor.config.downsample_factor
+        return TiledDenoiser(fn, cond, K, self.tile, self.overlap, self.mb, mult, self.autocast)
+
+    def predict(self, cond: torch.Tensor) -> torch.Tensor:
+        """Posterior mean (N, 1, H, W): one predictor evaluation."""
+        m = self.model
+        den = self._tiled(lambda xin, g: m.predictor(xin), cond, 1)
+        corr = den(torch.zeros((cond.shape[0], 0) + cond.shape[2:], device=cond.device),
+                   torch.zeros(cond.shape[0], device=cond.device))
+        self.evaluations = 1
+        base = m.task.base(cond)
+        mu = base + corr
+        known = m.task.known(cond)
+        if known is not None:
+            mu = torch.where(known > 0.5, base, mu)
+        return mu
+
+    def realisations(self, cond: torch.Tensor, mu: torch.Tensor, K: int, gens) -> torch.Tensor:
+        """K residual samples around ``mu`` → (N, K, 1, H, W) restored images."""
+        m, diff = self.model, self.model.diffusion
+        tiled = self._tiled(m.net, torch.cat([cond, mu], 1), K)
+
+        def den(x, gamma):
+            return diff.x0_from_output(tiled(x, gamma), x, gamma)
+
+        N, _, H, W = mu.shape
+        r = self.smp.sample(den, (N * K, 1, H, W), self.alpha_bars, gens, self.dev, clip=diff.clip)
+        x = diff.decode(r.reshape(N, K, 1, H, W), mu[:, None])
+        known = m.task.known(cond)
+        if known is not None:
+            x = torch.where(known[:, None] > 0.5, mu[:, None], x)
+        self.evaluations = 1 + tiled.evaluations
+        return x.clamp(-1.0, 1.0)
+
+
+def _batches(n: int, group: int):
+    """Index ranges of images processed together."""
+    for g0 in range(0, n, group):
+        yield g0, min(n, g0 + group)
+
+
+def _estimate_view(est: _Estimator, images: np.ndarray, view_index: int, estimate: str, K: int,
+                   seed: int, image_ids_offset: int, group: int, progress, done: list, total: int):
+    """Point estimate (N, H, W) and realisations (K, N, H, W) (or None) of one view's images."""
+    N, _, H, W = images.shape
+    point = np.empty((N, H, W), np.float32)
+    draws = np.empty((K, N, H, W), np.float32) if (K > 1 or estimate != "mean") else None
+    for g0, g1 in _batches(N, group):
+        cond = torch.from_numpy(images[g0:g1]).to(est.dev)
+        mu = est.predict(cond)
+        if draws is not None:
+            gens = [torch.Generator().manual_seed(derive_seed(seed, view_index, image_ids_offset, i))
+                    for i in range(g0, g1)]
+            x = est.realisations(cond, mu, K, gens)[:, :, 0]  # (n, K, H, W)
+            draws[:, g0:g1] = x.permute(1, 0, 2, 3).float().cpu().numpy()
+        if estimate == "mean":
+            point[g0:g1] = mu[:, 0].float().cpu().numpy()
+        elif estimate == "sample":
+            point[g0:g1] = draws[0, g0:g1]
+        else:
+            point[g0:g1] = draws[:, g0:g1].mean(0)
+        done[0] += g1 - g0
+        if progress:
+            progress(done[0], total)
+    return point, draws
 
 
 @torch.no_grad()
@@ -111,82 +197,121 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
             norm: IntensityNorm | None = None, tile: int = 256, overlap: int = 32,
             device: str = "auto", max_batch: int | None = None, image_ids_offset: int = 0,
             out_dtype=None, spacing: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> RestoreResult:
-    """Restore a (Z, Y, X) stack. Isotropic: output (Z−1)·k+1 sections, index k·i = section i.
+            progress: Callable[[int, int], None] | None = None,
+            estimate: str = DEFAULT_ESTIMATE, voxel_size_nm=None) -> RestoreResult:
+    """Restore a (Z, Y, X) stack. Isotropic: output (Z−1)·k+1 sections, index k·i = section i
+    (source sections pass through bit-exactly when the output dtype is the input's).
 
-    ``norm`` should come from statistics of the whole dataset (default: of ``vol``).
-    ``image_ids_offset`` is the global index of the first section/gap (for seeds in blocks).
+    ``estimate``: ``mean`` (default), ``sample`` or ``sample-mean`` (see module doc); ``samples``
+    K ≥ 2 adds the uncertainty. ``norm`` should come from statistics of the whole dataset
+    (default: of ``vol``). ``image_ids_offset`` is the global index of the block (for seeds).
+    ``voxel_size_nm`` (x, y, z) of the input, when known, is checked against the model's geometry.
     """
-    validate_request(model, vol, sampler, steps, samples)
+    validate_request(model, vol, sampler, steps, samples, estimate)
+    check_voxel_size(model, voxel_size_nm)
     t0 = time.time()
     dev = resolve_device(device)
-    net = model.net.to(dev).eval()
+    model.to(dev).eval()
     norm = norm or IntensityNorm.from_volume(vol)
     onorm = output_norm(model, norm)
     vol_n = norm.forward(vol)
     task = model.task
     K = samples
-    items = list(_items(model, vol_n))
-    H, W = items[0][1].shape[-2:]
-    Co = task.out_channels
-    mult = net.config.downsample_factor
+    views = task.images(vol_n)
+    total = sum(len(v) for _, v in views)
+    H, W = views[0][1].shape[-2:]
     tiles_per_image = math.ceil(H / max(1, tile - overlap)) * math.ceil(W / max(1, tile - overlap))
-    mb = max_batch or auto_max_batch(min(tile, max(H, W)), dev, net.config.base_channels)
+    width = (model.net or model.predictor).config.base_channels
+    mb = max_batch or auto_max_batch(min(tile, max(H, W)), dev, width)
     group = max(1, mb // max(1, K * tiles_per_image))
-    smp = get_sampler(sampler)
-    alpha_bars = model.schedule.inference_alpha_bars(steps, spacing or DEFAULT_SPACING[sampler])
-    autocast = torch.bfloat16 if dev.type == "cuda" else None
-    means = np.zeros((len(items), Co, H, W), np.float32)
-    stds = np.zeros((len(items), Co, H, W), np.float32) if K > 1 else None
-    done = 0
-    evals = 0
-    for g0 in range(0, len(items), group):
-        chunk = items[g0:g0 + group]
-        cond = torch.from_numpy(np.stack([c for _, c in chunk])).to(dev)
-        if model.kind == "regression":
-            den = TiledDenoiser(lambda x, g: net(x), cond, 1, tile, overlap, mb, mult, autocast)
-            x = den(torch.zeros((len(chunk), 0, H, W), device=dev), torch.zeros(len(chunk), device=dev))
-            x = x.clamp(-1, 1).reshape(len(chunk), 1, Co, H, W)
-            evals = 1
-        else:
-            tiled = TiledDenoiser(net, cond, K, tile, overlap, mb, mult, autocast)
-            den = _DataPrediction(model, tiled)
-            gens = [torch.Generator().manual_seed(derive_seed(seed, image_ids_offset + i)) for i, _ in chunk]
-            rs = model.residual_scale
-            x = smp.sample(den, (len(chunk) * K, Co, H, W), alpha_bars, gens, dev,
-                           clip=2.0 * rs if rs else 1.0)
-            x = x.reshape(len(chunk), K, Co, H, W)
-            if rs:
-                x = (base_prediction(task, cond)[:, None] + x / rs).clamp(-1.0, 1.0)
-            evals = tiled.evaluations
-        means[g0:g0 + len(chunk)] = x.mean(1).float().cpu().numpy()
-        if stds is not None:
-            stds[g0:g0 + len(chunk)] = x.std(1, unbiased=True).float().cpu().numpy()
-        done += len(chunk)
-        if progress:
-            progress(done, len(items))
+    est = _Estimator(model, dev, sampler, steps, spacing, tile, overlap, mb)
+    points, draws = {}, {}
+    done = [0]
+    for vi, (name, images) in enumerate(views):
+        points[name], draws[name] = _estimate_view(est, images, vi, estimate, K, seed, image_ids_offset,
+                                                   group, progress, done, total)
+    point_n = task.assemble(points, vol_n)
+    std_n, spread, score = None, None, None
+    if K > 1:
+        std_n = uncertainty(task, draws, vol_n)
+        spread = sample_spread(task, draws, vol_n)
+        ref = (model.calibration or {}).get("spread")
+        score = spread / ref if ref else spread
     out_dtype = np.dtype(out_dtype or vol.dtype)
-    score = float(stds.mean() / 2.0) if stds is not None else None
-    if task.name == "isotropic":
-        k = task.factor
-        Zo = task.output_sections(vol.shape[0])
-        mean_n = np.empty((Zo, H, W), np.float32)
-        mean_n[::k] = vol_n
-        std_n = np.zeros((Zo, H, W), np.float32) if stds is not None else None
-        for i in range(len(items)):
-            mean_n[k * i + 1:k * i + k] = means[i]
-            if std_n is not None:
-                std_n[k * i + 1:k * i + k] = stds[i]
-    else:
-        mean_n = means[:, 0]
-        std_n = stds[:, 0] if stds is not None else None
-    mean = onorm.inverse(mean_n, out_dtype)
+    mean = onorm.inverse(point_n, out_dtype)
     if task.name == "isotropic" and out_dtype == vol.dtype:
         mean[::task.factor] = vol  # source sections are passed through bit-exactly
     std = onorm.scale_std(std_n) if std_n is not None else None
     return RestoreResult(mean=mean, std=std, score=score,
                          needs_finetuning=bool(score is not None and score > UNCERTAINTY_THRESHOLD),
-                         evaluations=evals, images=len(items), seconds=time.time() - t0)
+                         evaluations=est.evaluations, images=total, seconds=time.time() - t0,
+                         estimate=estimate, spread=spread,
+                         evaluations_per_voxel=est.evaluations * len(views))
+
+
+#: spatial smoothing (voxels) of the ensemble variance: a 4-sample variance is too noisy per voxel
+#: to rank errors; the local average of it is not (bench/realz.py, Spearman with and without).
+UNCERTAINTY_SMOOTHING = 1.5
+
+
+def uncertainty(task, draws: dict[str, np.ndarray], vol_n: np.ndarray,
+                smoothing: float = UNCERTAINTY_SMOOTHING) -> np.ndarray:
+    """Per-voxel standard deviation (normalised units) of the ensemble of all realisations of
+    all views (isotropic: K samples in XZ and K in YZ, so disagreement between the views counts),
+    its variance averaged over a Gaussian neighbourhood of ``smoothing`` voxels."""
+    from scipy.ndimage import gaussian_filter
+    vols = task.view_volumes(draws, vol_n)            # each (K, Z', Y', X')
+    n = sum(v.shape[0] for v in vols)
+    mean = sum(v.sum(0) for v in vols) / n
+    var = sum(((v - mean) ** 2).sum(0) for v in vols) / max(1, n - 1)
+    if smoothing:
+        var = gaussian_filter(var, smoothing, mode="nearest")
+    std = np.sqrt(var).astype(np.float32)
+    std[~_generated_mask(task, std.shape)] = 0.0
+    return std
+
+
+def sample_spread(task, draws, vol_n) -> float:
+    """Mean within-view std of the samples over generated voxels (what ``calibrate`` measures
+    on training pairs): the numerator of the needs-fine-tuning score."""
+    vals = []
+    for v in task.view_volumes(draws, vol_n):
+        s = v.std(0, ddof=1)
+        m = _generated_mask(task, s.shape)
+        vals.append(float(s[m].mean()) if m.any() else 0.0)
+    return float(np.mean(vals))
+
+
+def _generated_mask(task, shape) -> np.ndarray:
+    m = np.ones(shape, bool)
+    if task.name == "isotropic":
+        m[::task.factor] = False
+    return m
+
+
+@torch.no_grad()
+def calibrate(model: RestorationModel, pairs, patch: int, seed: int = 0, batches: int = 2,
+              samples: int = 4) -> dict:
+    """In-domain spread: mean std of ``samples`` realisations over generated pixels of training
+    pairs, and the predictor's RMSE there (normalised units). Stored in model.json."""
+    dev = next(model.predictor.parameters()).device
+    model.eval()
+    rng = np.random.default_rng(seed + 104729)
+    est = _Estimator(model, dev, DEFAULT_SAMPLER, DEFAULT_STEPS, None, 256, 32, 64)
+    spreads, errs = [], []
+    for b in range(batches):
+        cond, target = pairs.sample(8, patch, rng)
+        cond, target = torch.from_numpy(cond).to(dev), torch.from_numpy(target).to(dev)
+        mu = est.predict(cond)
+        gens = [torch.Generator().manual_seed(derive_seed(seed, b, i)) for i in range(cond.shape[0])]
+        x = est.realisations(cond, mu, samples, gens)
+        known = model.task.known(cond)
+        gen = (known < 0.5) if known is not None else torch.ones_like(mu, dtype=torch.bool)
+        spreads.append(x.std(1, unbiased=True)[gen].float())
+        errs.append(((mu - target) ** 2)[gen].float())
+    return {"spread": round(float(torch.cat(spreads).mean()), 6),
+            "rmse": round(float(torch.cat(errs).mean().sqrt()), 6),
+            "samples": samples, "patches": batches * 8, "patch": patch}
 
 
 def check_model_for_task(model: RestorationModel, task: str | None = None, factor: int | None = None):

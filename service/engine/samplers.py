@@ -15,7 +15,7 @@ same seed gives the same result on any device. Predicted clean samples are clipp
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,89 +41,72 @@ def _gamma(batch: int, a: float, device) -> torch.Tensor:
     return torch.full((batch,), math.sqrt(a), dtype=torch.float32, device=device)
 
 
-class Sampler(Protocol):
-    name: str
-    stochastic: bool
+class Sampler:
+    """One loop for every sampler: evaluate the denoiser at each level, then ``update``.
+
+    Subclasses differ only in ``update(x, x0, a, a_next, state, generator, device)``, which
+    returns the sample at the next (less noisy) level.
+    """
+    name = "base"
+    stochastic = False
 
     def sample(self, denoiser: Denoiser, shape: tuple[int, ...], alpha_bars: np.ndarray,
-               generator: torch.Generator, device: torch.device | str = "cpu",
-               callback: Callable[[int, int], None] | None = None, clip: float = 1.0) -> torch.Tensor: ...
+               generator, device: torch.device | str = "cpu",
+               callback: Callable[[int, int], None] | None = None, clip: float = 1.0) -> torch.Tensor:
+        x = _randn(shape, generator, device)
+        n = len(alpha_bars) - 1
+        state: dict = {}
+        for i in range(n):
+            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
+            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
+            x = x0 if a_next >= 1.0 else self.update(x, x0, a, a_next, state, generator, device)
+            if callback:
+                callback(i + 1, n)
+        return x
+
+    def update(self, x, x0, a, a_next, state, generator, device) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class AncestralSampler:
+class AncestralSampler(Sampler):
     """DDPM ancestral sampling on a (respaced) sequence of levels."""
     name = "ddpm"
     stochastic = True
 
-    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None, clip=1.0):
-        x = _randn(shape, generator, device)
-        n = len(alpha_bars) - 1
-        for i in range(n):
-            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
-            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
-            if a_next >= 1.0:
-                x = x0
-            else:
-                beta = 1.0 - a / a_next
-                c0 = math.sqrt(a_next) * beta / (1.0 - a)
-                ct = math.sqrt(a / a_next) * (1.0 - a_next) / (1.0 - a)
-                var = beta * (1.0 - a_next) / (1.0 - a)
-                x = c0 * x0 + ct * x + math.sqrt(var) * _randn(shape, generator, device)
-            if callback:
-                callback(i + 1, n)
-        return x
+    def update(self, x, x0, a, a_next, state, generator, device):
+        beta = 1.0 - a / a_next
+        c0 = math.sqrt(a_next) * beta / (1.0 - a)
+        ct = math.sqrt(a / a_next) * (1.0 - a_next) / (1.0 - a)
+        var = beta * (1.0 - a_next) / (1.0 - a)
+        return c0 * x0 + ct * x + math.sqrt(var) * _randn(x.shape, generator, device)
 
 
-class DDIMSampler:
+class DDIMSampler(Sampler):
     """Deterministic DDIM (eta = 0): only the starting noise is random."""
     name = "ddim"
-    stochastic = False
 
-    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None, clip=1.0):
-        x = _randn(shape, generator, device)
-        n = len(alpha_bars) - 1
-        for i in range(n):
-            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
-            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
-            if a_next >= 1.0:
-                x = x0
-            else:
-                eps = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
-                x = math.sqrt(a_next) * x0 + math.sqrt(1.0 - a_next) * eps
-            if callback:
-                callback(i + 1, n)
-        return x
+    def update(self, x, x0, a, a_next, state, generator, device):
+        eps = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
+        return math.sqrt(a_next) * x0 + math.sqrt(1.0 - a_next) * eps
 
 
-class DPMSolverPP2M:
+class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, first order on the first and last step."""
     name = "dpmpp2m"
-    stochastic = False
 
-    def sample(self, denoiser, shape, alpha_bars, generator, device="cpu", callback=None, clip=1.0):
-        x = _randn(shape, generator, device)
-        n = len(alpha_bars) - 1
-        prev_x0, prev_h = None, None
-        for i in range(n):
-            a, a_next = float(alpha_bars[i]), float(alpha_bars[i + 1])
-            x0 = _x0(denoiser(x, _gamma(shape[0], a, device)), clip)
-            if a_next >= 1.0:
-                x = x0
-            else:
-                lam = 0.5 * math.log(a / (1.0 - a))
-                lam_next = 0.5 * math.log(a_next / (1.0 - a_next))
-                h = lam_next - lam
-                if prev_x0 is None or prev_h <= 0 or h <= 0:
-                    d = x0
-                else:
-                    r = prev_h / h
-                    d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * prev_x0
-                sigma, sigma_next = math.sqrt(1.0 - a), math.sqrt(1.0 - a_next)
-                x = (sigma_next / sigma) * x - math.sqrt(a_next) * math.expm1(-h) * d
-                prev_x0, prev_h = x0, h
-            if callback:
-                callback(i + 1, n)
-        return x
+    def update(self, x, x0, a, a_next, state, generator, device):
+        lam = 0.5 * math.log(a / (1.0 - a))
+        lam_next = 0.5 * math.log(a_next / (1.0 - a_next))
+        h = lam_next - lam
+        prev_x0, prev_h = state.get("x0"), state.get("h")
+        if prev_x0 is None or prev_h <= 0 or h <= 0:
+            d = x0
+        else:
+            r = prev_h / h
+            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * prev_x0
+        sigma, sigma_next = math.sqrt(1.0 - a), math.sqrt(1.0 - a_next)
+        state["x0"], state["h"] = x0, h
+        return (sigma_next / sigma) * x - math.sqrt(a_next) * math.expm1(-h) * d
 
 
 SAMPLERS: dict[str, type] = {
