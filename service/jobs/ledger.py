@@ -8,6 +8,7 @@ Layout under the ledger root URL::
     jobs/{job_id}/blocks/{index:08d}.done    completion marker of one block
     jobs/{job_id}/leases/{index:08d}.json    lease on one block (owner, expiry)
     jobs/{job_id}/events/{ns:020d}-{writer}-{n:08d}.json   one object per event
+    jobs/{job_id}/result.npz                 a cutout job's arrays (written once by its worker)
 
 Objects are written through an atomic store (store.py), whose back-end decides how exact
 leases are: see ``Ledger.lease_guarantee`` and store.py.
@@ -441,6 +442,34 @@ class Ledger:
             return None
         return Lease(job_id=job_id, index=index, owner=cur["owner"], token=cur.get("token", ""),
                      acquired=float(cur.get("acquired", 0.0)), expires_at=float(cur["expires_at"]))
+
+    def leased_blocks(self, job_id: str) -> set[int]:
+        """Indices of blocks whose lease has not expired (being worked on now)."""
+        self.num_blocks(validate_job_id(job_id))
+        names = [n for n in self._store.list(self._k(job_id, "leases")) if n.endswith(".json")]
+        got = self._store.read_many(self._k(job_id, "leases", n) for n in names)
+        now = self._clock()
+        out = set()
+        for data in got.values():
+            cur = self._parse_lease(data)
+            if cur is not None and cur["owner"] and now <= cur["expires_at"]:
+                try:
+                    out.add(int(cur["index"]))
+                except (KeyError, TypeError, ValueError):
+                    pass
+        return out
+
+    # -- results (a cutout job's arrays: written once by the worker, read by the server)
+    def put_result(self, job_id: str, data: bytes) -> bool:
+        """Store the job's result object (``jobs/{id}/result.npz``); False if one exists."""
+        self.num_blocks(validate_job_id(job_id))
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(f"result must be bytes, got {type(data).__name__}")
+        return self._store.create(self._k(job_id, "result.npz"), bytes(data), self._k(job_id, ".lock"))
+
+    def get_result(self, job_id: str) -> bytes | None:
+        """The job's result object, or None."""
+        return self._store.read(self._k(validate_job_id(job_id), "result.npz"))
 
     # -- events
     def add_event(self, job_id: str, kind: str, message: str = "", **fields: Any) -> Event:
