@@ -89,7 +89,7 @@ class PoolWorker:
         from .worker import LEASE_TTL_S
         register_from_env()
         self.ledger = Ledger(ledger_url)
-        self.owner = owner or f"pool-{socket.gethostname()}-{os.getpid()}"[:128]
+        self.owner = owner or f"{socket.gethostname()[:100]}:{os.getpid()}:pool"
         self.ttl = float(lease_ttl_s or LEASE_TTL_S)
         self.poll_s = poll_s
         self.log = log
