@@ -63,9 +63,9 @@ def read_all(url):
     return pc.read_zyx(url, info.start_zyx, info.stop_zyx)
 
 
-def reference(ledger: str, src: str, model_url: str, out: str, **spec) -> np.ndarray:
+def reference(ledger: str, src: str, model_url: str, out: str, block=(48, 48, 0), **spec) -> np.ndarray:
     """The same job restored by the Indexed-Job worker code path (one task, in-process)."""
-    m = pooled_manager(ledger)
+    m = pooled_manager(ledger, block=block)
     job = m.submit(RestoreSpec(source=src, model=model_url, output=out, execution="batch", **spec))
     assert job.state == "RUNNING" and m.executor.batch.launched == [job.job_id]
     assert run_task(ledger, job.job_id, 0, 1, log=lambda *_: None) == job.blocks_total
@@ -167,7 +167,7 @@ def test_killed_pool_worker_block_is_re_leased_and_redone_bit_identically(
     ledger = f"file://{tmp_path}/ledger"
     m = pooled_manager(ledger, block=(96, 96, 0))
     out = f"file://{tmp_path}/out"
-    job = m.submit(RestoreSpec(source=src, model=model_url, output=out, steps=24, execution="pool"))
+    job = m.submit(RestoreSpec(source=src, model=model_url, output=out, steps=8, execution="pool"))
     proc = _pool_process(ledger, {"EMRESTORE_LEASE_TTL": "3", "EMRESTORE_DEVICE": "cpu"})
     victim = None
     try:
@@ -194,7 +194,8 @@ def test_killed_pool_worker_block_is_re_leased_and_redone_bit_identically(
     worker.run(idle_exit_s=6)
     assert m.ledger.progress(job.job_id) == (job.blocks_total, job.blocks_total)
     assert m.ledger.block_info(job.job_id, victim)["info"]["worker"] == "test:2:pool"
-    ref = reference(f"file://{tmp_path}/ledger2", src, model_url, f"file://{tmp_path}/ref", steps=24)
+    ref = reference(f"file://{tmp_path}/ledger2", src, model_url, f"file://{tmp_path}/ref", block=(96, 96, 0),
+                    steps=8)
     np.testing.assert_array_equal(read_all(out), ref)
 
 
