@@ -96,7 +96,7 @@ def test_pool_leases_interactive_first_caches_the_model_and_matches_indexed_jobs
     src, _ = phantom_layer
     model_url, _ = tiny_iso_model
     ledger = f"file://{tmp_path}/ledger"
-    m = pooled_manager(ledger)
+    m = pooled_manager(ledger, block=(48, 96, 0))
     # a whole-dataset job first (batch priority, sent to the pool on purpose), then a region (interactive)
     whole = m.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/whole", steps=2,
                                  execution="pool"))
@@ -136,7 +136,8 @@ def test_pool_leases_interactive_first_caches_the_model_and_matches_indexed_jobs
     assert m.get(whole.job_id).state == m.get(region.job_id).state == "SUCCEEDED"
 
     # bit-identical to the Indexed-Job worker's output
-    ref = reference(f"file://{tmp_path}/ledger2", src, model_url, f"file://{tmp_path}/ref", steps=2)
+    ref = reference(f"file://{tmp_path}/ledger2", src, model_url, f"file://{tmp_path}/ref", block=(48, 96, 0),
+                    steps=2)
     np.testing.assert_array_equal(read_all(f"file://{tmp_path}/whole"), ref)
 
 
@@ -229,7 +230,7 @@ def test_cutout_runs_on_a_pool_worker_over_grpc(phantom_layer, tiny_iso_model, t
         m.max_cutout_voxels = 1000
         with pytest.raises(EmrestoreError) as e:
             c.cutout(src, model_url, (8, 8, 2), (72, 56, 6), steps=2)
-        assert e.value.code == "RESOURCE_EXHAUSTED"
+        assert "RESOURCE_EXHAUSTED" in str(e.value)
         assert worker.stats.blocks == 1
         c.close()
     finally:
