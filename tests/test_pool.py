@@ -20,7 +20,7 @@ from service.errors import FailedPrecondition
 from service.jobs.executors import ExecutorStatus
 from service.jobs.manager import JobManager
 from service.jobs.pool import ModelCache, PoolWorker
-from service.jobs.pool_executor import ExecutionRouter, PoolExecutor, queue_depth, serve_metrics
+from service.jobs.pool_executor import ExecutionRouter, LocalPool, PoolExecutor, queue_depth, serve_metrics
 from service.jobs.spec import CutoutSpec, RestoreSpec
 from service.jobs.worker import run_task
 from service.volume import precomputed as pc
@@ -154,47 +154,50 @@ def test_execution_is_checked(phantom_layer, tiny_iso_model, tmp_path):
     assert not os.path.exists(f"{tmp_path}/o")  # nothing written
 
 
-def _pool_process(ledger: str, env_extra: dict) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--pool", "--ledger", ledger],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def test_killed_pool_worker_block_is_re_leased_and_redone_bit_identically(
         phantom_layer, tiny_iso_model, tmp_path, monkeypatch):
+    """A local pool process (``serve --pool-workers 1``) killed mid-block, as a preempted pod: the
+    pool starts it again, the new process takes the block over once the lease expires, and the
+    job's output is bit-identical to the Indexed-Job code path's."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     src, _ = phantom_layer
     model_url, _ = tiny_iso_model
     ledger = f"file://{tmp_path}/ledger"
-    m = pooled_manager(ledger, block=(96, 96, 0))
+    pool = LocalPool(ledger, 1, log_dir=str(tmp_path / "logs"),
+                     env={"EMRESTORE_LEASE_TTL": "3", "EMRESTORE_DEVICE": "cpu"})
+    router = ExecutionRouter(ledger, PoolExecutor(ledger, size=1), IdleBatch(), pool)
+    m = JobManager(ledger, router, models_dir=None, poll_interval_s=0.2, block_size_xyz=(96, 96, 0))
     out = f"file://{tmp_path}/out"
-    job = m.submit(RestoreSpec(source=src, model=model_url, output=out, steps=8, execution="pool"))
-    proc = _pool_process(ledger, {"EMRESTORE_LEASE_TTL": "3", "EMRESTORE_DEVICE": "cpu"})
-    victim = None
     try:
+        job = m.submit(RestoreSpec(source=src, model=model_url, output=out, steps=8, execution="pool"))
+        pool.start()
+        m.start()
+        victim = old_pid = None
         t0 = time.time()
-        while time.time() - t0 < 120 and victim is None:  # a block leased by the process, not done
+        while time.time() - t0 < 180 and victim is None:  # a block leased by the process, not done
+            proc = pool.procs[0]
             done = m.ledger.done_blocks(job.job_id)
             for i in sorted(m.ledger.leased_blocks(job.job_id) - done):
                 lease = m.ledger.get_lease(job.job_id, i)
                 if lease is not None and lease.owner.split(":")[1] == str(proc.pid):
                     os.kill(proc.pid, signal.SIGKILL)  # as a preempted node would
-                    victim = i
+                    victim, old_pid = i, proc.pid
                     break
             time.sleep(0.02)
+        assert victim is not None, "the pool process never leased a block"
+        assert m.ledger.block_info(job.job_id, victim) is None, "the killed block finished before the kill"
+        assert m.ledger.get_lease(job.job_id, victim) is not None  # the dead worker's lease is left behind
+        t0 = time.time()
+        while time.time() - t0 < 240 and m.get(job.job_id).state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            time.sleep(0.3)
+        st = m.get(job.job_id)
+        assert st.state == "SUCCEEDED" and st.blocks_done == st.blocks_total
+        new_pid = pool.procs[0].pid
+        assert new_pid != old_pid  # the pool started the worker again
+        assert m.ledger.block_info(job.job_id, victim)["info"]["worker"].split(":")[1] == str(new_pid)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-    assert victim is not None, "the pool process never leased a block"
-    assert m.ledger.block_info(job.job_id, victim) is None, "the killed block finished before the kill"
-    assert m.ledger.get_lease(job.job_id, victim) is not None  # the dead worker's lease is left behind
-
-    # a second worker takes over once the lease expires (3 s) and redoes the block
-    worker = PoolWorker(ledger, owner="test:2:pool", lease_ttl_s=3, log=lambda *_: None, poll_s=0.1)
-    worker.run(idle_exit_s=6)
-    assert m.ledger.progress(job.job_id) == (job.blocks_total, job.blocks_total)
-    assert m.ledger.block_info(job.job_id, victim)["info"]["worker"] == "test:2:pool"
+        m.close()  # stops the local pool too
+    assert all(p.poll() is not None for p in pool.procs)
     ref = reference(f"file://{tmp_path}/ledger2", src, model_url, f"file://{tmp_path}/ref", block=(96, 96, 0),
                     steps=8)
     np.testing.assert_array_equal(read_all(out), ref)
