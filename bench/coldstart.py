@@ -1,43 +1,57 @@
-"""Cold start vs warm worker: time from a restore-region request to its first restored block.
+"""Cold start vs warm pool: time from a restore-region request to its first restored block.
 
-Measured here (side by side, one run, same region, base preset, 2 network evaluations per gap):
-- cold: the path of an Indexed Job pod once its container runs — the JobManager plans the job and
-  starts a fresh ``emrestore worker`` process (Python + torch import, model load, read, restore,
-  write, ledger); request → first block marker in the ledger;
-- the cold worker process's start-up alone (imports and model load);
-- warm: a worker that already holds the model reads and restores the same block (what a warm pool
-  worker does once it has leased the block; the pool's lease/poll latency is not included).
+Measured here, side by side on one machine (same region, same model preset, local processes
+standing in for pods):
+- cold (the Indexed-Job path once its container runs): the JobManager plans the job and starts a
+  fresh ``emrestore worker`` process — Python + torch import, model load, read, restore, write,
+  ledger; request → first block marker in the ledger;
+- warm pool, model not cached: a running ``emrestore worker --pool`` process (imports done) that
+  has not loaded this model yet leases the block, loads the model and restores it;
+- warm pool, model cached: the same pool worker for a second region with the same model (the
+  LRU model cache hit) — what a shift+R on a warm pool costs.
 
 The Kubernetes delays in front of a cold pod (scheduling, image pull, node scale-up) cannot be
 measured here; deploy/SCALE.md adds them as stated assumptions.
 
-    python bench/coldstart.py [--size 128] [--sections 13]
+    python bench/coldstart.py [--size 128] [--sections 13] [--preset base]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.common import Timer, machine, table, today, write_report  # noqa: E402
+from bench.common import machine, table, today, write_report  # noqa: E402
 from service.engine import phantom  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.tasks import TaskSpec  # noqa: E402
 from service.jobs.executors import LocalExecutor  # noqa: E402
 from service.jobs.manager import JobManager  # noqa: E402
+from service.jobs.pool_executor import ExecutionRouter, LocalPool, PoolExecutor  # noqa: E402
 from service.jobs.spec import RestoreSpec  # noqa: E402
-from service.jobs.worker import job_plan, restore_block  # noqa: E402
 from service.volume import precomputed as pc  # noqa: E402
 
-STARTUP = ("import sys, time; t = time.perf_counter(); "
-           "from service.engine.model import RestorationModel; import service.jobs.worker; "
-           "m = RestorationModel.load(sys.argv[1]); print(time.perf_counter() - t)")
+
+def first_block(mgr: JobManager, spec: RestoreSpec) -> tuple[float, float]:
+    """(seconds to the first block marker, seconds to SUCCEEDED) of one submitted job."""
+    t0 = time.perf_counter()
+    job = mgr.submit(spec)
+    first = None
+    while True:
+        st = mgr.get(job.job_id)
+        if first is None and st.blocks_done >= 1:
+            first = time.perf_counter() - t0
+        if st.state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.02)
+    assert st.state == "SUCCEEDED", st.message
+    return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -56,60 +70,64 @@ def main(argv=None):
     src = f"file://{tmp}/em"
     pc.create_source_layer(src, stack, (8, 8, 8 * k), (0, 0, 0), (64, 64, 4))
     model = RestorationModel.create(TaskSpec("isotropic", k), a.preset, seed=0)
-    model.name = f"coldstart-{a.preset}"
-    model_url = f"file://{tmp}/models/{model.name}"
-    model.save(model_url)
-    ledger = f"file://{tmp}/ledger"
+    urls = []
+    for name in ("cold", "pool"):
+        model.name = f"coldstart-{a.preset}-{name}"
+        urls.append(f"file://{tmp}/models/{model.name}")
+        model.save(urls[-1])
+    cold_url, pool_url = urls
     env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    region = dict(region_start_xyz=(0, 0, 0), region_stop_xyz=(a.size, a.size, a.sections), steps=a.steps)
+    n = [0]
 
-    cold_first, cold_total, startup, warm = [], [], [], []
+    def spec(model_url, execution):
+        n[0] += 1
+        return RestoreSpec(source=src, model=model_url, output=f"file://{tmp}/out-{n[0]}", execution=execution,
+                           **region)
+
+    cold, uncached, cached = [], [], []
+    ledger = f"file://{tmp}/ledger"
     mgr = JobManager(ledger, LocalExecutor(ledger, default_parallelism=1, env=env), poll_interval_s=0.05,
                      block_size_xyz=(256, 256, 0))
     mgr.start()
     try:
-        for r in range(a.repeats):
-            t0 = time.perf_counter()
-            job = mgr.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp}/out-{r}", steps=a.steps))
-            first = None
-            while True:
-                st = mgr.get(job.job_id)
-                if first is None and st.blocks_done >= 1:
-                    first = time.perf_counter() - t0
-                if st.state in ("SUCCEEDED", "FAILED", "CANCELLED"):
-                    break
-                time.sleep(0.02)
-            assert st.state == "SUCCEEDED", st.message
-            cold_first.append(first if first is not None else time.perf_counter() - t0)
-            cold_total.append(time.perf_counter() - t0)
-            spec = mgr.ledger.get_job(job.job_id).spec
         for _ in range(a.repeats):
-            out = subprocess.run([sys.executable, "-c", STARTUP, model_url], capture_output=True, text=True,
-                                 check=True, env={**os.environ, **env},
-                                 cwd=os.path.join(os.path.dirname(__file__), ".."))
-            startup.append(float(out.stdout.strip().splitlines()[-1]))
+            cold.append(first_block(mgr, spec(cold_url, "batch")))
     finally:
         mgr.close()
-    _, blocks = job_plan(spec)
-    loaded = RestorationModel.load(model_url)
-    restore_block(spec, blocks[0], loaded, pc.read_zyx(src, blocks[0].read_start, blocks[0].read_stop))  # warm-up
-    for _ in range(a.repeats):
-        with Timer() as t:
-            data = pc.read_zyx(src, blocks[0].read_start, blocks[0].read_stop)
-            restore_block(spec, blocks[0], loaded, data)
-        warm.append(t.seconds)
+    ledger = f"file://{tmp}/ledger-pool"
+    pool = LocalPool(ledger, 1, log_dir=f"{tmp}/logs", env=env).start()
+    mgr = JobManager(ledger, ExecutionRouter(ledger, PoolExecutor(ledger, size=1),
+                                             LocalExecutor(ledger, env=env), pool),
+                     poll_interval_s=0.05, block_size_xyz=(256, 256, 0))
+    mgr.start()
+    try:
+        t0 = time.time()  # the pool worker is up (imports done) before the first request
+        while time.time() - t0 < 120 and "leasing blocks" not in open(f"{tmp}/logs/pool-0.log").read():
+            time.sleep(0.1)
+        uncached.append(first_block(mgr, spec(pool_url, "pool")))
+        for _ in range(a.repeats):
+            cached.append(first_block(mgr, spec(pool_url, "pool")))
+    finally:
+        mgr.close()
     best = min
     rows = [
-        ["cold: request → first block (new worker process: imports, model load, read, restore, write, ledger)",
-         best(cold_first), best(cold_total)],
-        ["  of which worker start-up (Python, torch, emrestore imports, model load)", best(startup), ""],
-        ["warm: block on a worker that holds the model (read + restore)", best(warm), ""],
+        ["cold (Indexed-Job path): new worker process — imports, model load, read, restore, write, ledger",
+         best(c[0] for c in cold), best(c[1] for c in cold)],
+        ["warm pool worker, model not yet cached (lease, model load, read, restore, write)",
+         uncached[0][0], uncached[0][1]],
+        ["warm pool worker, model cached (lease, read, restore, write)",
+         best(c[0] for c in cached), best(c[1] for c in cached)],
     ]
-    text = [f"Cold-start benchmark, {today()}, {machine()}; {a.preset} preset, dpmpp2m {a.steps} steps "
+    blocks = mgr.get(mgr.ledger.list_jobs()[0][0].job_id).blocks_total
+    text = [f"Cold start vs warm pool, {today()}, {machine()}; {a.preset} preset, dpmpp2m {a.steps} steps "
             f"(= network evaluations per gap), restore-region of {a.size}×{a.size}×{a.sections} source voxels at "
-            f"factor {k}, {len(blocks)} block(s); best of {a.repeats}.\n",
-            table(["path", "seconds to first block", "seconds to SUCCEEDED"], rows,
-                  "Time from a restore-region request to its first restored block (local processes)")]
+            f"factor {k}, {blocks} block(s); pool poll interval 0.5 s; cold and cached best of {a.repeats}, "
+            "uncached one run.\n",
+            table(["path", "s to first block", "s to SUCCEEDED"], rows,
+                  "Time from a restore-region request to its first restored block (local processes for pods)")]
     write_report("coldstart", "\n".join(text))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

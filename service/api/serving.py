@@ -22,6 +22,14 @@ def cmd_serve(a):
         raise _bad(f"--port: must be in [0, 65535], got {a.port}")
     if a.workers < 1:
         raise _bad(f"--workers: must be ≥ 1, got {a.workers}")
+    if a.pool_workers < 0 or a.pool_size < 0:
+        raise _bad("--pool-workers/--pool-size: must be ≥ 0")
+    if a.max_batch_gpus is not None and a.max_batch_gpus < 0:
+        raise _bad(f"--max-batch-gpus: must be ≥ 0, got {a.max_batch_gpus}")
+    if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
+        raise _bad(f"--metrics-port: must be in [0, 65535], got {a.metrics_port}")
+    if a.cutout_timeout <= 0:
+        raise _bad(f"--cutout-timeout: must be > 0 seconds, got {a.cutout_timeout}")
     if (a.tls_cert is None) != (a.tls_key is None):
         raise _bad("--tls-cert/--tls-key: give both or neither")
     from ..volume.stores import register_from_env
@@ -60,6 +68,8 @@ def cmd_serve(a):
             cfg = replace(cfg, ledger_url=ledger)
         # worker pods re-check their plan against the same store policy as local workers
         cfg = replace(cfg, env={**cfg.env, **policy.env()})
+        if a.max_batch_gpus is not None:  # the batch share of the GPU budget (the pool's on top)
+            cfg = replace(cfg, max_batch_gpus=a.max_batch_gpus)
         if cfg.ledger_url.startswith("file://"):
             print("emrestore: warning: worker pods need a shared ledger (gs://, s3://); "
                   f"{cfg.ledger_url} is local", file=sys.stderr)
@@ -67,6 +77,20 @@ def cmd_serve(a):
             executor = KubernetesExecutor(cfg)
         except Exception as e:  # noqa: BLE001 - no cluster, bad kubeconfig, bad settings
             raise CommandError("FAILED_PRECONDITION", f"--executor kubernetes: {e}") from None
+    pool_size = a.pool_size + a.pool_workers
+    local_pool = None
+    if pool_size:
+        from ..jobs.pool_executor import ExecutionRouter, LocalPool, PoolExecutor
+        if a.pool_workers:
+            local_pool = LocalPool(ledger, a.pool_workers, log_dir=os.path.join(data, "logs")).start()
+        executor = ExecutionRouter(ledger, PoolExecutor(ledger, size=pool_size), executor, local_pool)
+    # the GPU budget: the pool's workers + what Indexed Jobs may add (kube executor's setting)
+    batch_config = getattr(getattr(executor, "batch", executor), "config", None)
+    max_batch = getattr(batch_config, "max_batch_gpus", None)
+    metrics = None
+    if a.metrics_port is not None:
+        from ..jobs.pool_executor import serve_metrics
+        metrics = serve_metrics(ledger, a.host, a.metrics_port, pool_size, max_batch)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     def xyz(text, name):
         try:
@@ -94,16 +118,22 @@ def cmd_serve(a):
                         max_jobs_per_user=a.max_jobs_per_user)
     manager = JobManager(ledger, executor, models_dir=models, max_cutout_voxels=a.max_cutout_voxels,
                          store_policy=policy, limits=limits, allow_foreign_overwrite=a.allow_foreign_overwrite,
-                         block_size_xyz=block, output_chunk_xyz=chunk, completion_hooks=hooks)
+                         block_size_xyz=block, output_chunk_xyz=chunk, completion_hooks=hooks,
+                         interactive_max_blocks=a.interactive_max_blocks, cutout_timeout_s=a.cutout_timeout)
 
     def ready(port):
         scheme = "TLS" if a.tls_cert else "plaintext"
         print(f"emrestore: serving on {a.host}:{port} ({scheme}, auth {'on' if tokens else 'off'}; "
-              f"ledger {ledger}; models {models}; {a.executor} executor)", file=sys.stderr, flush=True)
+              f"ledger {ledger}; models {models}; {a.executor} executor"
+              + (f"; worker pool of {pool_size}" if pool_size else "")
+              + (f"; metrics on {a.host}:{metrics.server_address[1]}/metrics" if metrics else "") + ")",
+              file=sys.stderr, flush=True)
 
     serve(manager, a.host, a.port, token=tokens or None, tls_cert=a.tls_cert, tls_key=a.tls_key,
           admins=a.admin or (), max_concurrent_cutouts=a.max_concurrent_cutouts, cutout_queue=a.cutout_queue,
           max_workers=a.rpc_threads, grace_s=a.grace, on_ready=ready)
+    if metrics is not None:
+        metrics.shutdown()
     print("emrestore: server stopped", file=sys.stderr)
 
 
@@ -148,5 +178,19 @@ def register(sub) -> None:
                                           "source chunk laterally, about 16 sections in z)")
     p.add_argument("--targets", help="registration targets (JSON/YAML file, read by the connectors): "
                                      "requests name them in register_in")
+    p.add_argument("--pool-workers", type=int, default=0,
+                   help="start N local pool worker processes (emrestore worker --pool) for interactive work")
+    p.add_argument("--pool-size", type=int, default=0,
+                   help="an external warm pool of N workers leases from the same ledger (the pool "
+                        "Deployment): interactive jobs and cutouts go to it")
+    p.add_argument("--max-batch-gpus", type=int, default=None,
+                   help="GPUs all Indexed Jobs together may add to the pool's (default "
+                        "$EMRESTORE_KUBE_MAX_BATCH_GPUS)")
+    p.add_argument("--interactive-max-blocks", type=int, default=16,
+                   help="a region job of at most this many blocks is interactive (pool, leased first)")
+    p.add_argument("--cutout-timeout", type=float, default=120.0,
+                   help="seconds a Cutout waits for a pool worker (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve the queue depth at http://HOST:PORT/metrics (Prometheus text; 0: any port)")
     p.set_defaults(func=cmd_serve)
 

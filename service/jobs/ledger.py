@@ -9,6 +9,7 @@ Layout under the ledger root URL::
     jobs/{job_id}/leases/{index:08d}.json    lease on one block (owner, expiry)
     jobs/{job_id}/supervisor.json            lease of the server that supervises the job
     jobs/{job_id}/events/{ns:020d}-{writer}-{n:08d}.json   one object per event
+    jobs/{job_id}/result.npz                 a cutout job's arrays (written once by its worker)
 
 Objects are written through an atomic store (store.py), whose back-end decides how exact
 leases are: see ``Ledger.lease_guarantee`` and store.py.
@@ -22,6 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from .ledger_pool import PoolQueries
 from .store import DELETE, KEEP, open_store
 
 __all__ = [
@@ -50,7 +52,7 @@ def _dumps(obj: Any, what: str) -> bytes:
 
 # ----------------------------------------------------------------- ledger
 
-class Ledger:
+class Ledger(PoolQueries):
     """Durable record of jobs, block completion, block leases and events.
 
     ``url``: ledger root (``file://``, a plain path, ``memory://``, ``s3://``
@@ -130,19 +132,6 @@ class Ledger:
         """The job's persisted plan (JSON object), or None for jobs recorded without one."""
         data = self._store.read(self._k(validate_job_id(job_id), "plan.json"))
         return None if data is None else json.loads(data)
-
-    def pending_jobs(self) -> list[JobRecord]:
-        """Live jobs (PENDING or RUNNING, no cancel requested) with blocks left, oldest first:
-        what a pool worker may lease blocks of."""
-        out = []
-        for state in (PENDING, RUNNING):
-            token = None
-            while True:
-                recs, token = self.list_jobs(state, MAX_PAGE_SIZE, token)
-                out.extend(r for r in recs if not r.cancel_requested and r.blocks_done < r.num_blocks)
-                if not token:
-                    break
-        return sorted(out, key=lambda r: r.job_id)
 
     def _load_spec(self, job_id: str) -> dict:
         data = self._store.read(self._k(job_id, "spec.json"))

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted, quote
+from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted, quote
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
@@ -27,9 +27,12 @@ from .models import ModelRegistry
 from .planning import Planner, dataset_norm, existing_chunks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
 from .spec import CutoutSpec, RestoreSpec, TrainSpec
-from .worker import restore_block
+from .worker import load_cutout_result, restore_block
 
 MAX_RELAUNCHES = 2
+#: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
+#: there by default); whole-dataset jobs and larger regions are batch work
+INTERACTIVE_MAX_BLOCKS = 16
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class JobManager:
                  block_size_xyz: tuple[int, int, int] = (256, 256, 0), tile: int = 256,
                  overlap: int = 32, output_chunk_xyz: tuple[int, int, int] | None = None,
                  completion_hooks: list[CompletionHook] | None = None, store_policy: StorePolicy | None = None,
-                 limits: WorkLimits | None = None, allow_foreign_overwrite: bool = False):
+                 limits: WorkLimits | None = None, allow_foreign_overwrite: bool = False,
+                 interactive_max_blocks: int = INTERACTIVE_MAX_BLOCKS, cutout_timeout_s: float = 120.0):
         self.ledger = Ledger(ledger_url)
         self.ledger_url = ledger_url
         self.executor = executor
@@ -109,6 +113,28 @@ class JobManager:
         self._launches: dict[str, int] = {}
         self._rate: dict[str, tuple[float, int]] = {}  # job → (time first seen running, blocks done then)
         self._plans: dict[str, object] = {}
+        self.interactive_max_blocks = interactive_max_blocks
+        self.cutout_timeout_s = cutout_timeout_s
+
+    @property
+    def has_pool(self) -> bool:
+        """True when the executor has a warm pool (pool_executor.ExecutionRouter)."""
+        return getattr(self.executor, "pool", None) is not None
+
+    def _placement(self, spec: RestoreSpec, n: int) -> tuple[str, str]:
+        """(priority, execution) of a restore job: interactive for a region of at most
+        ``interactive_max_blocks`` blocks; ``auto`` runs interactive jobs on the pool and the rest
+        as batch tasks; without a pool everything is batch."""
+        interactive = spec.region_start_xyz is not None and n <= self.interactive_max_blocks
+        priority = "interactive" if interactive else "batch"
+        if not self.has_pool:
+            if spec.execution == "pool":
+                raise FailedPrecondition("execution", "pool: this server has no worker pool "
+                                                      "(serve --pool-workers N or --pool-size N)")
+            return priority, "batch"
+        if spec.execution == "auto":
+            return priority, "pool" if interactive else "batch"
+        return priority, spec.execution
 
     @property
     def max_cutout_voxels(self) -> int:
@@ -227,7 +253,9 @@ class JobManager:
         if p.plan.blocks.write_box.size > self.limits.max_job_voxels:
             raise ResourceExhausted("region", f"the job would write {p.plan.blocks.write_box.size} output voxels; "
                                               f"the limit is {self.limits.max_job_voxels} per job")
-        plan = replace(p.plan, num_tasks=self._num_tasks(spec.parallelism, n))
+        priority, execution = self._placement(spec, n)
+        plan = replace(p.plan, num_tasks=self._num_tasks(spec.parallelism, n), priority=priority,
+                       execution=execution)
         geom = p.geometry
         layers = [(pc.create_output_layer, spec.output, geom.dtype)]
         if spec.uncertainty_output:
@@ -284,8 +312,11 @@ class JobManager:
             self._launches[job_id] = self._launches.get(job_id, 0) + 1
         self.executor.launch(job_id, num_tasks, num_tasks)
         rec = self.ledger.get_job(job_id)
+        where = getattr(self.executor, "executor_for", None)
+        name = where(job_id).name if where else self.executor.name
+        msg = "queued for the worker pool" if name == "pool" else f"running {num_tasks} task(s) on the {name} executor"
         if rec.state == PENDING:
-            self.ledger.set_state(job_id, RUNNING, f"running {num_tasks} task(s) on the {self.executor.name} executor")
+            self.ledger.set_state(job_id, RUNNING, msg)
 
     def plan_of(self, job_id: str):
         """The job's typed plan (cached: plans are immutable); PlanMissing for old jobs."""
@@ -375,17 +406,53 @@ class JobManager:
         self.policy.check(self.resolve_model(spec.model), "model")
         self._check_sampling_work(spec.samples, spec.steps)
         plan, block, src = self.planner.cutout(spec)
+        if self.has_pool:
+            return self._cutout_on_pool(spec, plan, block)
         data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
         model = self.models.load(plan.model_url)
         mean, std, res = restore_block(plan, block, model, data)
+        info = {}
+        if res is not None:
+            info = {"restore_seconds": res.seconds}
+            if res.score is not None:
+                info.update(score=res.score, needs_finetuning=res.needs_finetuning)
+        return self._cutout_result(plan, block, mean, std, info)
+
+    def _cutout_result(self, plan, block, mean, std, info: dict) -> CutoutResult:
         mean = np.ascontiguousarray(mean)
         std = np.ascontiguousarray(std) if std is not None else None
         msg = f"restored {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]}"
-        if res is not None:
-            msg += f" in {res.seconds:.1f} s"
-            if res.score is not None:
-                msg += f"; uncertainty score {res.score:.4f}" + (" (needs fine-tuning)" if res.needs_finetuning else "")
+        if "restore_seconds" in info:
+            msg += f" in {info['restore_seconds']:.1f} s"
+            if info.get("score") is not None:
+                msg += f"; uncertainty score {info['score']:.4f}" + (" (needs fine-tuning)" if info.get("needs_finetuning") else "")
         return CutoutResult(mean, std, block.write.start_xyz, plan.output_resolution_nm_xyz, str(mean.dtype), msg)
+
+    def _cutout_on_pool(self, spec: CutoutSpec, plan: RestorePlan, block) -> CutoutResult:
+        """A cutout as a one-block interactive job that a pool worker runs (its arrays come back
+        through the ledger); waits at most ``cutout_timeout_s``, then cancels it (UNAVAILABLE)."""
+        from dataclasses import asdict
+        plan = replace(plan, kind="cutout", priority="interactive", execution="pool")
+        spec_d = dict(asdict(spec), kind="cutout")
+        rec = self.ledger.create_job(spec_d, 1, plan=plan.to_dict())
+        self._launch(rec.job_id, 1)
+        deadline = time.monotonic() + self.cutout_timeout_s
+        delay = 0.02
+        while True:
+            marker = self.ledger.block_info(rec.job_id, 0)
+            if marker is not None:
+                break
+            if self.ledger.cancel_requested(rec.job_id):
+                raise EmrestoreError("region", f"cutout job {rec.job_id} was cancelled or failed", code="UNAVAILABLE")
+            if time.monotonic() > deadline:
+                self.ledger.request_cancel(rec.job_id)
+                raise EmrestoreError("region", f"no pool worker restored the cutout within "
+                                               f"{self.cutout_timeout_s:g} s (job {rec.job_id}); "
+                                               "is the worker pool running?", code="UNAVAILABLE")
+            time.sleep(delay)
+            delay = min(0.2, delay * 1.5)
+        mean, std = load_cutout_result(self.ledger, rec.job_id)
+        return self._cutout_result(plan, block, mean, std, marker.get("info", {}))
 
     # ------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:

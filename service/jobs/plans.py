@@ -46,7 +46,11 @@ class RestorePlan:
     blocks: Plan
     num_blocks_planned: int = 0
     num_tasks: int = 1
-    kind: str = "restore"
+    kind: str = "restore"  # "cutout": a one-block job whose arrays go to the ledger (result.npz)
+    #: "interactive" (restore-regions, cutouts: leased first by pool workers) or "batch"
+    priority: str = "batch"
+    #: where the job's blocks run: "pool" (warm pool workers) or "batch" (Indexed Job / local tasks)
+    execution: str = "batch"
 
     def block(self, index: int) -> Block:
         return self.blocks.blocks[index]
@@ -84,6 +88,8 @@ class TrainPlan:
     num_tasks: int = 1
     kind: str = "train"
     message: str = ""
+    priority: str = "batch"
+    execution: str = "batch"  # training always runs as a batch task
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,6 +109,11 @@ class TrainPlan:
 
 JobPlan = RestorePlan | TrainPlan
 
+#: job priorities, the order pool workers lease blocks in
+PRIORITIES = ("interactive", "batch")
+#: where a job runs: "auto" picks by size (manager.py)
+EXECUTIONS = ("auto", "pool", "batch")
+
 
 def plan_from_dict(d: dict[str, Any] | None, job_id: str = "") -> JobPlan:
     """The typed plan of a ledger job; PlanMissing (one line) for jobs of an older format."""
@@ -113,7 +124,7 @@ def plan_from_dict(d: dict[str, Any] | None, job_id: str = "") -> JobPlan:
         raise PlanMissing(f"job {job_id}: plan format version {d.get('version')!r} is not "
                           f"{PLAN_VERSION}; resubmit the job with this emrestore")
     kind = d.get("kind")
-    if kind == "restore":
+    if kind in ("restore", "cutout"):
         return RestorePlan.from_dict(d)
     if kind == "train":
         return TrainPlan.from_dict(d)

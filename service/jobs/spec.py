@@ -114,6 +114,9 @@ class RestoreSpec:
     estimate: str = ""  # "" = the engine's default
     overwrite: bool = False
     kind: str = "restore"
+    #: where the blocks run: "pool" (warm workers), "batch" (Indexed Job / local tasks), or
+    #: "auto": the pool for interactive-sized regions when the server has one (manager.py)
+    execution: str = "auto"
 
     def validate(self) -> "RestoreSpec":
         self.source = _check_url(self.source, "source")
@@ -142,6 +145,8 @@ class RestoreSpec:
                                                         "(letters, digits, '_.-', at most 64)")
         if not isinstance(self.overwrite, bool):
             raise RequestError("overwrite", "must be true or false")
+        if self.execution not in ("auto", "pool", "batch"):
+            raise RequestError("execution", f"{quote(self.execution)}; allowed: auto, pool, batch")
         return self
 
     def to_dict(self) -> dict:

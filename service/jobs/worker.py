@@ -112,6 +112,71 @@ def write_block(plan: RestorePlan, block: Block, mean: np.ndarray, std: np.ndarr
     return hashlib.sha256(np.ascontiguousarray(mean).tobytes()).hexdigest()
 
 
+def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
+                 owner: str, secs: float) -> None:
+    """Store a restored block and record its completion marker: output chunks for a job, the
+    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server)."""
+    info = {"worker": owner, "seconds": round(secs, 3), "voxels": int(mean.size)}
+    if plan.kind == "cutout":
+        info.update(store_cutout_result(ledger, job_id, mean, std, res))
+    else:
+        info["sha256"] = write_block(plan, plan.blocks.blocks[i], mean, std)
+    ledger.mark_block_done(job_id, i, info)
+
+
+def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model: RestorationModel,
+                  data: np.ndarray | None, owner: str, ttl: float, read=None) -> float | None:
+    """Lease block i, restore and store it, mark it done and release the lease: the one code path
+    of Indexed-Job tasks and pool workers (bit-identical output). Returns the seconds it took,
+    0.0 when it was already done (by anyone), None when another worker holds its lease.
+    ``data`` may be None: then ``read(i)`` reads the block once the lease is held."""
+    if i in ledger.done_blocks(job_id):
+        return 0.0
+    if not ledger.try_acquire_lease(job_id, i, owner, ttl):
+        return None
+    try:
+        if ledger.block_info(job_id, i) is not None:  # finished by another worker meanwhile
+            return 0.0
+        with _Heartbeat(ledger, job_id, i, owner, ttl):
+            t0 = time.time()
+            if data is None:
+                data = read(i)
+            mean, std, res = restore_block(plan, plan.blocks.blocks[i], model, data)
+            secs = time.time() - t0
+            finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs)
+        return max(secs, 1e-6)
+    finally:
+        ledger.release_lease(job_id, i, owner)
+
+
+def store_cutout_result(ledger: Ledger, job_id: str, mean: np.ndarray, std: np.ndarray | None,
+                        res) -> dict:
+    """Put a cutout's arrays into the ledger (``jobs/{id}/result.npz``); returns the marker info."""
+    import io
+    buf = io.BytesIO()
+    arrays = {"mean": np.ascontiguousarray(mean)}
+    if std is not None:
+        arrays["std"] = np.ascontiguousarray(std)
+    np.savez(buf, **arrays)
+    ledger.put_result(job_id, buf.getvalue())
+    info: dict = {}
+    if res is not None:
+        info["restore_seconds"] = round(float(res.seconds), 3)
+        if res.score is not None:
+            info["score"] = float(res.score)
+            info["needs_finetuning"] = bool(res.needs_finetuning)
+    return info
+
+
+def load_cutout_result(ledger: Ledger, job_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    import io
+    data = ledger.get_result(job_id)
+    if data is None:
+        raise FileNotFoundError(f"job {job_id}: no cutout result in the ledger")
+    with np.load(io.BytesIO(data)) as z:
+        return z["mean"], (z["std"] if "std" in z.files else None)
+
+
 def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | None = None,
              owner: str | None = None, lease_ttl_s: float | None = None, log=print) -> int:
     """Process this task's blocks; returns the number of blocks this call completed."""
@@ -142,25 +207,13 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     def process(i: int, data: np.ndarray) -> bool:
         """True when block i is done (by us or by another worker), False when leased elsewhere."""
         nonlocal done_count
-        if i in ledger.done_blocks(job_id):
-            return True
-        if not ledger.try_acquire_lease(job_id, i, owner, ttl):
+        r = process_block(ledger, job_id, plan, i, model, data, owner, ttl)
+        if r is None:
             return False
-        try:
-            if ledger.block_info(job_id, i) is not None:  # finished by another worker meanwhile
-                return True
-            with _Heartbeat(ledger, job_id, i, owner, ttl):
-                t0 = time.time()
-                mean, std, _ = restore_block(plan, blocks[i], model, data)
-                digest = write_block(plan, blocks[i], mean, std)
-                secs = time.time() - t0
-            ledger.mark_block_done(job_id, i, {"worker": owner, "seconds": round(secs, 3),
-                                               "sha256": digest, "voxels": int(mean.size)})
+        if r > 0:
             done_count += 1
-            log(f"[worker {task_index}] block {i} done in {secs:.1f} s")
-            return True
-        finally:
-            ledger.release_lease(job_id, i, owner)
+            log(f"[worker {task_index}] block {i} done in {r:.1f} s")
+        return True
 
     deferred = []
     pending = pool.submit(read, todo[0]) if todo else None
