@@ -17,21 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # the engine also runs where tqdm is absent (GPU bench machines)
-    class tqdm:  # noqa: N801 - minimal stand-in
-        def __init__(self, *a, **k):
-            pass
-
-        def set_postfix(self, **k):
-            pass
-
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
+from tqdm.auto import tqdm
 
 from .model import RestorationModel
 

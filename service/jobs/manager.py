@@ -16,11 +16,13 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted, quote
+from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
-from .completion import CompletedJob, CompletionHook, configured_target_names, failure_messages
+from . import admission
+from .admission import WorkLimits  # noqa: F401 - re-exported (serve, tests)
+from .completion import CompletedJob, CompletionHook, failure_messages
 from .executors import Executor
 from .ledger import CANCELLED, FAILED, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES, Ledger
 from .models import ModelRegistry
@@ -33,14 +35,6 @@ MAX_RELAUNCHES = 2
 #: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
 #: there by default); whole-dataset jobs and larger regions are batch work
 INTERACTIVE_MAX_BLOCKS = 16
-
-
-@dataclass(frozen=True)
-class WorkLimits:
-    """Bounds on the work one request may ask for (the operator's, with defaults)."""
-    max_job_voxels: int = 2 ** 36          # output voxels written by one restore job
-    max_sample_steps: int = 4_000          # samples × steps per request
-    max_jobs_per_user: int = 16            # live (PENDING/RUNNING) jobs of one user
 
 
 @dataclass
@@ -184,70 +178,21 @@ class JobManager:
         job and its plan, launch. Nothing is written before every check has passed."""
         if isinstance(spec, RestoreSpec):
             spec.validate()
-            self._check_owner_quota(owner)
+            admission.check_owner_quota(self.ledger, self.limits, owner)
             return self._submit_restore(spec, owner)
         if isinstance(spec, TrainSpec):
             spec.validate()
-            self._check_owner_quota(owner)
+            admission.check_owner_quota(self.ledger, self.limits, owner)
             return self._submit_train(spec, owner)
         raise RequestError("spec", f"unknown job kind {type(spec).__name__}")
-
-    def _check_owner_quota(self, owner: str) -> None:
-        if not owner:
-            return
-        live = [r for r in self.ledger.pending_jobs() if r.owner == owner]
-        if len(live) >= self.limits.max_jobs_per_user:
-            raise ResourceExhausted("owner", f"user {owner} has {len(live)} live jobs; the limit is "
-                                             f"{self.limits.max_jobs_per_user} per user")
-
-    def _check_sampling_work(self, samples: int, steps: int) -> None:
-        if samples * steps > self.limits.max_sample_steps:
-            raise ResourceExhausted("samples", f"samples × steps = {samples} × {steps} = {samples * steps}; "
-                                               f"the limit is {self.limits.max_sample_steps}")
-
-    def _check_restore_stores(self, spec: RestoreSpec) -> str:
-        """Every URL of a restore request against the policy, before any I/O; the model's URL."""
-        src = self.policy.check(spec.source, "source")
-        out = self.policy.check(spec.output, "output")
-        model_url = self.resolve_model(spec.model)
-        model = self.policy.check(model_url, "model")
-        roots = [("source", src), ("model", model)]
-        if self.models_dir:
-            roots.append(("model directory", self.policy.check(self.models_dir, "model")))
-        outs = [("output", out)]
-        if spec.uncertainty_output:
-            unc = self.policy.check(spec.uncertainty_output, "uncertainty_output")
-            if inside(unc, out) or inside(out, unc):
-                raise RequestError("uncertainty_output", "must not be the output layer or lie inside it (or it inside)")
-            outs.append(("uncertainty_output", unc))
-        for name, url in outs:
-            for what, root in roots:
-                if inside(url, root) or inside(root, url):
-                    raise PermissionDenied(name, f"lies inside the {what} (or contains it); outputs go elsewhere")
-        return model_url
 
     def _num_tasks(self, spec_parallelism: int, n: int) -> int:
         return max(1, min(n, spec_parallelism or self.executor.default_parallelism))
 
-    def _check_targets(self, names: list[str]) -> None:
-        """Registration targets a request names must be configured on this server."""
-        if not names:
-            return
-        if not self.completion_hooks:
-            raise FailedPrecondition("register_in", "this server has no registration targets configured "
-                                                    "(emrestore serve --targets FILE)")
-        known = configured_target_names(self.completion_hooks)
-        if known is None:
-            return
-        for i, n in enumerate(names):
-            if n not in known:
-                raise RequestError(f"register_in[{i}]", f"{quote(n)} is not a configured target; "
-                                                        f"configured: {', '.join(sorted(known)) or 'none'}")
-
     def _submit_restore(self, spec: RestoreSpec, owner: str) -> JobStatus:
-        self._check_targets(list(spec.register_in or []))
-        self._check_restore_stores(spec)
-        self._check_sampling_work(spec.samples, spec.steps)
+        admission.check_targets(self.completion_hooks, list(spec.register_in or []))
+        admission.check_restore_stores(self.policy, spec, self.resolve_model, self.models_dir)
+        admission.check_sampling_work(self.limits, spec.samples, spec.steps)
         p = self.planner.restore(spec)
         n = len(p.plan.blocks.blocks)
         if p.plan.blocks.write_box.size > self.limits.max_job_voxels:
@@ -404,7 +349,7 @@ class JobManager:
         spec.validate()
         self.policy.check(spec.source, "source")
         self.policy.check(self.resolve_model(spec.model), "model")
-        self._check_sampling_work(spec.samples, spec.steps)
+        admission.check_sampling_work(self.limits, spec.samples, spec.steps)
         plan, block, src = self.planner.cutout(spec)
         if self.has_pool:
             return self._cutout_on_pool(spec, plan, block)
