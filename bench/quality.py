@@ -77,7 +77,8 @@ def evaluate(label, models, aniso, truth, k, pixel_nm, quick):
     scores = {}
     for sampler, steps, K in settings:
         with Timer() as t:
-            r = restore(diff, aniso, sampler=sampler, steps=steps, samples=K, seed=1)
+            r = restore(diff, aniso, sampler=sampler, steps=steps, samples=K, seed=1,
+                        estimate="sample" if K == 1 else "sample-mean")
         label_s = f"diffusion {sampler} {steps} steps" + (f", mean of {K}" if K > 1 else "")
         rows.append([label_s, steps, *score(r.mean, truth, k, pixel_nm), t.seconds])
         if r.score is not None:

@@ -194,6 +194,9 @@ def cmd_restore(a):
     model = RestorationModel.load(a.model)
     vol = read_stack(a.input)
     validate_request(model, vol, a.sampler, a.steps, a.samples, a.estimate)
+    vs = _floats(a.voxel_size, 3, "--voxel-size") if a.voxel_size else read_voxel_size(a.input)
+    from .engine.restore import check_voxel_size
+    check_voxel_size(model, vs)
     if a.uncertainty and a.samples < 2:
         raise CLIError("--uncertainty: needs --samples of at least 2")
     if os.path.abspath(a.output) == os.path.abspath(a.input):
@@ -209,9 +212,6 @@ def cmd_restore(a):
         bar.n = done
         bar.refresh()
 
-    vs = _floats(a.voxel_size, 3, "--voxel-size") if a.voxel_size else read_voxel_size(a.input)
-    from .engine.restore import check_voxel_size
-    check_voxel_size(model, vs)
     res = restore(model, vol, sampler=a.sampler, steps=a.steps, samples=a.samples, seed=a.seed,
                   tile=a.tile, overlap=a.overlap, device=a.device, progress=prog, estimate=a.estimate,
                   voxel_size_nm=vs)

@@ -39,7 +39,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     os.makedirs(workdir, exist_ok=True)
     k = 5
     shape = (41, 64, 64) if quick else (81, 128, 128)
-    steps = 40 if quick else 700
+    steps = 20 if quick else 700
     iso = phantom.make_phantom(shape, seed=1)
     aniso = phantom.to_uint8(phantom.thick_sections(iso, k, mode="average"))
     truth = phantom.to_uint8(iso[:(aniso.shape[0] - 1) * k + 1])
@@ -62,7 +62,8 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
           out_url=model_url, progress=True, mode="self-supervised")
 
     # the default output (posterior mean, one evaluation per view image) with the uncertainty of 4 samples
-    res = restore(model, aniso, samples=4, seed=0, voxel_size_nm=vs)
+    sampler_steps = 4 if quick else 10
+    res = restore(model, aniso, samples=4, steps=sampler_steps, seed=0, voxel_size_nm=vs)
     write_stack(os.path.join(workdir, "restored.tif"), res.mean, voxel_size_nm=(8.0, 8.0, 8.0))
     write_stack(os.path.join(workdir, "uncertainty.tif"), res.std, voxel_size_nm=(8.0, 8.0, 8.0))
     lin = linear_interp(aniso, k)
@@ -77,6 +78,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
         "estimate": res.estimate,
         "network_evaluations_per_voxel_default": 2,   # mean: one predictor evaluation per XZ and YZ image
         "network_evaluations_per_image_with_uncertainty": res.evaluations,
+        "sampler_steps": sampler_steps,
         "restore_seconds": round(res.seconds, 1),
     }
     y = truth.shape[1] // 2

@@ -19,7 +19,7 @@ def test_demo_quick(tmp_path):
     rep = json.loads((wd / "report.json").read_text())
     assert rep["service_state"] == "SUCCEEDED"
     assert rep["estimate"] == "mean" and rep["network_evaluations_per_voxel_default"] == 2
-    assert rep["network_evaluations_per_image_with_uncertainty"] == 1 + 10
+    assert rep["network_evaluations_per_image_with_uncertainty"] == 1 + rep["sampler_steps"]
     state = json.loads((wd / "neuroglancer_state.json").read_text())
     names = [layer["name"] for layer in state["layers"]]
     assert names == ["source", "restored", "uncertainty"]

@@ -28,7 +28,7 @@ from .model import ModelError, RestorationModel
 from .normalize import IntensityNorm
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
 from .tiling import TiledDenoiser, auto_max_batch
-from .training import predict_mean, resolve_device
+from .training import resolve_device
 
 ESTIMATES = ("mean", "sample", "sample-mean")
 DEFAULT_ESTIMATE = "mean"
