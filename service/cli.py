@@ -141,9 +141,7 @@ def cmd_train(a):
     _check_writable(a.out, "--out")
     model = RestorationModel.create(task, a.preset, kind=a.kind, voxel_size_nm=model_vs, seed=a.seed)
     model.input_norm, model.target_norm = norm_in, norm_out
-    if task.name == "isotropic":
-        model.gap = {"row_spacing_nm": model_vs[2] / task.factor, "lateral_nm": min(model_vs[:2]),
-                     "zoom": getattr(pairs, "zoom", 1.0), "section_thickness": bool(a.section_thickness)}
+    model.learn_gap(model_vs, zoom=getattr(pairs, "zoom", 1.0), section_thickness=bool(a.section_thickness))
     model.name = a.name or os.path.basename(a.out.rstrip("/"))
     if a.resume:
         from .engine.model import read_metadata

@@ -53,7 +53,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     model = RestorationModel.create(task, "tiny", voxel_size_nm=vs, seed=0)
     pairs = IsotropicPairs(task, aniso, self_supervised=True, voxel_size_nm=vs)
     model.input_norm = model.target_norm = pairs.norm
-    model.gap = {"row_spacing_nm": vs[2] / k, "lateral_nm": vs[0], "zoom": pairs.zoom, "section_thickness": False}
+    model.learn_gap(vs, zoom=pairs.zoom)
     model.name = "demo-iso5"
     model_url = os.path.abspath(os.path.join(workdir, "models", "demo-iso5"))
     print(f"[demo] training a tiny self-supervised model ({model.num_parameters / 1e6:.2f} M "

@@ -132,7 +132,8 @@ def tiny_iso_model(tmp_path_factory):
     stack = phantom.to_uint8(phantom.thick_sections(iso, 3, mode="sample"))
     task = TaskSpec("isotropic", 3)
     model = RestorationModel.create(task, "tiny", voxel_size_nm=(8, 8, 24), seed=0)
-    pairs = IsotropicPairs(task, stack, self_supervised=True)
+    pairs = IsotropicPairs(task, stack, self_supervised=True, voxel_size_nm=(8, 8, 24))
+    model.learn_gap((8, 8, 24), zoom=pairs.zoom)  # restoring data of another z/xy ratio is refused
     model.input_norm = model.target_norm = pairs.norm
     model.name = "tiny-iso3"
     root = tmp_path_factory.mktemp("models")

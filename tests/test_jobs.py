@@ -167,6 +167,18 @@ def test_cancel_and_errors(manager, phantom_layer, tiny_iso_model, tmp_path):
     with pytest.raises(Exception) as e:
         mgr.get("01aaaaaaaaaaaaaaaaaaaaaaaa")
     assert status_of(e.value)[0] == "NOT_FOUND"
+    # a source whose z/xy ratio the model did not learn (40 nm sections; it learned 24 nm) is
+    # refused before anything is written, for jobs and cutouts alike
+    thick = f"file://{tmp_path}/thick"
+    pc.create_source_layer(thick, phantom_layer[1], (8, 8, 40), (0, 0, 0), (32, 32, 3))
+    for call in (lambda: mgr.submit(RestoreSpec(source=thick, model=model_url, output=f"file://{tmp_path}/x")),
+                 lambda: mgr.cutout(CutoutSpec(source=thick, model=model_url, region_start_xyz=(0, 0, 0),
+                                               region_stop_xyz=(32, 32, 3)))):
+        with pytest.raises(Exception) as e:
+            call()
+        got_code, msg = status_of(e.value)
+        assert got_code == "FAILED_PRECONDITION" and msg.startswith("model") and "learned" in msg, msg
+        assert not os.path.exists(tmp_path / "x")
 
 
 def test_cutout_and_limits(manager, phantom_layer, tiny_iso_model):

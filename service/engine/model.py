@@ -69,6 +69,16 @@ class RestorationModel:
     #: isotropic: the geometry the model learned (physical z/xy ratio, lateral zoom, thickness)
     gap: dict = field(default_factory=dict)
 
+    def learn_gap(self, voxel_size_nm, zoom: float = 1.0, section_thickness: bool = False) -> None:
+        """Isotropic models: record the geometry they learn from data of ``voxel_size_nm`` (x, y, z)
+        — rows z/k apart at the lateral pixel size — so restoring data of another z/xy ratio is
+        refused (:func:`gap_mismatch`)."""
+        if self.task.name != "isotropic" or voxel_size_nm is None:
+            return
+        vx, vy, vz = (float(v) for v in voxel_size_nm)
+        self.gap = {"row_spacing_nm": vz / self.task.factor, "lateral_nm": min(vx, vy),
+                    "zoom": float(zoom), "section_thickness": bool(section_thickness)}
+
     @classmethod
     def create(cls, task: Task, preset: str = "tiny", kind: str = "diffusion",
                voxel_size_nm=None, seed: int = 0, **unet_overrides) -> "RestorationModel":
@@ -248,3 +258,18 @@ def list_models(url: str) -> list[dict]:
                 meta["name"] = posixpath.basename(p)
             out.append(meta)
     return sorted(out, key=lambda m: m["name"])
+
+
+def gap_mismatch(task: str, factor: int, gap: dict | None, voxel_size_nm) -> str | None:
+    """Why data of ``voxel_size_nm`` (x, y, z) does not fit an isotropic model's learned gap, or None.
+
+    Works on a model's metadata, so the service can refuse a job before anything is written."""
+    if task != "isotropic" or voxel_size_nm is None or not (gap or {}).get("row_spacing_nm"):
+        return None
+    vx, vy, vz = (float(v) for v in voxel_size_nm)
+    want = gap["row_spacing_nm"] / gap["lateral_nm"]
+    got = (vz / factor) / min(vx, vy)
+    if abs(got / want - 1.0) <= 0.1:
+        return None
+    return (f"input {vx:g}×{vy:g}×{vz:g} nm gives rows {got:.2f}× the lateral pixel at factor {factor}; "
+            f"the model learned {want:.2f}× — train or fine-tune on this data")

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .model import ModelError, RestorationModel
+from .model import ModelError, RestorationModel, gap_mismatch
 from .normalize import IntensityNorm
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
 from .tiling import TiledDenoiser, auto_max_batch
@@ -75,15 +75,9 @@ def output_norm(model: RestorationModel, input_norm: IntensityNorm) -> Intensity
 
 def check_voxel_size(model: RestorationModel, voxel_size_nm) -> None:
     """Isotropic: refuse input whose z/xy ratio differs from the geometry the model learned."""
-    if model.task.name != "isotropic" or voxel_size_nm is None or not model.gap.get("row_spacing_nm"):
-        return
-    vx, vy, vz = (float(v) for v in voxel_size_nm)
-    want = model.gap["row_spacing_nm"] / model.gap["lateral_nm"]
-    got = (vz / model.task.factor) / min(vx, vy)
-    if abs(got / want - 1.0) > 0.1:
-        raise ValueError(f"voxel_size: input {vx:g}×{vy:g}×{vz:g} nm gives rows {got:.2f}× the lateral "
-                         f"pixel at factor {model.task.factor}; the model learned {want:.2f}× — "
-                         f"train or fine-tune on this data")
+    why = gap_mismatch(model.task.name, model.task.factor, model.gap, voxel_size_nm)
+    if why:
+        raise ValueError(f"voxel_size: {why}")
 
 
 def validate_request(model: RestorationModel, vol: np.ndarray, sampler: str, steps: int, samples: int,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..engine.model import gap_mismatch
 from ..engine.normalize import IntensityNorm
 from ..errors import FailedPrecondition, RequestError, ResourceExhausted
 from ..volume import precomputed as pc
@@ -146,6 +147,9 @@ class Planner:
         src = pc.open_source(spec.source, spec.mip)
         model_url, meta = self._model(spec.model, spec.samples)
         task, factor = meta["task"], int(meta["factor"])
+        why = gap_mismatch(task, factor, meta.get("gap"), src.resolution_nm_xyz)
+        if why:
+            raise FailedPrecondition("model", f"{why[:300]} (source {spec.source[:120]})")
         scale = scale_for(task, factor)
         geom = self.output_geometry(src, scale, src.dtype)
         region = None
@@ -178,6 +182,9 @@ class Planner:
         """Plan one block (the cutout) with the same geometry as a job's block; nothing written."""
         src = pc.open_source(spec.source, spec.mip)
         model_url, meta = self._model(spec.model, spec.samples)
+        why = gap_mismatch(meta["task"], int(meta["factor"]), meta.get("gap"), src.resolution_nm_xyz)
+        if why:
+            raise FailedPrecondition("model", f"{why[:300]} (source {spec.source[:120]})")
         scale = scale_for(meta["task"], int(meta["factor"]))
         region = Box.from_xyz(spec.region_start_xyz, spec.region_stop_xyz)
         bounds = Box(src.start_zyx, src.stop_zyx)

@@ -262,7 +262,9 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
         else:
             model = RestorationModel.create(task, plan.preset, voxel_size_nm=plan.voxel_size_nm,
                                             seed=plan.seed)
-            pairs = IsotropicPairs(task, vol, self_supervised=True)
+            # the physical gap: rows z/k apart at the source's lateral pixel (refused if out of range)
+            pairs = IsotropicPairs(task, vol, self_supervised=True, voxel_size_nm=plan.voxel_size_nm)
+            model.learn_gap(plan.voxel_size_nm, zoom=pairs.zoom)
             mode = "self-supervised"
         model.input_norm = model.target_norm = pairs.norm
         model.name = plan.output_model.rstrip("/").rsplit("/", 1)[-1]
