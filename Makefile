@@ -9,6 +9,8 @@ TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the suite mostly waits on worker processes, servers and a browser: 4 pytest workers on 2 cores
+TEST_WORKERS ?= 4
 
 .PHONY: demo test bench venv clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/emrestore demo --workdir demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/quality.py

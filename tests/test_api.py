@@ -158,8 +158,11 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(world):
     """A real JobManager (NullExecutor) behind a real server, no auth; yields (manager, client)."""
+    def register(job):  # a completion hook serving one configured target (as connector.registry's)
+        return [f"{name}: registered {job.output}" for name in job.register_in]
+    register.targets = {"lab-neuroglancer": None}
     mgr = SpyManager(f"file://{world['root']}/ledger", NullExecutor(), models_dir=world["models"],
-                     poll_interval_s=0.05, max_cutout_voxels=50_000)
+                     poll_interval_s=0.05, max_cutout_voxels=50_000, completion_hooks=[register])
     mgr.start()
     server, port = start_server(mgr)
     client = EmrestoreClient(f"127.0.0.1:{port}", timeout=30)
