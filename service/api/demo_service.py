@@ -37,8 +37,9 @@ def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: 
         with EmrestoreClient(f"127.0.0.1:{port}") as client:
             print(f"[demo] service on 127.0.0.1:{port} ({client.health()}); models: "
                   f"{', '.join(m['name'] for m in client.models())}")
-            job = client.restore_dataset(src, os.path.basename(model_url), out, uncertainty=unc, samples=4,
-                                         parallelism=2)
+            # the service path shows the layers and the job; 2 short-chain samples keep it to minutes
+            job = client.restore_dataset(src, os.path.basename(model_url), out, uncertainty=unc, samples=2,
+                                         steps=4, parallelism=2)
             print(f"[demo] job {job.job_id}: restoring {src} → {out} in {job.blocks_total} blocks with 2 local workers")
 
             def show(p):
