@@ -38,7 +38,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
     k = 5
-    shape = (41, 64, 64) if quick else (81, 128, 128)
+    shape = (21, 48, 48) if quick else (81, 128, 128)
     steps = 20 if quick else 700
     iso = phantom.make_phantom(shape, seed=1)
     aniso = phantom.to_uint8(phantom.thick_sections(iso, k, mode="average"))
@@ -61,9 +61,10 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     train(model, pairs, TrainConfig(steps=steps, batch_size=8, patch=48, lr=2e-3, warmup=50, seed=0),
           out_url=model_url, progress=True, mode="self-supervised")
 
-    # the default output (posterior mean, one evaluation per view image) with the uncertainty of 4 samples
-    sampler_steps = 4 if quick else 10
-    res = restore(model, aniso, samples=4, steps=sampler_steps, seed=0, voxel_size_nm=vs)
+    # the default output (posterior mean, one evaluation per view image) with the uncertainty of K samples
+    sampler_steps = 2 if quick else 10
+    n_samples = 2 if quick else 4
+    res = restore(model, aniso, samples=n_samples, steps=sampler_steps, seed=0, voxel_size_nm=vs)
     write_stack(os.path.join(workdir, "restored.tif"), res.mean, voxel_size_nm=(8.0, 8.0, 8.0))
     write_stack(os.path.join(workdir, "uncertainty.tif"), res.std, voxel_size_nm=(8.0, 8.0, 8.0))
     lin = linear_interp(aniso, k)
@@ -87,7 +88,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
         ("linear interpolation", to_gray8(lin[:, y, :], 0, 255)),
         ("emrestore (default: mean)", to_gray8(res.mean[:, y, :], 0, 255)),
         ("ground truth", to_gray8(truth[:, y, :], 0, 255)),
-        ("uncertainty (std of 4)", heat8(res.std[:, y, :])),
+        (f"uncertainty (std of {n_samples})", heat8(res.std[:, y, :])),
     ]
     png = panels_png(os.path.join(workdir, "before_after_xz.png"), panels, scale=2 if quick else 2)
     z = k * (aniso.shape[0] // 2) + k // 2  # a generated section
@@ -98,7 +99,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
         ("uncertainty", heat8(res.std[z])),
     ])
     print(f"[demo] restored {truth.shape[0]} sections (default mean: 2 network evaluations per voxel; "
-          f"with 4 samples for the uncertainty {res.evaluations} per image, {res.seconds:.1f} s): PSNR {rep['psnr_restored']:.2f} dB vs linear {rep['psnr_linear']:.2f} dB; "
+          f"with {n_samples} samples for the uncertainty {res.evaluations} per image, {res.seconds:.1f} s): PSNR {rep['psnr_restored']:.2f} dB vs linear {rep['psnr_linear']:.2f} dB; "
           f"SSIM {rep['ssim_restored']:.3f} vs {rep['ssim_linear']:.3f}; needs-fine-tuning score {res.score:.3f}")
     print(f"[demo] pictures: {png}")
     if with_service:

@@ -9,11 +9,33 @@ delete the IAM user) and note that in-process ``mock_aws`` would see authenticat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """A directory shared by all pytest-xdist workers of this run: yields (path, needs_build);
+    build into it when ``needs_build``. One worker builds (the others wait on a file lock), so a
+    trained model costs one training per run, not one per worker. Training is deterministic, so
+    every worker would have built the same bytes."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above each worker's own
+    path = Path(base) / f"built-{name}"
+    with FileLock(f"{path}.lock"):
+        done = path / ".built"
+        path.mkdir(exist_ok=True)
+        yield path, not done.exists()
+        done.touch()
 
 
 @dataclass(frozen=True)
@@ -130,16 +152,17 @@ def tiny_iso_model(tmp_path_factory):
 
     iso = phantom.make_phantom((25, 64, 64), seed=3)
     stack = phantom.to_uint8(phantom.thick_sections(iso, 3, mode="sample"))
-    task = TaskSpec("isotropic", 3)
-    model = RestorationModel.create(task, "tiny", voxel_size_nm=(8, 8, 24), seed=0)
-    pairs = IsotropicPairs(task, stack, self_supervised=True, voxel_size_nm=(8, 8, 24))
-    model.learn_gap((8, 8, 24), zoom=pairs.zoom)  # restoring data of another z/xy ratio is refused
-    model.input_norm = model.target_norm = pairs.norm
-    model.name = "tiny-iso3"
-    root = tmp_path_factory.mktemp("models")
-    url = f"file://{root}/tiny-iso3"
-    train(model, pairs, TrainConfig(steps=40, batch_size=4, patch=32, warmup=5, lr=2e-3), out_url=url,
-          progress=False, mode="self-supervised")
+    with built_once(tmp_path_factory, "tiny-iso3") as (root, needs_build):
+        url = f"file://{root}/tiny-iso3"
+        if needs_build:
+            task = TaskSpec("isotropic", 3)
+            model = RestorationModel.create(task, "tiny", voxel_size_nm=(8, 8, 24), seed=0)
+            pairs = IsotropicPairs(task, stack, self_supervised=True, voxel_size_nm=(8, 8, 24))
+            model.learn_gap((8, 8, 24), zoom=pairs.zoom)  # restoring data of another z/xy ratio is refused
+            model.input_norm = model.target_norm = pairs.norm
+            model.name = "tiny-iso3"
+            train(model, pairs, TrainConfig(steps=40, batch_size=4, patch=32, warmup=5, lr=2e-3), out_url=url,
+                  progress=False, mode="self-supervised")
     return url, stack
 
 

@@ -1,6 +1,7 @@
 """The engine CLI on TIFF stacks: synth, train, finetune, restore, models, and bad input."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.cli import main
+from tests.conftest import built_once
 from service.volume.tiff import read_stack, read_voxel_size, write_stack
 import torch
 
@@ -17,12 +19,18 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    """synth + train through the CLI once per run (shared by the xdist workers), copied into this
+    worker's own directory (tests here compare directory listings)."""
+    with built_once(tmp_path_factory, "cli-iso5") as (b, needs_build):
+        if needs_build:
+            assert main(["synth", "--out", str(b / "aniso.tif"), "--shape", "21,48,48", "--anisotropy", "5",
+                         "--truth", str(b / "truth.tif"), "--seed", "2"]) == 0
+            assert main(["train", "--task", "isotropic", "--self-supervised", "--input", str(b / "aniso.tif"),
+                         "--steps", "15", "--batch-size", "2", "--patch", "32", "--out", str(b / "models" / "iso5"),
+                         "--quiet"]) == 0
     d = tmp_path_factory.mktemp("cli")
-    assert main(["synth", "--out", str(d / "aniso.tif"), "--shape", "21,48,48", "--anisotropy", "5",
-                 "--truth", str(d / "truth.tif"), "--seed", "2"]) == 0
-    assert main(["train", "--task", "isotropic", "--self-supervised", "--input", str(d / "aniso.tif"),
-                 "--steps", "15", "--batch-size", "2", "--patch", "32", "--out", str(d / "models" / "iso5"),
-                 "--quiet"]) == 0
+    for name in ("aniso.tif", "truth.tif", "models"):
+        (shutil.copytree if name == "models" else shutil.copy)(b / name, d / name)
     return d
 
 
@@ -113,15 +121,33 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,needle", BAD)
-def test_bad_input_one_line_exit_2_nothing_written(workdir, argv, needle):
+def test_bad_input_one_line_exit_2_nothing_written(workdir, argv, needle, capsys):
     d = str(workdir)
     write_stack(os.path.join(d, "one.tif"), np.zeros((1, 16, 16), np.uint8))
     import tifffile
     tifffile.imwrite(os.path.join(d, "rgb.tif"), np.zeros((16, 16, 3), np.uint8), photometric="rgb")
     before = set(os.listdir(d))
     args = [x.format(d=d, m=os.path.join(d, "models", "iso5")) for x in argv]
-    p = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120)
+    capsys.readouterr()
+    try:  # in-process: the same main() as the console script (one subprocess test below)
+        rc = main(args)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    err = err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("emrestore: error:") and needle in err[0], err
+    assert set(os.listdir(d)) == before
+
+
+def test_console_entry_point_exits_2_with_one_line(workdir):
+    """The installed entry point (a real process) reports a bad request the same way."""
+    d = str(workdir)
+    before = set(os.listdir(d))
+    p = subprocess.run([sys.executable, "-m", "service.cli", "restore", "--model", os.path.join(d, "models", "iso5"),
+                        "--input", os.path.join(d, "aniso.tif"), "--output", os.path.join(d, "o.tif"), "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, (p.stdout, p.stderr)
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("emrestore: error:") and needle in err[0], p.stderr
+    assert len(err) == 1 and err[0].startswith("emrestore: error:") and "steps" in err[0], p.stderr
     assert set(os.listdir(d)) == before

@@ -124,7 +124,7 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
 
     # wide enough that the layer bar does not wrap when layers are added (the panel stays put)
     driver = chrome_driver(str(tmp_path / "profile"), window=(1700, 800))
-    viewer = RestoreViewer(service["wide"], service["svc"].target, samples=2, steps=2, block_xyz=(32, 32, 9))
+    viewer = RestoreViewer(service["wide"], service["svc"].target, samples=2, steps=1, block_xyz=(32, 32, 9))
     try:
         assert viewer.bindings()[RESTORE_KEY] == RESTORE_ACTION
         assert viewer.model == "iso3" and viewer.models == ["iso3"]

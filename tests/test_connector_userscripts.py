@@ -124,7 +124,7 @@ def test_catmaid_widget_restores_current_view_in_layer_voxels(env, tmp_path):
     vol = pc.read_zyx(env["src"], (0, 0, 0), (9, 64, 64))
     off_src = f"file://{env['root']}/data/src_off"
     pc.create_source_layer(off_src, vol, (8, 8, 24), voxel_offset_xyz=(16, 8, 3), chunk_size_xyz=(32, 32, 3))
-    cfg = {"bridgeUrl": env["bridge"].url, "token": TOKEN, "block": [32, 32, 9], "samples": 2, "steps": 2,
+    cfg = {"bridgeUrl": env["bridge"].url, "token": TOKEN, "block": [32, 32, 9], "samples": 2, "steps": 1,
            "sourceMap": {env["data_url"]: f"file://{env['root']}/data"}}
     # the stack as CATMAID shows it: dimension = the layer's size; no voxelOffset in its metadata,
     # so the widget reads the offset from the layer's info file next to the mirror URL

@@ -133,7 +133,7 @@ def test_every_manifest_file_validates_against_kubernetes_schemas():
     count = 0
     for path in sorted(resources) + sorted((DEPLOY / "examples").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc["apiVersion"].startswith("keda.sh/"):  # a CRD: checked below
+            if not doc or doc["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):  # CRDs: checked below
                 continue
             for version in K8S_VERSIONS:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -347,7 +347,9 @@ def test_server_runs_the_kubernetes_executor_with_grpc_probes_and_tokens(overlay
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
         assert c[probe]["grpc"]["port"] == 50051
-    assert {p["containerPort"] for p in c["ports"]} == {50051}, "the server serves gRPC only; HTTP is the bridge's"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50051, "metrics": int(argv[argv.index("--metrics-port") + 1])}, \
+        "the server serves gRPC and its metrics only; HTTP is the bridge's"
     token_file = argv[argv.index("--token-file") + 1]
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     mount = next(m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/"))
@@ -400,9 +402,19 @@ def test_network_policies(overlay):
         dns = [r for r in p["spec"]["egress"] if {(q["protocol"], q["port"]) for q in r["ports"]} == {("UDP", 53), ("TCP", 53)}]
         assert dns and "to" not in dns[0], p["metadata"]["name"]
     (server,) = _policies_for(objs, server_labels)
-    (rule,) = server["spec"]["ingress"]
-    assert {p["port"] for p in rule["ports"]} == {50051}
-    assert all(f["podSelector"]["matchLabels"] == {"emrestore.io/client": "true"} for f in rule["from"])
+    grpc_rule, metrics_rule = server["spec"]["ingress"]
+    assert {p["port"] for p in grpc_rule["ports"]} == {50051}
+    assert all(f["podSelector"]["matchLabels"] == {"emrestore.io/client": "true"} for f in grpc_rule["from"])
+    # Prometheus, and only Prometheus, reaches the metrics port the PodMonitor example scrapes
+    server_c = _container(_one(objs, "Deployment", "emrestore"), "server")
+    metrics_port = {p["name"]: p["containerPort"] for p in server_c["ports"]}["metrics"]
+    assert {p["port"] for p in metrics_rule["ports"]} == {metrics_port}
+    (src,) = metrics_rule["from"]
+    assert src["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert src["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    monitor = yaml.safe_load((DEPLOY / "examples" / "podmonitor.yaml").read_text())
+    assert monitor["kind"] == "PodMonitor" and _selects(monitor["spec"]["selector"], server_labels)
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
     (bridge,) = _policies_for(objs, bridge_labels)
     (rule,) = bridge["spec"]["ingress"]
     assert {p["port"] for p in rule["ports"]} == {_container(_one(objs, "Deployment", "emrestore-bridge"), "bridge")
@@ -564,7 +576,7 @@ def test_dockerfiles_are_pinned_by_digest_multistage_and_non_root(role):
     ignore = (DEPLOY / f"Dockerfile.{role}.dockerignore").read_text().split()
     assert "*" in ignore and "!service/" in ignore and f"!deploy/requirements-{role}.lock" in ignore
     digest = (DEPLOY / "base-image.digest").read_text().strip()
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or digest == "UNRESOLVED"
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), "the base image is pinned by a digest"
 
 
 def _norm(name: str) -> str:

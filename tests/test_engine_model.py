@@ -13,6 +13,7 @@ from service.engine.pairs import IsotropicPairs, RegisteredPairs, StackGapPairs,
 from service.engine.restore import check_model_for_task, check_voxel_size, derive_seed, restore
 from service.engine.tasks import TaskSpec, linear_rows
 from service.engine.training import TrainConfig, train
+from tests.conftest import built_once
 
 # one thread: on a shared 2-core machine two OpenMP threads per process ran 10× slower
 torch.set_num_threads(1)
@@ -39,11 +40,14 @@ def iso_model(tmp_path_factory):
     pairs = IsotropicPairs(task, aniso, self_supervised=True, voxel_size_nm=(8, 8, 24))
     m.input_norm = m.target_norm = pairs.norm
     m.gap = {"row_spacing_nm": 8.0, "lateral_nm": 8.0, "zoom": pairs.zoom, "section_thickness": False}
-    url = str(tmp_path_factory.mktemp("models") / "iso3")
-    log = []
-    train(m, pairs, TrainConfig(steps=50, batch_size=4, patch=32, warmup=10, lr=2e-3), out_url=url,
-          progress=False, mode="self-supervised", log=log)
-    return url, aniso, vol, log
+    with built_once(tmp_path_factory, "engine-iso3") as (root, needs_build):
+        url, log_file = str(root / "iso3"), root / "loss.json"
+        if needs_build:
+            log = []
+            train(m, pairs, TrainConfig(steps=50, batch_size=4, patch=32, warmup=10, lr=2e-3), out_url=url,
+                  progress=False, mode="self-supervised", log=log)
+            log_file.write_text(json.dumps([float(v) for v in log]))
+    return url, aniso, vol, json.loads(log_file.read_text())
 
 
 def test_training_reduces_loss(iso_model):
@@ -141,23 +145,23 @@ def test_default_mean_beats_linear_and_passes_sources(iso_model):
 def test_estimates_uncertainty_and_determinism(iso_model):
     url, aniso, vol, _ = iso_model
     m = RestorationModel.load(url)
-    sub = aniso[:4]
+    sub = aniso[:3]
     mean1 = restore(m, sub)
-    a = restore(m, sub, samples=3, steps=4, seed=7)
+    a = restore(m, sub, samples=3, steps=2, seed=7)
     # the mean estimate does not depend on the samples; the uncertainty does
     assert np.array_equal(a.mean, mean1.mean)
     assert a.std.shape == a.mean.shape and np.all(a.std[::3] == 0) and a.std[1].mean() > 0
-    assert a.score is not None and a.spread > 0 and a.evaluations == 1 + 4 * 1
-    b = restore(m, sub, samples=3, steps=4, seed=7)
+    assert a.score is not None and a.spread > 0 and a.evaluations == 1 + 2 * 1
+    b = restore(m, sub, samples=3, steps=2, seed=7)
     assert np.array_equal(a.std, b.std)
-    c = restore(m, sub, samples=3, steps=4, seed=8)
+    c = restore(m, sub, samples=3, steps=2, seed=8)
     assert not np.array_equal(a.std, c.std)
-    s1 = restore(m, sub, estimate="sample", steps=4, seed=7)
-    s2 = restore(m, sub, estimate="sample", steps=4, seed=7)
-    s3 = restore(m, sub, estimate="sample", steps=4, seed=9)
+    s1 = restore(m, sub, estimate="sample", steps=2, seed=7)
+    s2 = restore(m, sub, estimate="sample", steps=2, seed=7)
+    s3 = restore(m, sub, estimate="sample", steps=2, seed=9)
     assert np.array_equal(s1.mean, s2.mean) and not np.array_equal(s1.mean, s3.mean)
     assert np.array_equal(s1.mean[::3], sub) and s1.std is None
-    sm = restore(m, sub, estimate="sample-mean", samples=3, steps=4, seed=7)
+    sm = restore(m, sub, estimate="sample-mean", samples=3, steps=2, seed=7)
     assert sm.std is not None and not np.array_equal(sm.mean, mean1.mean)
     # samples carry more high-frequency detail than the mean of samples, which is closer to the mean
     gen = np.ones(sub.shape[0] * 3 - 2, bool)
@@ -174,7 +178,7 @@ def test_uncertainty_ranks_error(iso_model):
     from scipy.stats import spearmanr
     url, aniso, vol, _ = iso_model
     m = RestorationModel.load(url)
-    r = restore(m, aniso[:6], samples=4, steps=4, seed=1)
+    r = restore(m, aniso[:4], samples=4, steps=2, seed=1)
     truth = vol[:r.mean.shape[0]]
     gen = np.ones(truth.shape[0], bool)
     gen[::3] = False

@@ -263,6 +263,43 @@ def test_done_blocks_is_one_listing(durable):
     assert led.progress(job) == (len(done), n)
 
 
+def test_idle_pool_poll_reads_only_live_jobs(backend):
+    """``pending_jobs`` (what an idle pool worker polls) lists live jobs with blocks left, oldest
+    first; once it has seen a job end it never reads that job's state again, so a ledger full of
+    finished cutouts costs one listing per poll, not one read per job."""
+    led = backend.make()
+    ended = [led.create_job({}, 1).job_id for _ in range(12)]
+    for i, job in enumerate(ended):
+        led.set_state(job, RUNNING)
+        led.set_state(job, (SUCCEEDED, FAILED, CANCELLED)[i % 3])
+    live = led.create_job({"kind": "restore"}, 2).job_id
+    cancelled = led.create_job({}, 1).job_id
+    led.request_cancel(cancelled)
+    full = led.create_job({}, 1).job_id
+    led.mark_block_done(full, 0)
+    assert [r.job_id for r in led.pending_jobs()] == [live]
+
+    store = led._store
+    read_keys: list[str] = []
+    real_read_many = store.read_many
+
+    def counting_read_many(keys):
+        keys = list(keys)
+        read_keys.extend(k for k in keys if k.endswith("state.json"))
+        return real_read_many(keys)
+
+    store.read_many = counting_read_many
+    try:
+        later = led.create_job({}, 1).job_id
+        assert [r.job_id for r in led.pending_jobs()] == [live, later]
+        assert not any(job in k for k in read_keys for job in ended), "ended jobs are not read again"
+        led.set_state(live, RUNNING)
+        led.set_state(live, SUCCEEDED)
+        assert [r.job_id for r in led.pending_jobs()] == [later]
+    finally:
+        del store.read_many
+
+
 # ----------------------------------------------------------------- events
 
 def test_events_ordered_with_cursor(backend):

@@ -154,6 +154,54 @@ def test_execution_is_checked(phantom_layer, tiny_iso_model, tmp_path):
     assert not os.path.exists(f"{tmp_path}/o")  # nothing written
 
 
+def test_execution_is_a_request_field_over_grpc_and_on_the_cli(phantom_layer, tiny_iso_model, tmp_path, capsys):
+    """``execution`` travels from the client (and ``emrestore submit --execution``) through the
+    gRPC server into the persisted plan; a bad value or ``pool`` without a pool is refused with
+    the field named, before anything is written."""
+    from service.api.client import EmrestoreClient, EmrestoreError
+    from service.cli import main as cli_main
+    from service.api.server import build_server
+    src, _ = phantom_layer
+    model_url, _ = tiny_iso_model
+    servers = []
+    try:
+        for name, manager in (("pooled", pooled_manager(f"file://{tmp_path}/l1")),
+                              ("plain", JobManager(f"file://{tmp_path}/l2", IdleBatch(), models_dir=None))):
+            server, port = build_server(manager, "127.0.0.1", 0)
+            server.start()
+            servers.append((name, manager, server, port))
+        (_, pooled, _, pport), (_, plain, _, qport) = servers
+        c = EmrestoreClient(f"127.0.0.1:{pport}")
+        region = ((8, 8, 0), (56, 56, 8))
+        auto = c.restore_region(src, model_url, f"file://{tmp_path}/a", *region)
+        batch = c.restore_region(src, model_url, f"file://{tmp_path}/b", *region, execution="batch")
+        assert pooled.plan_of(auto.job_id).execution == "pool"    # a small region: the warm pool
+        assert pooled.plan_of(batch.job_id).execution == "batch"  # asked for: a batch task
+        assert pooled.executor.batch.launched == [batch.job_id]
+        with pytest.raises(EmrestoreError) as e:
+            c.restore_region(src, model_url, f"file://{tmp_path}/c", *region, execution="gpu")
+        assert "INVALID_ARGUMENT" in str(e.value) and "execution" in str(e.value) and "pool, batch" in str(e.value)
+        c.close()
+        c = EmrestoreClient(f"127.0.0.1:{qport}")
+        with pytest.raises(EmrestoreError) as e:
+            c.restore_region(src, model_url, f"file://{tmp_path}/d", *region, execution="pool")
+        assert "FAILED_PRECONDITION" in str(e.value) and "execution" in str(e.value)
+        c.close()
+        for out in ("c", "d"):
+            assert not os.path.exists(f"{tmp_path}/{out}")  # nothing written
+        # the CLI flag reaches the same field
+        rc = cli_main(["submit", src, "--region", "8,8,0:56,56,8", "--model", model_url,
+                       "--output", f"file://{tmp_path}/e", "--execution", "batch", "--quiet",
+                       "--server", f"127.0.0.1:{pport}"])
+        job_id = capsys.readouterr().out.split()[0]
+        assert rc == 0 and pooled.plan_of(job_id).execution == "batch"
+        assert pooled.executor.batch.launched == [batch.job_id, job_id]
+    finally:
+        for _, manager, server, _ in servers:
+            server.stop(0)
+            manager.close()
+
+
 def test_killed_pool_worker_block_is_re_leased_and_redone_bit_identically(
         phantom_layer, tiny_iso_model, tmp_path, monkeypatch):
     """A local pool process (``serve --pool-workers 1``) killed mid-block, as a preempted pod: the
@@ -218,14 +266,14 @@ def test_cutout_runs_on_a_pool_worker_over_grpc(phantom_layer, tiny_iso_model, t
     t.start()
     try:
         c = EmrestoreClient(f"127.0.0.1:{port}")
-        mean, std, meta = c.cutout(src, model_url, (8, 8, 2), (72, 56, 6), steps=2, samples=2, seed=3)
+        mean, std, meta = c.cutout(src, model_url, (8, 8, 2), (72, 56, 6), steps=1, samples=2, seed=3)
         assert worker.stats.blocks == 1  # restored by the pool worker, not the server
         job_id = worker.stats.order[0][0]
         assert m.ledger.get_job(job_id).spec["kind"] == "cutout"
         # the same bytes as the server's own (no-pool) cutout path
         plain = JobManager(f"file://{tmp_path}/ledger2", IdleBatch(), models_dir=None)
         ref = plain.cutout(CutoutSpec(source=src, model=model_url, region_start_xyz=(8, 8, 2),
-                                      region_stop_xyz=(72, 56, 6), steps=2, samples=2, seed=3))
+                                      region_stop_xyz=(72, 56, 6), steps=1, samples=2, seed=3))
         np.testing.assert_array_equal(mean, ref.mean_zyx)
         np.testing.assert_array_equal(std, ref.std_zyx)
         assert meta["output_start_xyz"] == tuple(ref.output_start_xyz)

@@ -225,12 +225,12 @@ class EmrestoreClient:
     # ------------------------------------------------------------------ jobs
     def _restore(self, source, model, output, *, region=None, whole=False, uncertainty=None, mip=0,
                  incremental=False, sampler="", steps=0, samples=0, seed=0, parallelism=0,
-                 register_in=None, labels=None, estimate="", overwrite=False) -> JobInfo:
+                 register_in=None, labels=None, estimate="", overwrite=False, execution="") -> JobInfo:
         req = pb.CreateRestoreJobRequest(
             source=source, model=model, output=output, uncertainty_output=uncertainty or "", mip=mip,
             incremental=incremental, sampler=sampler or "", steps=steps, samples=samples, seed=seed,
             parallelism=parallelism, register_in=_targets(register_in), labels=labels or {},
-            estimate=estimate or "", overwrite=bool(overwrite))
+            estimate=estimate or "", overwrite=bool(overwrite), execution=execution or "")
         if region is not None:
             req.region.CopyFrom(region)
         elif whole:
@@ -241,29 +241,31 @@ class EmrestoreClient:
                        stop_xyz: Sequence[int], *, uncertainty: str | None = None, mip: int = 0,
                        incremental: bool = False, sampler: str = "", steps: int = 0, samples: int = 0,
                        seed: int = 0, parallelism: int = 0, register_in: list[str] | None = None,
-                       labels: dict | None = None, estimate: str = "", overwrite: bool = False) -> JobInfo:
+                       labels: dict | None = None, estimate: str = "", overwrite: bool = False,
+                       execution: str = "") -> JobInfo:
         """Start restoring the box start_xyz..stop_xyz (absolute source voxels) of ``source``.
 
         ``model``: a name in the server's model directory or a URL. ``uncertainty``: layer URL
         for the per-voxel standard deviation (needs samples ≥ 2). 0/"" mean server defaults.
         ``register_in``: names of registration targets configured on the server. ``overwrite``:
-        replace an existing emrestore output of another job.
+        replace an existing emrestore output of another job. ``execution``: "pool", "batch" or
+        "" (auto: the warm pool for small regions when the server has one).
         """
         return self._restore(source, model, output, region=_box(start_xyz, stop_xyz), uncertainty=uncertainty,
                              mip=mip, incremental=incremental, sampler=sampler, steps=steps, samples=samples,
                              seed=seed, parallelism=parallelism, register_in=register_in, labels=labels,
-                             estimate=estimate, overwrite=overwrite)
+                             estimate=estimate, overwrite=overwrite, execution=execution)
 
     def restore_dataset(self, source: str, model: str, output: str, *, incremental: bool = False,
                         uncertainty: str | None = None, mip: int = 0, sampler: str = "", steps: int = 0,
                         samples: int = 0, seed: int = 0, parallelism: int = 0,
                         register_in: list[str] | None = None, labels: dict | None = None,
-                        estimate: str = "", overwrite: bool = False) -> JobInfo:
+                        estimate: str = "", overwrite: bool = False, execution: str = "") -> JobInfo:
         """Start restoring the whole of ``source``; ``incremental``: only blocks not yet written."""
         return self._restore(source, model, output, whole=True, uncertainty=uncertainty, mip=mip,
                              incremental=incremental, sampler=sampler, steps=steps, samples=samples,
                              seed=seed, parallelism=parallelism, register_in=register_in, labels=labels,
-                             estimate=estimate, overwrite=overwrite)
+                             estimate=estimate, overwrite=overwrite, execution=execution)
 
     def train(self, source: str, output_model: str, *, factor: int = 0, preset: str = "", steps: int = 0,
               seed: int = 0, mip: int = 0, start_xyz: Sequence[int] | None = None,
@@ -356,12 +358,13 @@ class EmrestoreClient:
     # ------------------------------------------------------------------ cutout and models
     def cutout(self, source: str, model: str, start_xyz: Sequence[int], stop_xyz: Sequence[int], *,
                mip: int = 0, sampler: str = "", steps: int = 0, samples: int = 0, seed: int = 0,
-               timeout: float | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+               estimate: str = "", timeout: float | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """Restore a small box now. Returns (mean, std or None, meta): arrays (z, y, x); std when
         samples ≥ 2; meta has output_start_xyz, resolution_nm_xyz, dtype, shape_zyx, message.
         ``timeout``: seconds (default: the client's timeout, at least 600)."""
         req = pb.CutoutRequest(source=source, model=model, region=_box(start_xyz, stop_xyz), mip=mip,
-                               sampler=sampler or "", steps=steps, samples=samples, seed=seed)
+                               sampler=sampler or "", steps=steps, samples=samples, seed=seed,
+                               estimate=estimate or "")
         if timeout is None and self.timeout is not None:
             timeout = max(self.timeout, CUTOUT_TIMEOUT_S)  # restoring takes a while on a CPU server
         r = self._call("Cutout", req, timeout=timeout)

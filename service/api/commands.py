@@ -74,6 +74,9 @@ def _add_sampling_args(p) -> None:
     p.add_argument("--samples", type=int, default=0, help="samples per image; ≥ 2 for uncertainty (0: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mip", type=int, default=0, help="source scale (0: full resolution)")
+    p.add_argument("--estimate", default="", metavar="ESTIMATE",
+                   help="mean (the default: posterior mean), sample (one sharp realisation) or "
+                        "sample-mean (mean of --samples realisations); checked by the server")
 
 
 def _check_sampling(a) -> None:
@@ -188,7 +191,8 @@ def cmd_submit(a):
     region = parse_region(a.region) if a.region else None
     kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
               steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism,
-              register_in=a.register_in or [], overwrite=a.overwrite)
+              register_in=a.register_in or [], overwrite=a.overwrite, estimate=a.estimate,
+              execution=a.execution)
     with _client(a) as c:
         if getattr(a, "reuse_active", False):
             active = _active_job_for(c, a.source, a.output, region)
@@ -274,7 +278,7 @@ def cmd_cutout(a):
     from ..volume.tiff import write_stack
     with _client(a) as c:
         mean, std, meta = c.cutout(a.source, a.model, start, stop, mip=a.mip, sampler=a.sampler,
-                                   steps=a.steps, samples=a.samples, seed=a.seed)
+                                   steps=a.steps, samples=a.samples, seed=a.seed, estimate=a.estimate)
     write_stack(a.out, mean, voxel_size_nm=meta["resolution_nm_xyz"])
     msg = (f"wrote {a.out}: {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]} {meta['dtype']}, "
            f"output start (x,y,z) {list(meta['output_start_xyz'])}, voxel size "
@@ -327,6 +331,9 @@ def register(sub) -> None:
     p.add_argument("--uncertainty", help="uncertainty layer URL (needs --samples ≥ 2)")
     _add_sampling_args(p)
     p.add_argument("--parallelism", type=int, default=0, help="workers at once (0: server default)")
+    p.add_argument("--execution", default="", metavar="WHERE",
+                   help="pool (the server's warm workers), batch (a batch task per job: local worker "
+                        "processes or a Kubernetes Indexed Job) or auto (default: pool for small regions)")
     p.add_argument("--register-in", action="append", metavar="TARGET",
                    help="a registration target configured on the server (repeatable)")
     p.add_argument("--overwrite", action="store_true",

@@ -38,9 +38,11 @@ def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: 
             print(f"[demo] service on 127.0.0.1:{port} ({client.health()}); models: "
                   f"{', '.join(m['name'] for m in client.models())}")
             # the service path shows the layers and the job; 2 short-chain samples keep it to minutes
+            workers = 1 if quick else 2
             job = client.restore_dataset(src, os.path.basename(model_url), out, uncertainty=unc, samples=2,
-                                         steps=4, parallelism=2)
-            print(f"[demo] job {job.job_id}: restoring {src} → {out} in {job.blocks_total} blocks with 2 local workers")
+                                         steps=2 if quick else 4, parallelism=workers)
+            print(f"[demo] job {job.job_id}: restoring {src} → {out} in {job.blocks_total} blocks with "
+                  f"{workers} local worker(s)")
 
             def show(p):
                 rate = f", {p.voxels_per_second / 1e3:.0f} kvoxel/s" if p.voxels_per_second else ""

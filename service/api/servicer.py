@@ -251,6 +251,7 @@ def restore_spec_from_request(req: pb.CreateRestoreJobRequest):
     kw["labels"] = dict(req.labels)
     kw["estimate"] = req.estimate.strip()
     kw["overwrite"] = bool(req.overwrite)
+    kw["execution"] = req.execution.strip() or "auto"
     return RestoreSpec(**kw)
 
 

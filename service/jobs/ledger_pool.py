@@ -3,25 +3,40 @@ blocks under a live lease, and a cutout job's result object."""
 
 from __future__ import annotations
 
-from .records import MAX_PAGE_SIZE, PENDING, RUNNING, JobRecord, validate_job_id
+import json
+
+from .records import _JOB_ID_RE, TERMINAL_STATES, JobRecord, validate_job_id
 
 
 class PoolQueries:
     """Needs the Ledger's ``_store``, ``_k``, ``_clock``, ``_parse_lease``, ``num_blocks`` and
-    ``list_jobs``."""
+    ``_record``."""
 
     def pending_jobs(self) -> list[JobRecord]:
         """Live jobs (PENDING or RUNNING, no cancel requested) with blocks left, oldest first:
-        what a pool worker may lease blocks of."""
-        out = []
-        for state in (PENDING, RUNNING):
-            token = None
-            while True:
-                recs, token = self.list_jobs(state, MAX_PAGE_SIZE, token)
-                out.extend(r for r in recs if not r.cancel_requested and r.blocks_done < r.num_blocks)
-                if not token:
-                    break
-        return sorted(out, key=lambda r: r.job_id)
+        what a pool worker may lease blocks of.
+
+        An idle pool worker polls this every second or so. A job that has ended never becomes
+        live again, so its id is remembered and its state is not read again: a poll costs one
+        listing plus one read per live (or new) job, not one read per job the ledger has ever
+        held (finished cutouts accumulate there)."""
+        ended: set[str] = self.__dict__.setdefault("_ended_job_ids", set())
+        ids = sorted(n for n in self._store.list("jobs") if _JOB_ID_RE.match(n) and n not in ended)
+        states = self._store.read_many(self._k(i, "state.json") for i in ids)
+        live = []
+        for i in ids:
+            data = states.get(self._k(i, "state.json"))
+            if data is None:
+                continue  # being created
+            st = json.loads(data)
+            if st["state"] in TERMINAL_STATES:
+                ended.add(i)
+            elif not st["cancel_requested"]:
+                live.append(st)
+        specs = self._store.read_many(self._k(st["job_id"], "spec.json") for st in live)
+        records = [self._record(st, json.loads(specs.get(self._k(st["job_id"], "spec.json"), b"{}")))
+                   for st in live]
+        return [r for r in records if r.blocks_done < r.num_blocks]
 
     def leased_blocks(self, job_id: str) -> set[int]:
         """Indices of blocks whose lease has not expired (being worked on now)."""

@@ -137,7 +137,7 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[Job.Kind, str]] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., message: _Optional[str] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., voxels_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., events: _Optional[_Iterable[str]] = ..., event_log: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class CreateRestoreJobRequest(_message.Message):
-    __slots__ = ("source", "model", "output", "uncertainty_output", "mip", "region", "whole", "incremental", "sampler", "steps", "samples", "seed", "parallelism", "register_in", "labels", "estimate", "overwrite")
+    __slots__ = ("source", "model", "output", "uncertainty_output", "mip", "region", "whole", "incremental", "sampler", "steps", "samples", "seed", "parallelism", "register_in", "labels", "estimate", "overwrite", "execution")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class CreateRestoreJobRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
     output: str
@@ -179,7 +180,8 @@ class CreateRestoreJobRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     estimate: str
     overwrite: bool
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., output: _Optional[str] = ..., uncertainty_output: _Optional[str] = ..., mip: _Optional[int] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., whole: _Optional[bool] = ..., incremental: _Optional[bool] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., parallelism: _Optional[int] = ..., register_in: _Optional[_Iterable[_Union[RegisterTarget, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., estimate: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    execution: str
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., output: _Optional[str] = ..., uncertainty_output: _Optional[str] = ..., mip: _Optional[int] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., whole: _Optional[bool] = ..., incremental: _Optional[bool] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., parallelism: _Optional[int] = ..., register_in: _Optional[_Iterable[_Union[RegisterTarget, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., estimate: _Optional[str] = ..., overwrite: _Optional[bool] = ..., execution: _Optional[str] = ...) -> None: ...
 
 class CreateTrainJobRequest(_message.Message):
     __slots__ = ("source", "output_model", "task", "factor", "preset", "steps", "seed", "mip", "region", "base_model", "target", "batch_size", "patch", "labels")
