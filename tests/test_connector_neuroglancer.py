@@ -10,8 +10,8 @@ import urllib.parse
 import httpx
 import pytest
 
-from connector.neuroglancer_view import (ANNOTATION_LAYER, RESTORE_ACTION, RESTORE_KEY, RestoreViewer, state_link,
-                                         write_state)
+from connector.neuroglancer_view import (ANNOTATION_LAYER, RESTORE_ACTION, RESTORE_KEY, RestoreViewer, state_for_layers,
+                                         state_link, write_state)
 from connector.static_server import StaticFileServer
 from connector.util import ConnectorError, public_url
 from tests.platform_doubles import RunningService, chrome_driver, wait_for
@@ -52,24 +52,32 @@ def test_static_server_serves_layers_with_cors(service):
 
 def test_state_file_and_link(tmp_path, service):
     src = service["src"]
-    restored = "gs://lab/em/raw_restored_abc"
-    path, link = write_state(str(tmp_path / "state.json"), src, restored, "gs://lab/em/raw_unc",
-                             prefix_map={f"file://{service['root']}/data": "https://files.example.org/em"},
+    # remote layers (gs://) pass through as they are; local ones go through the public URL map
+    prefix = {f"file://{service['root']}/data": "https://files.example.org/em"}
+    state = state_for_layers(src, "gs://lab/em/raw_restored_abc", "gs://lab/em/raw_unc", prefix_map=prefix,
                              resolution_nm_xyz=(8, 8, 8), position_xyz=(10, 20, 30))
-    state = json.loads((tmp_path / "state.json").read_text())
     names = [layer["name"] for layer in state["layers"]]
     assert names == ["source", "restored", "uncertainty"]
     assert state["layers"][0]["source"] == "precomputed://https://files.example.org/em/src"
     assert state["layers"][1]["source"] == "precomputed://gs://lab/em/raw_restored_abc"
     assert "emitRGBA" in state["layers"][2]["shader"] and "emitTransparent" in state["layers"][1]["shader"]
     assert state["dimensions"]["z"] == [8e-9, "m"] and state["position"] == [10, 20, 30]
+    # the file: geometry read from the layers themselves (local here: opening gs:// would wait on
+    # Google credentials), and a link that carries the whole state
+    path, link = write_state(str(tmp_path / "state.json"), src, service["wide"], prefix_map=prefix,
+                             resolution_nm_xyz=(8, 8, 8), position_xyz=(10, 20, 30))
+    state = json.loads((tmp_path / "state.json").read_text())
+    first = [layer["name"] for layer in state["layers"]]
+    assert first[:2] == ["source", "restored"]  # (+ the box of the restored region)
+    assert state["layers"][1]["source"] == "precomputed://https://files.example.org/em/wide"
     assert link.startswith("https://neuroglancer-demo.appspot.com/#!")
     assert json.loads(urllib.parse.unquote(link.split("#!", 1)[1])) == state
     # updating keeps other layers and replaces same-named ones
-    write_state(str(tmp_path / "state.json"), None, "gs://lab/other", names={"restored": "second"},
+    write_state(str(tmp_path / "state.json"), None, src, names={"restored": "second"}, prefix_map=prefix,
                 resolution_nm_xyz=(8, 8, 8))
     state = json.loads((tmp_path / "state.json").read_text())
-    assert [layer["name"] for layer in state["layers"]] == ["source", "restored", "uncertainty", "second"]
+    assert [layer["name"] for layer in state["layers"]] == first + ["second"]
+    assert state["layers"][1]["source"] == "precomputed://https://files.example.org/em/wide"
     assert state_link(state, "http://ng.local/").startswith("http://ng.local/#!")
     with pytest.raises(ConnectorError, match="public_url_map"):
         public_url(f"file://{tmp_path}/layer")
