@@ -209,35 +209,3 @@ def phantom_layer(tmp_path, tiny_iso_model):
     pc.create_source_layer(url, stack, (8, 8, 24), (0, 0, 0), (32, 32, 3))
     return url, stack
 
-
-#: The longest tests (each tens of seconds here: worker processes, a browser, training), started
-#: first so that pytest-xdist's workers are not left waiting on one of them at the end of the run
-#: (longest-first scheduling). A test missing from this list only runs later; none is skipped.
-LONGEST_FIRST = (
-    "test_jobs.py::test_whole_job_is_deterministic_and_incremental",
-    "test_connector_neuroglancer.py::test_viewer_key_action_restores_region_in_browser",
-    "test_kube.py::test_indexed_job_of_real_workers_matches_local_workers",
-    "test_pool.py::test_killed_pool_worker_block_is_re_leased_and_redone_bit_identically",
-    "test_engine_model.py::test_denoise_and_superres_train_and_restore",
-    "test_api.py::test_e2e_whole_dataset_train_and_cancel",
-    "test_demo.py::test_demo_quick",
-    "test_jobs.py::test_kill_worker_and_restart_service",
-    "test_ledger.py::test_done_blocks_is_one_listing",
-    "test_pool.py::test_pool_leases_interactive_first_caches_the_model_and_matches_indexed_jobs",
-    "test_connector_bridge.py::test_restore_region_job_and_events",
-    "test_api_cli.py::test_submit_wait_then_jobs_commands",
-    "test_api_cli.py::test_submit_wait_exits_nonzero_when_the_job_fails",
-    "test_engine_model.py::test_estimates_uncertainty_and_determinism",
-    "test_registration.py::test_a_configured_target_is_registered_when_the_job_succeeds",
-    "test_jobs.py::test_s3_compatible_store_through_client_script",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        for i, name in enumerate(LONGEST_FIRST):
-            if name in item.nodeid:
-                return i
-        return len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the rest keep their order
