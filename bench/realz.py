@@ -167,8 +167,10 @@ def save_local(model, path):
 
 
 # ----------------------------------------------------------------------------- runs
-def run_flyem(k, steps, full, quick, log, save_dir=None, ref_crop=128, device="auto"):
+def run_flyem(k, steps, full, quick, log, save_dir=None, ref_crop=128, device="auto", crop=0, regression=True):
     vol = read_tif(FLYEM)
+    if crop:  # a lateral crop (CPU runs): all z, crop × crop pixels
+        vol = vol[:, :crop, :crop]
     if quick:
         vol = vol[:, :48, :48]
         ref_crop = 16
@@ -197,7 +199,7 @@ def run_flyem(k, steps, full, quick, log, save_dir=None, ref_crop=128, device="a
     log(f"[realz] k={k} trained diffusion model ({steps} steps) in {res['train_seconds']} s; calibration {model.calibration}")
     if save_dir:
         save_local(model, os.path.join(save_dir, f"flyem-k{k}"))
-    if full:
+    if full and regression:
         reg = train_model(kept, k, steps, vs, kind="regression", device=device)
         t = time.time()
         r = restore(reg, kept, voxel_size_nm=vs, device=device)
@@ -214,7 +216,13 @@ def run_flyem(k, steps, full, quick, log, save_dir=None, ref_crop=128, device="a
     res["spearman_mean_4"] = rho
     res["deciles"] = dec
     res["score_in_domain"] = r4.score
-    log(f"[realz] k={k} Spearman(std, |error|) = {rho:.3f}; needs-fine-tuning score {r4.score:.3f}")
+    res["uncertainty_source"] = ("error head and spread of the samples" if model.has_error_head
+                                 else "spread of the samples")
+    log(f"[realz] k={k} Spearman(std, |error|) = {rho:.3f} ({res['uncertainty_source']}); "
+        f"needs-fine-tuning score {r4.score:.3f}")
+    for src, std_alone in (r4.std_parts or {}).items():  # the same samples, each source alone
+        res[f"spearman_mean_4_{src}"], res[f"deciles_{src}"] = spearman(std_alone, r4.mean, truth, k)
+        log(f"[realz] k={k} Spearman({src} alone, |error|) = {res[f'spearman_mean_4_{src}']:.3f}")
     std_out = r4.std
     sample_out = None
     if full:
@@ -227,6 +235,7 @@ def run_flyem(k, steps, full, quick, log, save_dir=None, ref_crop=128, device="a
         row("ours: mean of 4 samples", r.mean, time.time() - t, r.evaluations_per_voxel)
         rho_s, _ = spearman(r.std, r.mean, truth, k)
         res["spearman_sample_mean_4"] = rho_s
+    if full and ref_crop:
         # reference setting on a lateral subset: 200-step ancestral, one chain per image
         c = ref_crop
         sub_kept, sub_truth = kept[:, :c, :c], truth[:, :c, :c]
@@ -335,6 +344,10 @@ def main(argv=None):
     ap.add_argument("--save-models")
     ap.add_argument("--base-seconds", type=float, default=0, help="also train the base preset this long (GPU)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--crop", type=int, default=0, help="FlyEM lateral crop in pixels (0: the whole 250²)")
+    ap.add_argument("--ref-crop", type=int, default=128,
+                    help="lateral crop of the 200-step reference subset (200 evaluations per image; 0: skip it)")
+    ap.add_argument("--no-regression", action="store_true", help="skip the regression baseline (CPU runs)")
     a = ap.parse_args(argv)
     if not os.path.exists(FLYEM):
         print(f"[realz] FlyEM data not found at {FLYEM}; nothing to do")
@@ -348,11 +361,12 @@ def main(argv=None):
         logs.append(msg)
 
     summary = {"date": dt.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-               "steps": steps, "preset": "tiny", "flyem": [], "isbi": None}
+               "steps": steps, "crop": a.crop, "preset": "tiny", "flyem": [], "isbi": None}
     text = [f"# Real-z benchmark\n\n{summary['date']}, {summary['machine']}; tiny preset, {steps} training "
             f"steps per model (batch 8, 64 px patches), self-supervised on the kept sections only. "
             f"Acquisition model: every k-th slice of the FlyEM FIB-SEM cube (data: Janelia Research "
-            f"Campus / HHMI FlyEM, CC-BY). Scores over the dropped slices.\n"]
+            f"Campus / HHMI FlyEM, CC-BY). Scores over the dropped slices."
+            + (f" FlyEM lateral crop {a.crop}×{a.crop} px (all z)." if a.crop else "") + "\n"]
     ks = [int(v) for v in a.ks.split(",")]
 
     def flush():  # partial results survive a run cut short
@@ -364,7 +378,8 @@ def main(argv=None):
     models = {}
     for i, k in enumerate(ks):
         res, kept, truth, lin, mean, sample, std = run_flyem(k, steps, i == 0, a.quick, log, a.save_models,
-                                                             device=a.device)
+                                                             device=a.device, crop=a.crop, ref_crop=a.ref_crop,
+                                                             regression=not a.no_regression)
         models[k] = (res.pop("model"), kept)
         summary["flyem"].append(res)
         text.append(f"\n## FlyEM, k = {k} ({res['kept_sections']} kept sections → {res['shape'][0]} slices)\n")
@@ -373,8 +388,12 @@ def main(argv=None):
         mean_row = [r for r in res["rows"] if r["method"].startswith("ours: mean (default")][0]
         text.append(f"\nDefault output − linear: **{mean_row['psnr'] - lin_psnr:+.2f} dB**. "
                     f"Source sections bit-exact: {res['bit_exact_sources']}. "
-                    f"Spearman(std of 4, |error|) over generated voxels: **{res['spearman_mean_4']:.3f}**"
-                    + (f" (mean-of-4 estimate: {res['spearman_sample_mean_4']:.3f})" if 'spearman_sample_mean_4' in res else "")
+                    f"Spearman(uncertainty, |error|) over generated voxels: **{res['spearman_mean_4']:.3f}** "
+                    f"({res['uncertainty_source']})"
+                    + (f"; the smoothed spread of the 4 samples alone: {res['spearman_mean_4_samples']:.3f}, "
+                       f"the error head alone: {res['spearman_mean_4_head']:.3f}"
+                       if 'spearman_mean_4_samples' in res else "")
+                    + (f"; mean-of-4 estimate: {res['spearman_sample_mean_4']:.3f}" if 'spearman_sample_mean_4' in res else "")
                     + f". Training took {res['train_seconds']} s.\n")
         if res.get("subset_rows"):
             text.append(f"\nReference setting on a subset ({res['subset']}):\n")

@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean: posterior mean, 1 evaluation (default, best PSNR); sample: one sharp "
                         "realisation; sample-mean: mean of --samples realisations")
     p.add_argument("--voxel-size", help="X,Y,Z nm of the input (default: from the TIFF); checked against the model")
-    p.add_argument("--uncertainty", help="write the per-voxel standard deviation here (K ≥ 2)")
+    p.add_argument("--uncertainty", help="write the per-voxel standard deviation of the output's error here "
+                                         "(K ≥ 2: the model's error head with the samples' spread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=32)

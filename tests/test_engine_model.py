@@ -186,6 +186,41 @@ def test_uncertainty_ranks_error(iso_model):
     assert spearmanr(r.std[gen].ravel(), err.ravel())[0] > 0.05
 
 
+def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):
+    """New models predict their own error (the uncertainty map); a format-2 model saved before the
+    error head loads and takes its uncertainty from the spread of the samples."""
+    url, aniso, vol, _ = iso_model
+    m = RestorationModel.load(url)
+    assert m.has_error_head and m.predictor.config.error_head
+    sub = aniso[:4]
+    head = restore(m, sub, samples=2, steps=1, seed=1)
+    spread = restore(m, sub, samples=2, steps=1, seed=1, uncertainty_source="samples")
+    assert np.array_equal(head.mean, spread.mean) and not np.allclose(head.std, spread.std)
+    assert np.all(head.std[::3] == 0) and head.std[1::3].min() > 0
+    # the predicted error is of the size of the real error (within a factor of 2)
+    gen = np.ones(head.mean.shape[0], bool)
+    gen[::3] = False
+    err = head.mean[gen].astype(np.float32) - vol[:head.mean.shape[0]][gen].astype(np.float32)
+    rmse, size = float(np.sqrt((err ** 2).mean())), float(np.sqrt((head.std[gen] ** 2).mean()))
+    assert 0.5 < size / rmse < 2.0, (size, rmse)  # (ranking: test_uncertainty_ranks_error, bench/realz.py)
+    assert np.array_equal(head.std_parts["head"] > 0, head.std > 0) and set(head.std_parts) == {"samples", "head"}
+    # a sample's uncertainty adds its own distance from the mean
+    one = restore(m, sub, samples=2, steps=1, seed=1, estimate="sample")
+    assert np.all(one.std >= head.std - 1e-4) and one.std.mean() > head.std.mean()
+    with pytest.raises(ValueError, match="uncertainty_source"):
+        restore(m, sub, samples=2, steps=1, uncertainty_source="magic")
+    # a model without the head (as saved before it existed)
+    old = RestorationModel.create(TaskSpec("isotropic", 3), "tiny", voxel_size_nm=(8, 8, 24), error_head=False)
+    old.input_norm = old.target_norm = m.input_norm
+    old.save(str(tmp_path / "no-head"))
+    old = RestorationModel.load(str(tmp_path / "no-head"))
+    assert not old.has_error_head and not old.predictor.config.error_head
+    r = restore(old, sub, samples=2, steps=1, seed=1)
+    assert r.std is not None and np.all(r.std[::3] == 0) and r.std[1::3].mean() > 0 and r.std_parts is None
+    with pytest.raises(ValueError, match="no error head"):
+        restore(old, sub, samples=2, steps=1, uncertainty_source="head")
+
+
 def test_matched_gap_and_its_errors(iso_model):
     url, aniso, _, _ = iso_model
     m = RestorationModel.load(url)

@@ -81,12 +81,16 @@ class RestorationModel:
 
     @classmethod
     def create(cls, task: Task, preset: str = "tiny", kind: str = "diffusion",
-               voxel_size_nm=None, seed: int = 0, **unet_overrides) -> "RestorationModel":
+               voxel_size_nm=None, seed: int = 0, error_head: bool = True,
+               **unet_overrides) -> "RestorationModel":
+        """A new model. ``error_head``: the predictor also outputs the log-variance of its own
+        error per pixel (trained with a Gaussian likelihood on the detached mean), the
+        uncertainty map of diffusion models with the samples' spread (:attr:`has_error_head`)."""
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
         torch.manual_seed(seed)
-        pcfg = preset_config(preset, task.cond_channels, task.out_channels,
-                             noise_conditioned=False, **unet_overrides)
+        pcfg = preset_config(preset, task.cond_channels, task.out_channels, noise_conditioned=False,
+                             error_head=error_head and kind == "diffusion", **unet_overrides)
         predictor = UNet(pcfg)
         # the predictor starts as the classical estimate (its correction is zero) and improves on it
         torch.nn.init.zeros_(predictor.out[-1].weight)
@@ -98,6 +102,12 @@ class RestorationModel:
             net = UNet(dcfg)
         return cls(task=task, predictor=predictor, net=net, preset=preset, kind=kind,
                    voxel_size_nm=tuple(voxel_size_nm) if voxel_size_nm else None)
+
+    @property
+    def has_error_head(self) -> bool:
+        """True when the predictor also predicts its error's log-variance (models saved before
+        the error head have one output channel: their uncertainty is the samples' spread)."""
+        return self.predictor.config.error_head
 
     # compatibility views
     @property

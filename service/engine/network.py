@@ -26,6 +26,9 @@ class UNetConfig:
     attention_at_bottleneck: bool = True
     dropout: float = 0.2
     noise_conditioned: bool = True
+    #: a second head predicting the log-variance of the output's error per pixel, from the
+    #: detached features (appended as the last output channel)
+    error_head: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -162,8 +165,16 @@ class UNet(nn.Module):
                 self.upsamplers.append(nn.Conv2d(cur, cur, 3, padding=1))
         self.out = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(),
                                  nn.Conv2d(cur, c.out_channels, 3, padding=1))
+        self.error_head = None
+        if c.error_head:
+            self.error_head = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(),
+                                            nn.Conv2d(cur, cur, 3, padding=1), nn.SiLU(),
+                                            nn.Conv2d(cur, 1, 3, padding=1))
+            nn.init.zeros_(self.error_head[-1].weight)
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, out_channels [+ 1 with the error head], H, W). The error head sees the features
+        detached: its loss trains only the head, so learning the error costs the mean nothing."""
         f = self.config.downsample_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"input: spatial size {tuple(x.shape[-2:])} must be a multiple of {f}")
@@ -183,6 +194,8 @@ class UNet(nn.Module):
                 h = blk(torch.cat([h, hs.pop()], dim=1), emb)
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](F.interpolate(h, scale_factor=2, mode="nearest"))
+        if self.error_head is not None:
+            return torch.cat([self.out(h), self.error_head(h.detach())], 1)
         return self.out(h)
 
 

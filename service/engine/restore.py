@@ -28,7 +28,7 @@ from .model import ModelError, RestorationModel, gap_mismatch
 from .normalize import IntensityNorm
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
 from .tiling import TiledDenoiser, auto_max_batch
-from .training import resolve_device
+from .training import LOGVAR_RANGE, resolve_device
 
 ESTIMATES = ("mean", "sample", "sample-mean")
 DEFAULT_ESTIMATE = "mean"
@@ -38,6 +38,7 @@ DEFAULT_ESTIMATE = "mean"
 #: bench/realz.py (README).
 UNCERTAINTY_THRESHOLD = 1.3
 MAX_SAMPLES = 64
+UNCERTAINTY_SOURCES = ("auto", "samples", "head")
 
 
 def derive_seed(*parts: int) -> int:
@@ -58,6 +59,9 @@ class RestoreResult:
     estimate: str = DEFAULT_ESTIMATE
     spread: float | None = None  # mean std over generated voxels in normalised units (K ≥ 2)
     evaluations_per_voxel: int = 0  # network evaluations that touch each output voxel
+    #: with an error head and K ≥ 2: the uncertainty from each source alone ("samples", "head"),
+    #: in intensity units like ``std`` (for comparisons; ``std`` combines them)
+    std_parts: dict | None = None
 
     @property
     def evaluations_per_image(self) -> int:
@@ -121,19 +125,24 @@ class _Estimator:
         mult = self.model.predictor.config.downsample_factor
         return TiledDenoiser(fn, cond, K, self.tile, self.overlap, self.mb, mult, self.autocast)
 
-    def predict(self, cond: torch.Tensor) -> torch.Tensor:
-        """Posterior mean (N, 1, H, W): one predictor evaluation."""
+    def predict(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Posterior mean (N, 1, H, W) and, with an error head, the predicted variance of its
+        error (N, 1, H, W; 0 at known pixels), from one predictor evaluation."""
         m = self.model
         den = self._tiled(lambda xin, g: m.predictor(xin), cond, 1)
-        corr = den(torch.zeros((cond.shape[0], 0) + cond.shape[2:], device=cond.device),
-                   torch.zeros(cond.shape[0], device=cond.device))
+        out = den(torch.zeros((cond.shape[0], 0) + cond.shape[2:], device=cond.device),
+                  torch.zeros(cond.shape[0], device=cond.device))
         self.evaluations = 1
+        n = m.task.out_channels
         base = m.task.base(cond)
-        mu = base + corr
+        mu = base + out[:, :n]
+        var = torch.exp(out[:, n:n + 1].clamp(*LOGVAR_RANGE)) if out.shape[1] > n else None
         known = m.task.known(cond)
         if known is not None:
             mu = torch.where(known > 0.5, base, mu)
-        return mu
+            if var is not None:
+                var = torch.where(known > 0.5, torch.zeros_like(var), var)
+        return mu, var
 
     def realisations(self, cond: torch.Tensor, mu: torch.Tensor, K: int, gens) -> torch.Tensor:
         """K residual samples around ``mu`` → (N, K, 1, H, W) restored images."""
@@ -165,9 +174,12 @@ def _estimate_view(est: _Estimator, images: np.ndarray, view_index: int, estimat
     N, _, H, W = images.shape
     point = np.empty((N, H, W), np.float32)
     draws = np.empty((K, N, H, W), np.float32) if (K > 1 or estimate != "mean") else None
+    errvar = np.empty((N, H, W), np.float32) if est.model.has_error_head else None
     for g0, g1 in _batches(N, group):
         cond = torch.from_numpy(images[g0:g1]).to(est.dev)
-        mu = est.predict(cond)
+        mu, var = est.predict(cond)
+        if errvar is not None:
+            errvar[g0:g1] = var[:, 0].float().cpu().numpy()
         if draws is not None:
             gens = [torch.Generator().manual_seed(derive_seed(seed, view_index, image_ids_offset, i))
                     for i in range(g0, g1)]
@@ -182,7 +194,7 @@ def _estimate_view(est: _Estimator, images: np.ndarray, view_index: int, estimat
         done[0] += g1 - g0
         if progress:
             progress(done[0], total)
-    return point, draws
+    return point, draws, errvar
 
 
 @torch.no_grad()
@@ -192,7 +204,8 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
             device: str = "auto", max_batch: int | None = None, image_ids_offset: int = 0,
             out_dtype=None, spacing: str | None = None,
             progress: Callable[[int, int], None] | None = None,
-            estimate: str = DEFAULT_ESTIMATE, voxel_size_nm=None) -> RestoreResult:
+            estimate: str = DEFAULT_ESTIMATE, voxel_size_nm=None,
+            uncertainty_source: str = "auto") -> RestoreResult:
     """Restore a (Z, Y, X) stack. Isotropic: output (Z−1)·k+1 sections, index k·i = section i
     (source sections pass through bit-exactly when the output dtype is the input's).
 
@@ -200,7 +213,14 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     K ≥ 2 adds the uncertainty. ``norm`` should come from statistics of the whole dataset
     (default: of ``vol``). ``image_ids_offset`` is the global index of the block (for seeds).
     ``voxel_size_nm`` (x, y, z) of the input, when known, is checked against the model's geometry.
+    ``uncertainty_source``: ``auto`` (the error head and the samples' spread together when the
+    model has the head, else the spread), ``samples`` or ``head`` alone (for comparisons).
     """
+    if uncertainty_source not in UNCERTAINTY_SOURCES:
+        raise ValueError(f"uncertainty_source: must be one of {', '.join(UNCERTAINTY_SOURCES)}, "
+                         f"got {uncertainty_source!r}")
+    if uncertainty_source == "head" and not model.has_error_head:
+        raise ValueError("uncertainty_source: this model has no error head (trained before it existed)")
     validate_request(model, vol, sampler, steps, samples, estimate)
     check_voxel_size(model, voxel_size_nm)
     t0 = time.time()
@@ -219,15 +239,20 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     mb = max_batch or auto_max_batch(min(tile, max(H, W)), dev, width)
     group = max(1, mb // max(1, K * tiles_per_image))
     est = _Estimator(model, dev, sampler, steps, spacing, tile, overlap, mb)
-    points, draws = {}, {}
+    points, draws, errvars = {}, {}, {}
     done = [0]
     for vi, (name, images) in enumerate(views):
-        points[name], draws[name] = _estimate_view(est, images, vi, estimate, K, seed, image_ids_offset,
-                                                   group, progress, done, total)
+        points[name], draws[name], errvars[name] = _estimate_view(
+            est, images, vi, estimate, K, seed, image_ids_offset, group, progress, done, total)
     point_n = task.assemble(points, vol_n)
-    std_n, spread, score = None, None, None
+    std_n, spread, score, parts_n = None, None, None, None
     if K > 1:
-        std_n = uncertainty(task, draws, vol_n)
+        use_head = model.has_error_head and uncertainty_source != "samples"
+        std_n = uncertainty(task, draws, vol_n, errvars if use_head else None, estimate=estimate,
+                            head_only=uncertainty_source == "head")
+        if model.has_error_head:
+            parts_n = {"samples": uncertainty(task, draws, vol_n, None, estimate=estimate),
+                       "head": uncertainty(task, draws, vol_n, errvars, estimate=estimate, head_only=True)}
         spread = sample_spread(task, draws, vol_n)
         ref = (model.calibration or {}).get("spread")
         score = spread / ref if ref else spread
@@ -236,7 +261,8 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     if task.name == "isotropic" and out_dtype == vol.dtype:
         mean[::task.factor] = vol  # source sections are passed through bit-exactly
     std = onorm.scale_std(std_n) if std_n is not None else None
-    return RestoreResult(mean=mean, std=std, score=score,
+    parts = {k: onorm.scale_std(v) for k, v in parts_n.items()} if parts_n else None
+    return RestoreResult(mean=mean, std=std, score=score, std_parts=parts,
                          needs_finetuning=bool(score is not None and score > UNCERTAINTY_THRESHOLD),
                          evaluations=est.evaluations, images=total, seconds=time.time() - t0,
                          estimate=estimate, spread=spread,
@@ -249,10 +275,18 @@ UNCERTAINTY_SMOOTHING = 1.5
 
 
 def uncertainty(task, draws: dict[str, np.ndarray], vol_n: np.ndarray,
-                smoothing: float = UNCERTAINTY_SMOOTHING) -> np.ndarray:
-    """Per-voxel standard deviation (normalised units) of the ensemble of all realisations of
-    all views (isotropic: K samples in XZ and K in YZ, so disagreement between the views counts),
-    its variance averaged over a Gaussian neighbourhood of ``smoothing`` voxels."""
+                errvars: dict[str, np.ndarray] | None = None, estimate: str = DEFAULT_ESTIMATE,
+                smoothing: float = UNCERTAINTY_SMOOTHING, head_only: bool = False) -> np.ndarray:
+    """Per-voxel standard deviation (normalised units) of the error of the output.
+
+    The spread: the variance of the ensemble of all realisations of all views (isotropic: K
+    samples in XZ and K in YZ, so disagreement between the views counts), averaged over a
+    Gaussian neighbourhood of ``smoothing`` voxels (a 4-sample variance is too noisy per voxel).
+    Both it and the error head's prediction (averaged over the views) estimate the mean's
+    expected squared error; with the head their average is used (two independent estimates), or
+    the head alone with ``head_only``. The ``sample`` and ``sample-mean`` estimates add the
+    samples' own spread around the mean (a sample's expected squared error is the mean's plus its
+    distance from it; the mean of n samples', 1/n of it)."""
     from scipy.ndimage import gaussian_filter
     vols = task.view_volumes(draws, vol_n)            # each (K, Z', Y', X')
     n = sum(v.shape[0] for v in vols)
@@ -260,6 +294,11 @@ def uncertainty(task, draws: dict[str, np.ndarray], vol_n: np.ndarray,
     var = sum(((v - mean) ** 2).sum(0) for v in vols) / max(1, n - 1)
     if smoothing:
         var = gaussian_filter(var, smoothing, mode="nearest")
+    if errvars is not None:
+        head = task.view_volumes({k: v[None] for k, v in errvars.items()}, vol_n)
+        head_var = sum(h[0] for h in head) / len(head)
+        extra = var if estimate == "sample" else (var / n if estimate == "sample-mean" else 0.0)
+        var = (head_var if head_only else 0.5 * (head_var + var)) + extra
     std = np.sqrt(var).astype(np.float32)
     std[~_generated_mask(task, std.shape)] = 0.0
     return std
@@ -296,7 +335,7 @@ def calibrate(model: RestorationModel, pairs, patch: int, seed: int = 0, batches
     for b in range(batches):
         cond, target = pairs.sample(8, patch, rng)
         cond, target = torch.from_numpy(cond).to(dev), torch.from_numpy(target).to(dev)
-        mu = est.predict(cond)
+        mu, _ = est.predict(cond)
         gens = [torch.Generator().manual_seed(derive_seed(seed, b, i)) for i in range(cond.shape[0])]
         x = est.realisations(cond, mu, samples, gens)
         known = model.task.known(cond)

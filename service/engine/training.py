@@ -36,15 +36,39 @@ def estimate_residual_scale(task, pairs, patch: int, seed: int, batches: int = 8
     return float(1.0 / max(std, 0.02))
 
 
-def predict_mean(model, cond: torch.Tensor, net=None) -> torch.Tensor:
-    """The predictor's output: base + network correction; known pixels pass through."""
+#: range of the error head's log-variance (normalised units; −12 … 4 is a std of 0.0025 … 7.4)
+LOGVAR_RANGE = (-12.0, 4.0)
+
+
+def predictor_outputs(model, cond: torch.Tensor, net=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The predictor's mean (base + network correction; known pixels pass through) and, with an
+    error head, the log-variance of that mean's error per pixel (else None)."""
     net = net or model.predictor
     base = model.task.base(cond)
-    mu = base + net(cond).float()
+    n = model.task.out_channels
+    out = net(cond).float()
+    mu = base + out[:, :n]
+    logvar = out[:, n:n + 1].clamp(*LOGVAR_RANGE) if out.shape[1] > n else None
     known = model.task.known(cond)
     if known is not None:
         mu = torch.where(known > 0.5, base, mu)
-    return mu
+    return mu, logvar
+
+
+def predict_mean(model, cond: torch.Tensor, net=None) -> torch.Tensor:
+    """The predictor's posterior mean (see :func:`predictor_outputs`)."""
+    return predictor_outputs(model, cond, net)[0]
+
+
+def error_nll(logvar: torch.Tensor, mu: torch.Tensor, target: torch.Tensor,
+              weight: torch.Tensor | None) -> torch.Tensor:
+    """Gaussian negative log-likelihood of the (detached) mean's error under the predicted
+    variance: its minimiser is the expected squared error of the mean at each pixel."""
+    err2 = (target.float() - mu.detach().float()) ** 2
+    nll = 0.5 * (logvar + err2 * torch.exp(-logvar))
+    if weight is None:
+        return nll.mean()
+    return (nll * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -113,15 +137,23 @@ def _rng_from(state: str) -> np.random.Generator:
     return rng
 
 
+#: weight of the error head's likelihood in the predictor's loss (small: the shared features serve
+#: the mean first)
+ERROR_HEAD_WEIGHT = 0.1
+
+
 def training_loss(model, nets: _Pair, cond: torch.Tensor, target: torch.Tensor,
                   gen: torch.Generator) -> torch.Tensor:
-    """L2 loss of the predictor (→ posterior mean) plus the diffusion loss of the residual
-    around the (detached) prediction; both only on generated pixels."""
+    """L2 loss of the predictor (→ posterior mean), the error head's likelihood (when the model
+    has one) and the diffusion loss of the residual around the (detached) prediction; all only
+    on generated pixels."""
     task, diff = model.task, model.diffusion
     known = task.known(cond)
     weight = None if known is None else (1.0 - known)
-    mu = predict_mean(model, cond, nets.predictor)
+    mu, logvar = predictor_outputs(model, cond, nets.predictor)
     loss = _masked_mse(mu, target, weight)
+    if logvar is not None:
+        loss = loss + ERROR_HEAD_WEIGHT * error_nll(logvar, mu, target, weight)
     if nets.denoiser is not None:
         mu = mu.detach()
         r0 = diff.encode(target, mu)
@@ -170,8 +202,13 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             torch.set_rng_state(state["torch_rng"])
             history = [list(h) for h in state.get("history", history)]
             model.diffusion.scale = float(state["scale"])
-    if model.net is not None and start == 0 and not model.training.get("base"):
-        model.diffusion.scale = estimate_residual_scale(model.task, pairs, cfg.patch, cfg.seed)
+    if start == 0 and not model.training.get("base"):
+        scale = estimate_residual_scale(model.task, pairs, cfg.patch, cfg.seed)
+        if model.net is not None:
+            model.diffusion.scale = scale
+        if model.has_error_head:  # the error head starts at the classical estimate's error
+            with torch.no_grad():
+                model.predictor.error_head[-1].bias.fill_(float(np.log(1.0 / scale ** 2)))
     use_bf16 = device.type == "cuda"
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.task.name}",
                unit="step", dynamic_ncols=True)
