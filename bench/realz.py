@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 
@@ -33,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from common import machine  # noqa: E402  (bench/common.py, beside this script)
 from service.engine import metrics  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.pairs import IsotropicPairs  # noqa: E402
@@ -44,21 +44,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get("EMRESTORE_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
 FLYEM = os.path.join(DATA, "flyem-fibsem", "sample1.tif")
 ISBI = os.path.join(DATA, "isbi2012")
-
-
-def machine() -> str:
-    import torch
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), {dev}, torch {torch.__version__}"
 
 
 def read_tif(path):
