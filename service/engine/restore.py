@@ -247,12 +247,10 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     point_n = task.assemble(points, vol_n)
     std_n, spread, score, parts_n = None, None, None, None
     if K > 1:
-        use_head = model.has_error_head and uncertainty_source != "samples"
-        std_n = uncertainty(task, draws, vol_n, errvars if use_head else None, estimate=estimate,
-                            head_only=uncertainty_source == "head")
+        by_source = uncertainty(task, draws, vol_n, errvars if model.has_error_head else None, estimate=estimate)
+        std_n = by_source[uncertainty_source]
         if model.has_error_head:
-            parts_n = {"samples": uncertainty(task, draws, vol_n, None, estimate=estimate),
-                       "head": uncertainty(task, draws, vol_n, errvars, estimate=estimate, head_only=True)}
+            parts_n = {"samples": by_source["samples"], "head": by_source["head"]}
         spread = sample_spread(task, draws, vol_n)
         ref = (model.calibration or {}).get("spread")
         score = spread / ref if ref else spread
@@ -276,17 +274,18 @@ UNCERTAINTY_SMOOTHING = 1.5
 
 def uncertainty(task, draws: dict[str, np.ndarray], vol_n: np.ndarray,
                 errvars: dict[str, np.ndarray] | None = None, estimate: str = DEFAULT_ESTIMATE,
-                smoothing: float = UNCERTAINTY_SMOOTHING, head_only: bool = False) -> np.ndarray:
-    """Per-voxel standard deviation (normalised units) of the error of the output.
+                smoothing: float = UNCERTAINTY_SMOOTHING) -> dict[str, np.ndarray]:
+    """Per-voxel standard deviation (normalised units) of the error of the output, by source
+    (``UNCERTAINTY_SOURCES``; ``head`` only with ``errvars``), each computed once.
 
-    The spread: the variance of the ensemble of all realisations of all views (isotropic: K
+    ``samples``: the variance of the ensemble of all realisations of all views (isotropic: K
     samples in XZ and K in YZ, so disagreement between the views counts), averaged over a
     Gaussian neighbourhood of ``smoothing`` voxels (a 4-sample variance is too noisy per voxel).
-    Both it and the error head's prediction (averaged over the views) estimate the mean's
-    expected squared error; with the head their average is used (two independent estimates), or
-    the head alone with ``head_only``. The ``sample`` and ``sample-mean`` estimates add the
-    samples' own spread around the mean (a sample's expected squared error is the mean's plus its
-    distance from it; the mean of n samples', 1/n of it)."""
+    ``head``: the error head's prediction (averaged over the views). Both estimate the mean's
+    expected squared error; ``auto`` is their average (two independent estimates), or the spread
+    without a head. With the head, the ``sample`` and ``sample-mean`` estimates add the samples'
+    own spread around the mean (a sample's expected squared error is the mean's plus its distance
+    from it; the mean of n samples', 1/n of it)."""
     from scipy.ndimage import gaussian_filter
     vols = task.view_volumes(draws, vol_n)            # each (K, Z', Y', X')
     n = sum(v.shape[0] for v in vols)
@@ -294,14 +293,20 @@ def uncertainty(task, draws: dict[str, np.ndarray], vol_n: np.ndarray,
     var = sum(((v - mean) ** 2).sum(0) for v in vols) / max(1, n - 1)
     if smoothing:
         var = gaussian_filter(var, smoothing, mode="nearest")
+    variances = {"samples": var, "auto": var}
     if errvars is not None:
         head = task.view_volumes({k: v[None] for k, v in errvars.items()}, vol_n)
         head_var = sum(h[0] for h in head) / len(head)
         extra = var if estimate == "sample" else (var / n if estimate == "sample-mean" else 0.0)
-        var = (head_var if head_only else 0.5 * (head_var + var)) + extra
-    std = np.sqrt(var).astype(np.float32)
-    std[~_generated_mask(task, std.shape)] = 0.0
-    return std
+        variances["head"] = head_var + extra
+        variances["auto"] = 0.5 * (head_var + var) + extra
+    generated = _generated_mask(task, var.shape)
+    out = {}
+    for name, v in variances.items():
+        std = np.sqrt(v).astype(np.float32)
+        std[~generated] = 0.0
+        out[name] = std
+    return out
 
 
 def sample_spread(task, draws, vol_n) -> float:

@@ -9,8 +9,8 @@ from .records import _JOB_ID_RE, TERMINAL_STATES, JobRecord, validate_job_id
 
 
 class PoolQueries:
-    """Needs the Ledger's ``_store``, ``_k``, ``_clock``, ``_parse_lease``, ``num_blocks`` and
-    ``_record``."""
+    """Needs the Ledger's ``_store``, ``_k``, ``_clock``, ``_parse_lease``, ``num_blocks``,
+    ``_record`` and ``_ended_job_ids``."""
 
     def pending_jobs(self) -> list[JobRecord]:
         """Live jobs (PENDING or RUNNING, no cancel requested) with blocks left, oldest first:
@@ -20,7 +20,7 @@ class PoolQueries:
         live again, so its id is remembered and its state is not read again: a poll costs one
         listing plus one read per live (or new) job, not one read per job the ledger has ever
         held (finished cutouts accumulate there)."""
-        ended: set[str] = self.__dict__.setdefault("_ended_job_ids", set())
+        ended = self._ended_job_ids
         ids = sorted(n for n in self._store.list("jobs") if _JOB_ID_RE.match(n) and n not in ended)
         states = self._store.read_many(self._k(i, "state.json") for i in ids)
         live = []
