@@ -17,42 +17,23 @@ Endpoints (JSON bodies and answers; errors are ``{"error", "field", "message"}``
 ``GET  /assets/{name}``                     the user script and the CATMAID widget (no token)
 ==========================================  ===============================================
 
-Security: every ``/v1`` request needs ``Authorization: Bearer <token>`` with one of the bridge's
-own tokens (not the gRPC service's; the bridge holds that one). Requests from browsers carry an
-``Origin`` header: it must be in the allow-list (exact ``scheme://host[:port]``), else 403; CORS
-preflights (``OPTIONS``) of allowed origins are answered without a token. Requests without an
-``Origin`` (scripts, curl) are not subject to the allow-list.
-
-POST /v1/restore-region body::
-
-    {"source": "gs://lab/em/raw",              # precomputed layer URL (required)
-     "model": "iso5",                           # model name on the server or model URL (required)
-     "region": {"start": [x0, y0, z0], "stop": [x1, y1, z1]},   # source voxels, stop exclusive
-     "output": "gs://lab/em/raw_iso",           # optional; default <source>_restored_<id>
-     "uncertainty": true,                       # optional: true, false or a layer URL;
-                                                #   default true when samples ≥ 2
-     "samples": 2, "steps": 10, "sampler": "dpmpp2m", "seed": 0, "mip": 0,   # optional
-     "register_in": ["lab-ng"]}                 # names of the operator's targets (--targets FILE)
-
-``start``/``stop`` may also be given at the top level. The default output names use a short
-random request id ``<id>`` (the job id is only known once the job exists); the answer returns
-the URLs chosen.
+The messages — the ``POST /v1/restore-region`` body, job JSON, the mapping of gRPC status codes
+to HTTP — are in :mod:`connector.bridge_protocol`; the configuration
+(:class:`~connector.bridge_security.BridgeConfig`) and the security in front of the routes (the
+bridge's own bearer tokens, the ``Origin`` allow-list, CORS preflights) in
+:mod:`connector.bridge_security`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import hashlib
 import json
 import logging
-import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -60,327 +41,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .util import ConnectorError, default_output_url, request_id
+from .bridge_protocol import (error_response, http_status_for, job_json, parse_restore_request, register_in_for_grpc,
+                              registration_pending, split_field)
+from .bridge_security import BridgeConfig, SecurityMiddleware
+from .util import ConnectorError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BridgeConfig", "create_app", "http_status_for", "job_json", "run_bridge", "BridgeServer",
-           "ASSETS"]
-
-#: gRPC status code name → HTTP status.
-GRPC_TO_HTTP = {
-    "OK": 200,
-    "INVALID_ARGUMENT": 400,
-    "OUT_OF_RANGE": 400,
-    "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
-    "FAILED_PRECONDITION": 409,
-    "ABORTED": 409,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "RESOURCE_EXHAUSTED": 413,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-    "CANCELLED": 503,
-    "UNIMPLEMENTED": 501,
-}
+__all__ = ["create_app", "run_bridge", "BridgeServer", "ASSETS"]
 
 ASSETS = {
     "webknossos_restore.user.js": "application/javascript; charset=utf-8",
     "catmaid_restore_widget.js": "application/javascript; charset=utf-8",
 }
-
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-#: structured job event kinds that end a target's registration
-REGISTRATION_KINDS = ("registered", "registration_failed")
-
-
-def job_event_kinds(job: Any) -> list[str]:
-    """The kinds of a job's structured events. THE one place that knows how a job carries them:
-    ``job.event_kinds`` (a list parallel to ``job.events``), or events (the client's ``event_log``
-    of ``{kind, message, time}``, else ``events``) that are dicts / objects with a ``kind``. Plain-text events carry no kind (older servers) and count as none."""
-    kinds = getattr(job, "event_kinds", None)
-    if kinds:
-        return [str(k) for k in kinds]
-    out = []
-    for e in (getattr(job, "event_log", None) or getattr(job, "events", []) or []):
-        k = e.get("kind") if isinstance(e, dict) else getattr(e, "kind", None)
-        if k:
-            out.append(str(k))
-    return out
-
-
-def registration_pending(job: Any) -> bool:
-    """True while a SUCCEEDED job has not reported one ``registered``/``registration_failed`` event
-    per target it names (the manager registers through its completion hooks)."""
-    if getattr(job, "state", "") != "SUCCEEDED":
-        return False
-    spec = getattr(job, "spec", {}) or {}
-    n = len(spec.get("register_in") or spec.get("registerIn") or [])
-    if not n:
-        return False
-    return sum(1 for k in job_event_kinds(job) if k in REGISTRATION_KINDS) < n
-
-
-def register_in_for_grpc(names: list[str]) -> list:
-    """How the bridge passes the configured target names to the gRPC client (one place to adapt)."""
-    return list(names)
-
-
-def http_status_for(code_name: str, message: str = "") -> int:
-    """HTTP status of a gRPC status code name. RESOURCE_EXHAUSTED is 413 (the request is too
-    large, e.g. a cutout over the voxel limit) unless the message is about a rate or quota (429)."""
-    if code_name == "RESOURCE_EXHAUSTED":
-        low = message.lower()
-        if any(w in low for w in ("rate", "quota", "too many", "try again", "concurrent")):
-            return 429
-        return 413
-    return GRPC_TO_HTTP.get(code_name, 500)
-
-
-def split_field(message: str, default: str = "") -> tuple[str, str]:
-    """("field", "text") of a service message ``"field: text"`` (the field is a dotted name)."""
-    head, sep, tail = message.partition(": ")
-    if sep and head and " " not in head and len(head) <= 64:
-        return head, tail
-    return default, message
-
-
-def error_response(status: int, error: str, field: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "field": field, "message": message}, status_code=status,
-                        headers=headers)
-
-
-def job_json(job: Any) -> dict:
-    """A JobInfo (client) or JobStatus (manager) as the bridge's JSON."""
-    total = int(getattr(job, "blocks_total", 0) or 0)
-    done_blocks = int(getattr(job, "blocks_done", 0) or 0)
-    state = getattr(job, "state", "")
-    spec = getattr(job, "spec", {}) or {}
-    region = None
-    start = spec.get("region_start_xyz") or spec.get("regionStartXyz")
-    stop = spec.get("region_stop_xyz") or spec.get("regionStopXyz")
-    if start and stop:
-        region = {"start": [int(v) for v in start], "stop": [int(v) for v in stop]}
-    return {
-        "job_id": job.job_id,
-        "kind": getattr(job, "kind", "") or "restore",
-        "state": state,
-        "done": bool(getattr(job, "done", state in TERMINAL)),
-        "message": getattr(job, "message", ""),
-        "blocks_done": done_blocks,
-        "blocks_total": total,
-        "progress": (done_blocks / total) if total else (1.0 if state == "SUCCEEDED" else 0.0),
-        "voxels_per_second": float(getattr(job, "voxels_per_second", 0.0) or 0.0),
-        "eta_seconds": float(getattr(job, "eta_seconds", 0.0) or 0.0),
-        "created": float(getattr(job, "created", 0.0) or 0.0),
-        "updated": float(getattr(job, "updated", 0.0) or 0.0),
-        "source": spec.get("source", ""),
-        "model": spec.get("model", ""),
-        "region": region,
-        "outputs": dict(getattr(job, "outputs", {}) or {}),
-        "events": list(getattr(job, "events", []) or []),
-    }
-
-
-@dataclass
-class BridgeConfig:
-    """``grpc_target`` HOST:PORT; ``tokens`` the bridge's bearer tokens (at least one);
-    ``allow_origins`` exact origins browsers may call from (``"*"`` allows any);
-    ``grpc_token`` / ``grpc_tls_ca`` for the upstream service."""
-    grpc_target: str
-    tokens: list[str]
-    allow_origins: list[str] = field(default_factory=list)
-    grpc_token: str | None = None
-    grpc_tls_ca: str | None = None
-    grpc_timeout_s: float = 60.0
-    watch_window_s: float = 10.0
-    keepalive_s: float = 15.0
-    register_wait_s: float = 60.0
-    max_body_bytes: int = 1 << 20
-    #: the operator's registration targets (connector.targets.load_targets): requests name them
-    targets: dict = field(default_factory=dict)
-
-    def validate(self) -> "BridgeConfig":
-        toks = [t.strip() for t in (self.tokens or []) if t and t.strip()]
-        if not toks:
-            raise ConnectorError("token", "the bridge needs at least one bearer token (--token-file)")
-        if any(any(c.isspace() for c in t) for t in toks):
-            raise ConnectorError("token", "tokens cannot contain whitespace")
-        self.tokens = toks
-        origins = []
-        for o in self.allow_origins or []:
-            o = o.strip().rstrip("/")
-            if not o:
-                continue
-            if o != "*" and not (o.startswith("http://") or o.startswith("https://")):
-                raise ConnectorError("allow_origin", f"{o!r} must be an origin such as https://webknossos.org")
-            if o != "*" and o.count("/") > 2:
-                raise ConnectorError("allow_origin", f"{o!r} is a URL with a path; give scheme://host[:port]")
-            origins.append(o)
-        self.allow_origins = origins
-        if not self.grpc_target or ":" not in self.grpc_target:
-            raise ConnectorError("grpc", f"{self.grpc_target!r}: expected HOST:PORT of the gRPC service")
-        return self
-
-
-# ----------------------------------------------------------------------------- security middleware
-class _SecurityMiddleware:
-    """CORS allow-list, preflights and bearer-token checks in front of the routes (pure ASGI, so
-    streaming responses pass through untouched)."""
-
-    PUBLIC_PREFIXES = ("/healthz", "/assets/")
-
-    def __init__(self, app, config: BridgeConfig):
-        self.app = app
-        self.config = config
-        self._digests = [hashlib.sha256(t.encode()).digest() for t in config.tokens]
-
-    def _origin_ok(self, origin: str) -> bool:
-        allowed = self.config.allow_origins
-        return "*" in allowed or origin.rstrip("/") in allowed
-
-    def _token_problem(self, header: str | None) -> str | None:
-        if not header:
-            return "missing bearer token; send 'Authorization: Bearer <token>'"
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return "expected 'Authorization: Bearer <token>'"
-        given = hashlib.sha256(token.strip().encode()).digest()
-        ok = False
-        for d in self._digests:
-            ok |= hmac.compare_digest(given, d)
-        return None if ok else "invalid bearer token"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        origin = headers.get("origin")
-        path = scope.get("path", "")
-        method = scope.get("method", "GET")
-        cors: dict[str, str] = {}
-        if origin is not None:
-            if not self._origin_ok(origin):
-                resp = error_response(403, "ORIGIN_NOT_ALLOWED", "Origin",
-                                      f"origin {origin} is not in the bridge's allow-list; start the bridge "
-                                      f"with --allow-origin {origin}")
-                await resp(scope, receive, send)
-                return
-            cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-                    "Access-Control-Expose-Headers": "Location, Content-Type"}
-        if method == "OPTIONS":
-            h = dict(cors)
-            h.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                      "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
-                      "Access-Control-Max-Age": "600"})
-            await Response(status_code=204, headers=h)(scope, receive, send)
-            return
-        if not path.startswith(self.PUBLIC_PREFIXES):
-            problem = self._token_problem(headers.get("authorization"))
-            if problem is not None:
-                h = dict(cors)
-                h["WWW-Authenticate"] = 'Bearer realm="emrestore-bridge"'
-                await error_response(401, "UNAUTHENTICATED", "Authorization", problem, h)(scope, receive, send)
-                return
-
-        async def send_with_cors(message):
-            if message["type"] == "http.response.start" and cors:
-                raw = list(message.get("headers", []))
-                present = {k.lower() for k, _ in raw}
-                for k, v in cors.items():
-                    if k.lower().encode() not in present:
-                        raw.append((k.lower().encode("latin-1"), v.encode("latin-1")))
-                message = dict(message, headers=raw)
-            await send(message)
-
-        await self.app(scope, receive, send_with_cors)
-
-
-# ----------------------------------------------------------------------------- request parsing
-def _int3(value: Any, field: str) -> list[int]:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise ConnectorError(field, f"{value!r} must be three integers [x, y, z]")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
-            raise ConnectorError(field, f"{value!r} must be three integers [x, y, z]")
-        out.append(int(v))
-    return out
-
-
-def _opt_int(body: dict, name: str, lo: int, hi: int) -> int:
-    v = body.get(name, 0)
-    if v is None:
-        return 0
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ConnectorError(name, f"{v!r} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _opt_str(body: dict, name: str) -> str:
-    v = body.get(name)
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        raise ConnectorError(name, f"{v!r} must be a string")
-    return v.strip()
-
-
-def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
-    """Validate a restore-region body; returns keyword arguments for the client (plus ``rid``)."""
-    if not isinstance(body, dict):
-        raise ConnectorError("body", "must be a JSON object")
-    source = _opt_str(body, "source")
-    if not source:
-        raise ConnectorError("source", "required: a precomputed layer URL")
-    if source.startswith("precomputed://"):
-        source = source[len("precomputed://"):]
-    model = _opt_str(body, "model")
-    if not model:
-        raise ConnectorError("model", "required: a model name on the server (GET /v1/models) or a model URL")
-    region = body.get("region")
-    if region is None:
-        region = {"start": body.get("start"), "stop": body.get("stop")}
-    if not isinstance(region, dict):
-        raise ConnectorError("region", "must be an object {start: [x, y, z], stop: [x, y, z]}")
-    if region.get("start") is None or region.get("stop") is None:
-        raise ConnectorError("region", "required: {start: [x, y, z], stop: [x, y, z]} in source voxels")
-    start = _int3(region["start"], "region.start")
-    stop = _int3(region["stop"], "region.stop")
-    if min(start) < 0:
-        raise ConnectorError("region.start", f"{start} must be ≥ 0 on every axis")
-    if any(b <= a for a, b in zip(start, stop)):
-        raise ConnectorError("region", f"start {start} must be < stop {stop} on every axis (stop exclusive)")
-    samples = _opt_int(body, "samples", 0, 64)
-    steps = _opt_int(body, "steps", 0, 1000)
-    seed = _opt_int(body, "seed", 0, 2 ** 62)
-    mip = _opt_int(body, "mip", 0, 16)
-    sampler = _opt_str(body, "sampler")
-    rid = request_id()
-    output = _opt_str(body, "output") or default_output_url(source, rid)
-    unc = body.get("uncertainty")
-    if unc is None:
-        unc = samples >= 2
-    if isinstance(unc, bool):
-        uncertainty = (default_output_url(source, rid, "uncertainty") if not body.get("output")
-                       else output.rstrip("/") + "_uncertainty") if unc else None
-    elif isinstance(unc, str) and unc.strip():
-        uncertainty = unc.strip()
-    else:
-        raise ConnectorError("uncertainty", f"{unc!r}: give true, false or a layer URL")
-    if uncertainty and samples < 2:
-        raise ConnectorError("uncertainty", "needs samples ≥ 2 (the spread of the samples)")
-    names = body.get("register_in") or []
-    if not isinstance(names, list):
-        raise ConnectorError("register_in", "must be a list of configured target names")
-    from .targets import resolve_names
-    clean_targets = [t.name for t in resolve_names(names, targets or {})]
-    return dict(source=source, model=model, output=output, start_xyz=start, stop_xyz=stop,
-                uncertainty=uncertainty, samples=samples, steps=steps, seed=seed, mip=mip, sampler=sampler,
-                register_in=clean_targets, rid=rid)
-
 
 # ----------------------------------------------------------------------------- the app
 def create_app(config: BridgeConfig, client=None) -> Starlette:
@@ -591,7 +264,7 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
         Route("/assets/{name}", asset, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
-    app.add_middleware(_SecurityMiddleware, config=config)
+    app.add_middleware(SecurityMiddleware, config=config)
     app.state.client = client
     app.state.config = config
     return app
@@ -650,41 +323,3 @@ def run_bridge(config: BridgeConfig, host: str = "127.0.0.1", port: int = 8080) 
     log.info("emrestore bridge on http://%s:%d → gRPC %s (origins: %s)", host, port, config.grpc_target,
              ", ".join(config.allow_origins) or "none")
     uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
-
-
-def read_tokens(path: str | None, env_var: str | None = None) -> list[str]:
-    """Tokens from a file (one per line, ``#`` comments) or ``$env_var`` (comma/space separated)."""
-    text = ""
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConnectorError("token_file", f"cannot read {path}: {e.strerror or e}") from None
-    elif env_var:
-        text = os.environ.get(env_var, "")
-    out: list[str] = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        out.extend(t for t in line.replace(",", " ").split() if t)
-    return out
-
-
-def iter_sse(lines: Iterable[str]):
-    """Parse server-sent events from text lines: yields (event, data-dict)."""
-    event, data = "message", []
-    for line in lines:
-        line = line.rstrip("\r\n")
-        if not line:
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)

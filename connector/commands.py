@@ -25,13 +25,14 @@ def _ints3(text: str, name: str) -> tuple[int, int, int]:
 
 
 def _grpc_token(path: str | None) -> str | None:
-    from .bridge import read_tokens
+    from .bridge_security import read_tokens
     toks = read_tokens(path, "EMRESTORE_TOKEN")
     return toks[0] if toks else None
 
 
 def cmd_bridge(a) -> None:
-    from .bridge import BridgeConfig, read_tokens, run_bridge
+    from .bridge import run_bridge
+    from .bridge_security import BridgeConfig, read_tokens
     tokens = read_tokens(a.token_file, BRIDGE_TOKEN_ENV)
     if not tokens:
         raise ConnectorError("--token-file", f"the bridge needs a bearer token: give --token-file or set ${BRIDGE_TOKEN_ENV}")
@@ -56,7 +57,7 @@ def cmd_view(a) -> None:
 
 
 def cmd_ng_state(a) -> None:
-    from .neuroglancer_view import write_state
+    from .neuroglancer_state import write_state
     where, link = write_state(a.out, a.source, a.restored, a.uncertainty, prefix_map=a.public_url_map,
                               update=not a.replace)
     print(f"wrote {where}")

@@ -15,7 +15,7 @@ configuration, never from the job's request.
 Platforms:
 
 - ``neuroglancer``: write or update a Neuroglancer state JSON at the target's ``url``
-  (:func:`connector.neuroglancer_view.register_state_target`);
+  (:func:`connector.neuroglancer_state.register_state_target`);
 - ``webknossos``: add the restored layer to the source dataset, or as a remote dataset
   (:mod:`connector.webknossos`);
 - ``catmaid``: a stack with a tile-source-14 mirror (:mod:`connector.catmaid`).
@@ -97,7 +97,7 @@ def job_view(job: Any) -> dict:
 
 
 def _neuroglancer(job: dict, target: Target) -> str:
-    from .neuroglancer_view import register_state_target
+    from .neuroglancer_state import register_state_target
     return register_state_target(job, target)
 
 

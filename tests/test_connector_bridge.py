@@ -9,7 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from connector.bridge import BridgeConfig, BridgeServer, create_app, http_status_for, iter_sse, parse_restore_request
+from connector.bridge import BridgeServer, create_app
+from connector.bridge_protocol import http_status_for, iter_sse, parse_restore_request
+from connector.bridge_security import BridgeConfig
 from connector.util import ConnectorError
 from tests.platform_doubles import RunningService
 
@@ -307,7 +309,7 @@ def test_registration_is_decided_from_structured_event_kinds():
     text (a message starting with "catmaid:") decides nothing."""
     from types import SimpleNamespace
 
-    from connector.bridge import job_event_kinds, registration_pending
+    from connector.bridge_protocol import job_event_kinds, registration_pending
 
     spec = {"register_in": ["lab-ng", "lab-wk"]}
     job = SimpleNamespace(state="SUCCEEDED", spec=spec, events=["catmaid: registered", "neuroglancer: wrote"])

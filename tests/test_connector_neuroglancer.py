@@ -10,8 +10,8 @@ import urllib.parse
 import httpx
 import pytest
 
-from connector.neuroglancer_view import (ANNOTATION_LAYER, RESTORE_ACTION, RESTORE_KEY, RestoreViewer, state_for_layers,
-                                         state_link, write_state)
+from connector.neuroglancer_state import state_for_layers, state_link, write_state
+from connector.neuroglancer_view import ANNOTATION_LAYER, RESTORE_ACTION, RESTORE_KEY, RestoreViewer
 from connector.static_server import StaticFileServer
 from connector.util import ConnectorError, public_url
 from tests.platform_doubles import RunningService, chrome_driver, wait_for

@@ -9,7 +9,8 @@ from importlib import resources
 
 import pytest
 
-from connector.bridge import BridgeConfig, BridgeServer, create_app
+from connector.bridge import BridgeServer, create_app
+from connector.bridge_security import BridgeConfig
 from connector.static_server import StaticFileServer
 from tests.platform_doubles import (CATMAID_PAGE, WEBKNOSSOS_PAGE, CatmaidDouble, RunningService, WebknossosDouble,
                                     chrome_driver, page_with_config, wait_for)
