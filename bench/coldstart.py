@@ -4,7 +4,10 @@ Measured here, side by side on one machine (same region, same model preset, loca
 standing in for pods):
 - cold (the Indexed-Job path once its container runs): the JobManager plans the job and starts a
   fresh ``emrestore worker`` process — Python + torch import, model load, read, restore, write,
-  ledger; request → first block marker in the ledger;
+  ledger; request → first block marker in the ledger (``EMRESTORE_WORKER_START=exec``);
+- local batch worker, forked: the embedded default's batch path — the same worker forked from the
+  template process that already imported torch (service/jobs/processes.py): no imports, but the
+  model load, read, restore, write;
 - warm pool, model not cached: a running ``emrestore worker --pool`` process (imports done) that
   has not loaded this model yet leases the block, loads the model and restores it;
 - warm pool, model cached: the same pool worker for a second region with the same model (the
@@ -34,6 +37,7 @@ from service.engine.tasks import TaskSpec  # noqa: E402
 from service.jobs.executors import LocalExecutor  # noqa: E402
 from service.jobs.manager import JobManager  # noqa: E402
 from service.jobs.pool_executor import ExecutionRouter, LocalPool, PoolExecutor  # noqa: E402
+from service.jobs.processes import START_ENV, start_worker  # noqa: E402
 from service.jobs.spec import RestoreSpec  # noqa: E402
 from service.volume import precomputed as pc  # noqa: E402
 
@@ -85,16 +89,21 @@ def main(argv=None):
         return RestoreSpec(source=src, model=model_url, output=f"file://{tmp}/out-{n[0]}", execution=execution,
                            **region)
 
-    cold, uncached, cached = [], [], []
-    ledger = f"file://{tmp}/ledger"
-    mgr = JobManager(ledger, LocalExecutor(ledger, default_parallelism=1, env=env), poll_interval_s=0.05,
-                     block_size_xyz=(256, 256, 0))
-    mgr.start()
-    try:
-        for _ in range(a.repeats):
-            cold.append(first_block(mgr, spec(cold_url, "batch")))
-    finally:
-        mgr.close()
+    cold, forked, uncached, cached = [], [], [], []
+    for start, times in (("exec", cold), ("fork", forked)):
+        os.environ[START_ENV] = start
+        ledger = f"file://{tmp}/ledger-{start}"
+        mgr = JobManager(ledger, LocalExecutor(ledger, default_parallelism=1, env=env), poll_interval_s=0.05,
+                         block_size_xyz=(256, 256, 0))
+        mgr.start()
+        try:
+            if start == "fork":  # the template starts with the service, before any request
+                start_worker(["--help"], dict(os.environ)).wait(120)
+            for _ in range(a.repeats):
+                times.append(first_block(mgr, spec(cold_url, "batch")))
+        finally:
+            mgr.close()
+    os.environ.pop(START_ENV, None)
     ledger = f"file://{tmp}/ledger-pool"
     pool = LocalPool(ledger, 1, log_dir=f"{tmp}/logs", env=env).start()
     mgr = JobManager(ledger, ExecutionRouter(ledger, PoolExecutor(ledger, size=1),
@@ -114,6 +123,8 @@ def main(argv=None):
     rows = [
         ["cold (Indexed-Job path): new worker process — imports, model load, read, restore, write, ledger",
          best(c[0] for c in cold), best(c[1] for c in cold)],
+        ["local batch worker forked from the torch-warm template (embedded default): model load, read, "
+         "restore, write, ledger", best(c[0] for c in forked), best(c[1] for c in forked)],
         ["warm pool worker, model not yet cached (lease, model load, read, restore, write)",
          uncached[0][0], uncached[0][1]],
         ["warm pool worker, model cached (lease, read, restore, write)",
@@ -122,7 +133,7 @@ def main(argv=None):
     blocks = mgr.get(mgr.ledger.list_jobs()[0][0].job_id).blocks_total
     text = [f"Cold start vs warm pool, {today()}, {machine()}; {a.preset} preset, dpmpp2m {a.steps} steps "
             f"(= network evaluations per gap), restore-region of {a.size}×{a.size}×{a.sections} source voxels at "
-            f"factor {k}, {blocks} block(s); pool poll interval 0.5 s; cold and cached best of {a.repeats}, "
+            f"factor {k}, {blocks} block(s); pool poll interval 0.5 s; cold, forked and cached best of {a.repeats}, "
             "uncached one run.\n",
             table(["path", "s to first block", "s to SUCCEEDED"], rows,
                   "Time from a restore-region request to its first restored block (local processes for pods)")]

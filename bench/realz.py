@@ -293,29 +293,24 @@ def picture(path, kept, truth, lin, mean, sample, std, k, y=None, npz=None):
 
 
 def draw_picture(path, d):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The XZ panels side by side (PIL through service.viz, so any machine draws it): the kept
+    sections on the output grid, linear, our mean, one sample, the truth, and the uncertainty."""
+    from service.viz import heat8, panels_png, to_gray8
     k = int(d["k"])
     truth = d["truth"]
-    x1 = min(truth.shape[1], 160)
-    panels = [("input: every %d-th slice" % k, np.repeat(d["kept"][:, :x1], k, 0)[:truth.shape[0]]),
-              ("linear interpolation", d["lin"][:, :x1]), ("ours: mean (default)", d["mean"][:, :x1])]
+    x1, z1 = min(truth.shape[1], 160), min(truth.shape[0], 120)
+    gray = lambda a: to_gray8(a[:z1, :x1], 0, 255)  # noqa: E731 - the same grey scale in every panel
+    panels = [(f"input: every {k}th slice", gray(np.repeat(d["kept"], k, 0)[:truth.shape[0]])),
+              ("linear interpolation", gray(d["lin"])), ("ours: mean (default)", gray(d["mean"]))]
     if d["sample"].size:
-        panels.append(("ours: one sample", d["sample"][:, :x1]))
-    panels += [("ground truth", truth[:, :x1]), ("uncertainty (std of 4)", d["std"][:, :x1])]
-    z1 = min(truth.shape[0], 120)
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6 * z1 / x1 + 0.6))
-    for ax, (title, img) in zip(axes, panels):
-        cm = "magma" if title.startswith("uncertainty") else "gray"
-        ax.imshow(img[:z1], cmap=cm, interpolation="nearest",
-                  **({} if cm == "magma" else {"vmin": 0, "vmax": 255}))
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"FlyEM FIB-SEM, XZ view, z restored ×{k} (data: Janelia Research Campus / HHMI FlyEM)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        panels.append(("ours: one sample", gray(d["sample"])))
+    std = d["std"][:z1, :x1]
+    gen = std[std > 0]  # source sections carry no uncertainty (drawn black)
+    lo, hi = (np.percentile(gen, 1), np.percentile(gen, 99)) if gen.size else (0.0, 1.0)
+    panels += [("ground truth", gray(truth)),
+               (f"uncertainty (std {lo:.0f}-{hi:.0f})", heat8(np.where(std > 0, np.clip(std - lo, 0, None) + 1e-3, 0),
+                                                             hi - lo))]
+    panels_png(path, panels, scale=2)
 
 
 def main(argv=None):
@@ -333,7 +328,16 @@ def main(argv=None):
     ap.add_argument("--ref-crop", type=int, default=128,
                     help="lateral crop of the 200-step reference subset (200 evaluations per image; 0: skip it)")
     ap.add_argument("--no-regression", action="store_true", help="skip the regression baseline (CPU runs)")
+    ap.add_argument("--no-flyem", action="store_true",
+                    help="skip the FlyEM tables (ISBI and the needs-fine-tuning table only)")
+    ap.add_argument("--flyem-model", help="with --no-flyem: a FlyEM k=5 model saved by --save-models, for "
+                                          "the needs-fine-tuning table (in and out of domain)")
+    ap.add_argument("--picture-from", help="draw the XZ picture from saved slices (realz_xz_slices.npz) and stop")
     a = ap.parse_args(argv)
+    if a.picture_from:
+        draw_picture(a.picture, np.load(a.picture_from))
+        print(f"[realz] wrote {a.picture}")
+        return 0
     if not os.path.exists(FLYEM):
         print(f"[realz] FlyEM data not found at {FLYEM}; nothing to do")
         return 0
@@ -361,6 +365,17 @@ def main(argv=None):
             json.dump(summary, f, indent=1, default=float)
 
     models = {}
+    if a.no_flyem:
+        ks = []
+        if a.flyem_model:
+            from service.engine.model import RestorationModel
+            vol = read_tif(FLYEM)
+            fkept = (vol[:, :a.crop, :a.crop] if a.crop else vol)[::5]
+            fm = RestorationModel.load(a.flyem_model)
+            models[5] = (fm, fkept)
+            score_in = restore(fm, fkept, samples=4, seed=1, device=a.device).score
+            summary["flyem"].append({"score_in_domain": score_in, "model": a.flyem_model})
+            log(f"[realz] FlyEM model {a.flyem_model} on its own data: needs-fine-tuning score {score_in:.3f}")
     for i, k in enumerate(ks):
         res, kept, truth, lin, mean, sample, std = run_flyem(k, steps, i == 0, a.quick, log, a.save_models,
                                                              device=a.device, crop=a.crop, ref_crop=a.ref_crop,

@@ -259,7 +259,7 @@ def _add_train_args(p, default_steps):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    from .engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
     ap = argparse.ArgumentParser(prog="emrestore", description="emrestore: diffusion-model restoration for volume electron microscopy (denoise, super-resolution, isotropic z).")
     from . import __version__
     ap.add_argument("--version", action="version", version=f"emrestore {__version__}")
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--samples", type=int, default=1,
                    help="K realisations; K ≥ 2 gives the uncertainty (and the mean of K with --estimate sample-mean)")

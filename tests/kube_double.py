@@ -14,7 +14,8 @@ Tests put Job/Pod states in with :meth:`FakeKubeApi.put_status` and :meth:`FakeK
 With ``run_workers=True`` a created Job runs: a thread plays the Indexed Job controller
 (``pkg/controller/job/job_controller.go``, ``indexed_job_utils.go``) for the parts the worker
 contract needs — every index's container command runs as a local process with
-``JOB_COMPLETION_INDEX`` set, at most ``parallelism`` at once, retried up to
+``JOB_COMPLETION_INDEX`` set (``python -m service.cli ...`` forked from the warm template of
+service/jobs/processes.py, as the local executor starts workers; other commands as subprocesses), at most ``parallelism`` at once, retried up to
 ``backoffLimitPerIndex`` times, exit code 2 failing the index at once (the manifest's
 ``FailIndex`` rule); the Job ends with ``SuccessCriteriaMet``/``Complete`` or
 ``FailureTarget``/``Failed`` (``FailedIndexes``), and pods carry the terminated state with the
@@ -28,6 +29,7 @@ import copy
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +39,7 @@ from typing import Any
 import kubernetes_validate
 
 from service.jobs.kube import COMPLETION_INDEX_KEY, ApiError, ranges
+from service.jobs.processes import start_worker
 
 K8S_VERSION = "1.33"
 #: apimachinery's resource.Quantity syntax, as the API server's validation message quotes it
@@ -64,7 +67,7 @@ class FakeKubeApi:
         self.cwd = cwd
         self.env = dict(env or {})
         self.max_running: dict[str, int] = {}
-        self._procs: dict[str, list[subprocess.Popen]] = {}
+        self._procs: dict[str, list] = {}  # Popen or processes.WorkerProcess
         self._stop: dict[str, threading.Event] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.RLock()
@@ -204,8 +207,12 @@ class FakeKubeApi:
                 pod = self._pod(job, i, attempts[i])
                 log = open(os.path.join(self.cwd or ".", f".{pod['metadata']['name']}.log"), "w+b")
                 command = pod["spec"]["containers"][0]["command"]
-                proc = subprocess.Popen(command, cwd=self.cwd, env=self._env(pod, i), stdout=log,
-                                        stderr=subprocess.STDOUT)
+                if command[:3] == [sys.executable, "-m", "service.cli"]:
+                    # the emrestore image's entry point: forked warm, as the local executor's workers
+                    proc = start_worker(command[3:], self._env(pod, i), log.name)
+                else:
+                    proc = subprocess.Popen(command, cwd=self.cwd, env=self._env(pod, i), stdout=log,
+                                            stderr=subprocess.STDOUT)
                 self._procs.setdefault(uid, []).append(proc)
                 running[i] = (proc, pod["metadata"]["name"], log)
                 self.add_pod(namespace, pod)

@@ -198,7 +198,9 @@ def test_serve_subprocess_with_token_and_sigterm(tmp_path):
     token_file.write_text("serve-token\n")
     data = tmp_path / "data"
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "0", "--data-dir", data,
-                             "--token-file", token_file], cwd=ROOT, env=_env_for_subprocess(),
+                             "--token-file", token_file], cwd=ROOT,
+                            # no job runs here: no torch-warm worker template (processes.warm_up)
+                            env=_env_for_subprocess(EMRESTORE_WORKER_START="exec"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         port = None

@@ -145,7 +145,7 @@ def test_default_mean_beats_linear_and_passes_sources(iso_model):
 def test_estimates_uncertainty_and_determinism(iso_model):
     url, aniso, vol, _ = iso_model
     m = RestorationModel.load(url)
-    sub = aniso[:3]
+    sub = aniso[:3, :32, :32]
     mean1 = restore(m, sub)
     a = restore(m, sub, samples=3, steps=2, seed=7)
     # the mean estimate does not depend on the samples; the uncertainty does
@@ -193,7 +193,7 @@ def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):
     url, aniso, vol, _ = iso_model
     m = RestorationModel.load(url)
     assert m.has_error_head and m.predictor.config.error_head
-    sub = aniso[:4]
+    sub = aniso[:4, :32, :32]
     head = restore(m, sub, samples=2, steps=1, seed=1)
     spread = restore(m, sub, samples=2, steps=1, seed=1, uncertainty_source="samples")
     assert np.array_equal(head.mean, spread.mean) and not np.allclose(head.std, spread.std)
@@ -201,7 +201,7 @@ def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):
     # the predicted error is of the size of the real error (within a factor of 2)
     gen = np.ones(head.mean.shape[0], bool)
     gen[::3] = False
-    err = head.mean[gen].astype(np.float32) - vol[:head.mean.shape[0]][gen].astype(np.float32)
+    err = head.mean[gen].astype(np.float32) - vol[:head.mean.shape[0], :32, :32][gen].astype(np.float32)
     rmse, size = float(np.sqrt((err ** 2).mean())), float(np.sqrt((head.std[gen] ** 2).mean()))
     assert 0.5 < size / rmse < 2.0, (size, rmse)  # (ranking: test_uncertainty_ranks_error, bench/realz.py)
     assert np.array_equal(head.std_parts["head"] > 0, head.std > 0) and set(head.std_parts) == {"samples", "head"}
@@ -294,10 +294,10 @@ def test_denoise_and_superres_train_and_restore():
     m = RestorationModel.create(t, "tiny")
     p = RegisteredPairs(t, noisy, clean)
     m.input_norm, m.target_norm = p.input_norm, p.target_norm
-    train(m, p, TrainConfig(steps=60, batch_size=4, patch=32, warmup=5, lr=2e-3), progress=False, calibrate=False)
+    train(m, p, TrainConfig(steps=20, batch_size=4, patch=32, warmup=5, lr=2e-3), progress=False, calibrate=False)
     r = restore(m, noisy[:2])
     assert r.mean.shape == (2, 64, 64) and r.evaluations == 1
-    assert _psnr(r.mean, clean[:2]) > _psnr(noisy[:2], clean[:2])   # the mean denoises
+    assert _psnr(r.mean, clean[:2]) > _psnr(noisy[:2], clean[:2]) + 3   # the mean denoises (29.3 vs 20.2 dB)
     s = restore(m, noisy[:2], steps=3, samples=2, estimate="sample")
     assert s.std is not None and s.std.shape == (2, 64, 64)
 

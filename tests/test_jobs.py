@@ -230,7 +230,7 @@ def test_s3_compatible_store_through_client_script(s3_endpoint, tiny_iso_model, 
     src = f"{root}/em"
     pc.create_source_layer(src, stack, (8, 8, 24), (0, 0, 0), (32, 32, 3))
     ledger = f"{root}/ledger"
-    mgr = JobManager(ledger, LocalExecutor(ledger, log_dir=str(tmp_path / "logs")), poll_interval_s=0.2,
+    mgr = JobManager(ledger, LocalExecutor(ledger, log_dir=str(tmp_path / "logs")), poll_interval_s=0.5,
                      block_size_xyz=(64, 64, 0))
     server, port = build_server(mgr, "127.0.0.1", 0)
     server.start()

@@ -364,20 +364,46 @@ def test_a_worker_crash_is_an_event_of_the_job(tmp_path):
     assert any(e["kind"] == "worker_failed" for e in mgr.get(job.job_id).event_log)
 
 
-def test_local_executor_keeps_the_logs_of_earlier_attempts(tmp_path, monkeypatch):
+def test_local_executor_keeps_the_logs_of_earlier_attempts(tmp_path):
+    """Real worker processes (forked from the warm template) that fail with a retryable exit code
+    (3: CUDA required, none here): every attempt keeps its log (appended on a relaunch) with the
+    worker's one error line, and the task ends failed."""
     from service.jobs import executors
+    job = "01aaaaaaaaaaaaaaaaaaaaaaaa"
+    ex = executors.LocalExecutor("file:///unused", max_retries=1, log_dir=str(tmp_path / "logs"),
+                                 env={"EMRESTORE_DEVICE": "cuda"})
+    for _ in range(2):  # a relaunch after the first ended: two attempts each
+        ex.launch(job, 1, 1)
+        ex._jobs[job].thread.join(timeout=120)
+        assert ex.status(job).failed == 1
+        assert "exit code 3 after 2 attempt(s)" in " ".join(ex.status(job).messages)
+    logs = sorted(os.listdir(tmp_path / "logs"))  # one file per attempt, appended by later launches
+    assert len(logs) == 2
+    lines = [ln for name in logs for ln in (tmp_path / "logs" / name).read_text().splitlines()]
+    assert len(lines) == 4, lines
+    assert all(ln.startswith("emrestore: error:") and "CUDA" in ln for ln in lines), lines
 
-    def fake_command(ledger_url, job_id, task_index, num_tasks):
-        return [executors.sys.executable, "-c", "import sys; print('attempt'); sys.exit(1)"]
 
-    monkeypatch.setattr(executors, "worker_command", fake_command)
-    ex = executors.LocalExecutor("file:///unused", max_retries=1, log_dir=str(tmp_path / "logs"))
-    for _ in range(2):  # two launches (a relaunch after the first ended), two attempts each
-        ex.launch("01aaaaaaaaaaaaaaaaaaaaaaaa", 1, 1)
-        ex._jobs["01aaaaaaaaaaaaaaaaaaaaaaaa"].thread.join(timeout=60)
-    logs = sorted(os.listdir(tmp_path / "logs"))
-    text = "".join((tmp_path / "logs" / n).read_text() for n in logs)
-    assert text.count("attempt") == 4 and ex.status("01aaaaaaaaaaaaaaaaaaaaaaaa").failed == 1
+@pytest.mark.parametrize("start", ["fork", "exec"])
+def test_worker_processes_get_their_own_environment_log_and_exit_code(tmp_path, monkeypatch, start):
+    """Both ways of starting a local worker (forked from the template; a fresh interpreter) give
+    it exactly the environment it was handed (not the template's), append its output to its log
+    and report the CLI's exit code (2: bad input, before any model or torch work)."""
+    from service.jobs import processes
+    monkeypatch.setenv(processes.START_ENV, start)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "7")  # the service's (and maybe the template's) own
+    log = tmp_path / "logs" / "w.log"
+    env = dict(os.environ, JOB_COMPLETION_INDEX="not-a-number")
+    first = processes.start_worker(["worker", "--ledger", "file:///unused", "--job", "j"], env, str(log))
+    assert first.wait(120) == 2 and first.poll() == 2
+    env.pop("JOB_COMPLETION_INDEX")
+    second = processes.start_worker(["worker", "--ledger", "file:///unused", "--job", "j"], env, str(log))
+    assert second.wait(120) == 2
+    lines = log.read_text().splitlines()
+    assert lines == ["emrestore: error: INVALID_ARGUMENT: --task-index: $JOB_COMPLETION_INDEX='not-a-number' "
+                     "is not an integer",
+                     "emrestore: error: INVALID_ARGUMENT: --task-index: not given and $JOB_COMPLETION_INDEX is unset"]
+    assert processes.start_method() == start
 
 
 def test_unreachable_or_unauthorised_model_stores_are_not_internal(s3_endpoint, tmp_path):

@@ -171,9 +171,9 @@ def _region(req, field: str = "region", required: bool = False):
 def _sampler(name: str) -> str | None:
     if not name:
         return None
-    from ..engine.samplers import SAMPLERS
-    if name not in SAMPLERS:
-        raise RequestError("sampler", f"unknown sampler {quote(name)}; allowed: {', '.join(sorted(SAMPLERS))}")
+    from ..engine.sampler_names import SAMPLER_NAMES
+    if name not in SAMPLER_NAMES:
+        raise RequestError("sampler", f"unknown sampler {quote(name)}; allowed: {', '.join(SAMPLER_NAMES)}")
     return name
 
 

@@ -59,6 +59,8 @@ def cmd_serve(a):
         from ..jobs.executors import LocalExecutor
         executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"),
                                  env=policy.env())
+        from ..jobs.processes import warm_up
+        warm_up()  # the workers' template imports torch while the server starts
     else:
         from dataclasses import replace
 

@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES  # noqa: F401 (re-exported)
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -114,9 +116,7 @@ SAMPLERS: dict[str, type] = {
     "ddim": DDIMSampler,
     "dpmpp2m": DPMSolverPP2M,
 }
-#: Default sampler and step count, chosen from bench/quality.py's quality/speed curve.
-DEFAULT_SAMPLER = "dpmpp2m"
-DEFAULT_STEPS = 10
+assert set(SAMPLERS) == set(SAMPLER_NAMES)
 #: Step spacing per sampler: few-step solvers do best with log-SNR spacing.
 DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "logsnr", "dpmpp2m": "logsnr"}
 

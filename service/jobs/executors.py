@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from .processes import start_worker
 
 
 @dataclass
@@ -36,12 +37,12 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
-def worker_command(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int) -> list[str]:
-    cmd = [sys.executable, "-m", "service.cli", "worker", "--ledger", ledger_url, "--job", job_id,
-           "--num-tasks", str(num_tasks)]
+def worker_args(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int) -> list[str]:
+    """The ``emrestore`` arguments of one task (the worker contract)."""
+    args = ["worker", "--ledger", ledger_url, "--job", job_id, "--num-tasks", str(num_tasks)]
     if task_index is not None:
-        cmd += ["--task-index", str(task_index)]
-    return cmd
+        args += ["--task-index", str(task_index)]
+    return args
 
 
 class _LocalJob:
@@ -50,7 +51,7 @@ class _LocalJob:
         self.num_tasks = num_tasks
         self.parallelism = max(1, parallelism)
         self.queue = list(range(num_tasks))
-        self.running: dict[int, subprocess.Popen] = {}
+        self.running: dict[int, Any] = {}  # subprocess.Popen or processes.WorkerProcess
         self.attempts = {i: 0 for i in range(num_tasks)}
         self.succeeded: set[int] = set()
         self.failed: set[int] = set()
@@ -60,8 +61,9 @@ class _LocalJob:
 
 
 class LocalExecutor:
-    """Runs each task as an ``emrestore worker`` subprocess, at most ``parallelism`` at once,
-    retrying a failed task up to ``max_retries`` times. Torch threads are split between workers."""
+    """Runs each task as an ``emrestore worker`` process (forked warm, processes.py), at most
+    ``parallelism`` at once, retrying a failed task up to ``max_retries`` times. Torch threads are
+    split between workers."""
     name = "local"
 
     def __init__(self, ledger_url: str, max_retries: int = 2, default_parallelism: int = 1,
@@ -84,7 +86,7 @@ class LocalExecutor:
         job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name=f"local-{job_id}")
         job.thread.start()
 
-    def _spawn(self, job: _LocalJob, i: int) -> subprocess.Popen:
+    def _spawn(self, job: _LocalJob, i: int):
         env = dict(os.environ)
         env.update(self.env)
         threads = max(1, (os.cpu_count() or 1) // job.parallelism)
@@ -93,15 +95,10 @@ class LocalExecutor:
         from ..volume.stores import ENDPOINTS_ENV, endpoints_json
         if ENDPOINTS_ENV not in env and endpoints_json() != "[]":
             env[ENDPOINTS_ENV] = endpoints_json()  # workers reach the same S3-compatible aliases
-        out = subprocess.DEVNULL
-        if self.log_dir:
-            os.makedirs(self.log_dir, exist_ok=True)
-            # appended: logs of earlier attempts and earlier launches are kept
-            out = open(os.path.join(self.log_dir, f"{job.job_id}-{i}-{job.attempts[i]}.log"), "ab")
+        # appended: logs of earlier attempts and earlier launches are kept
+        log = os.path.join(self.log_dir, f"{job.job_id}-{i}-{job.attempts[i]}.log") if self.log_dir else None
         job.attempts[i] += 1
-        return subprocess.Popen(worker_command(self.ledger_url, job.job_id, None, job.num_tasks),
-                                env=env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        return start_worker(worker_args(self.ledger_url, job.job_id, None, job.num_tasks), env, log)
 
     def _run(self, job: _LocalJob):
         while not job.cancelled and (job.queue or job.running):

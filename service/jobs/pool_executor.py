@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 
 from .executors import Executor, ExecutorStatus
 from .ledger import Ledger
+from .processes import start_worker
 from .plans import PRIORITIES, PlanMissing, plan_from_dict
 
 #: worker_failed events after which the pool executor reports a job's workers as failed
@@ -115,27 +115,22 @@ class LocalPool:
         self.max_models = max_models
         self.log_dir = log_dir
         self.env = env or {}
-        self.procs: list[subprocess.Popen | None] = [None] * n
+        self.procs: list = [None] * n  # subprocess.Popen or processes.WorkerProcess
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "service.cli", "worker", "--pool", "--ledger", self.ledger_url,
-                "--max-models", str(self.max_models)]
+    def args(self) -> list[str]:
+        return ["worker", "--pool", "--ledger", self.ledger_url, "--max-models", str(self.max_models)]
 
-    def _spawn(self, i: int) -> subprocess.Popen:
+    def _spawn(self, i: int):
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, self.n))))
         from ..volume.stores import ENDPOINTS_ENV, endpoints_json
         if ENDPOINTS_ENV not in env and endpoints_json() != "[]":
             env[ENDPOINTS_ENV] = endpoints_json()
-        out = subprocess.DEVNULL
-        if self.log_dir:
-            os.makedirs(self.log_dir, exist_ok=True)
-            out = open(os.path.join(self.log_dir, f"pool-{i}.log"), "ab")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        log = os.path.join(self.log_dir, f"pool-{i}.log") if self.log_dir else None
+        return start_worker(self.args(), env, log)
 
     def start(self) -> "LocalPool":
         for i in range(self.n):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..engine.restore import MAX_SAMPLES
-from ..engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from ..engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
 from ..errors import RequestError, quote
 
 Vec3 = tuple[int, int, int]
@@ -70,8 +70,8 @@ def _check_url(value, name: str) -> str:
 
 
 def _check_sampling(spec) -> None:
-    if spec.sampler not in SAMPLERS:
-        raise RequestError("sampler", f"{quote(spec.sampler)}; allowed: {', '.join(sorted(SAMPLERS))}")
+    if spec.sampler not in SAMPLER_NAMES:
+        raise RequestError("sampler", f"{quote(spec.sampler)}; allowed: {', '.join(SAMPLER_NAMES)}")
     _check_int(spec.steps, "steps", 1, LIMITS.max_steps)
     _check_int(spec.samples, "samples", 1, LIMITS.max_samples)
     _check_int(spec.seed, "seed", 0, 2 ** 63 - 1)

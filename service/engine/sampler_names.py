@@ -1,0 +1,8 @@
+"""The samplers' names and defaults without torch: what request checks (service/jobs/spec.py), the
+servicer and the command line need, so that they stay light (a client command or a worker's
+argument error does not import torch). samplers.py implements them."""
+
+SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp2m")
+#: Default sampler and step count, chosen from bench/quality.py's quality/speed curve.
+DEFAULT_SAMPLER = "dpmpp2m"
+DEFAULT_STEPS = 10
