@@ -192,8 +192,10 @@ def tiny_iso_model(tmp_path_factory):
             model.learn_gap((8, 8, 24), zoom=pairs.zoom)  # restoring data of another z/xy ratio is refused
             model.input_norm = model.target_norm = pairs.norm
             model.name = "tiny-iso3"
+            log = []
             train(model, pairs, TrainConfig(steps=40, batch_size=4, patch=32, warmup=5, lr=2e-3), out_url=url,
-                  progress=False, mode="self-supervised")
+                  progress=False, mode="self-supervised", log=log)
+            (root / "loss.json").write_text(json.dumps([float(v) for v in log]))
     return url, stack
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from service.engine.pairs import IsotropicPairs, RegisteredPairs, StackGapPairs,
 from service.engine.restore import check_model_for_task, check_voxel_size, derive_seed, restore
 from service.engine.tasks import TaskSpec, linear_rows
 from service.engine.training import TrainConfig, train
-from tests.conftest import built_once
+from service.engine import phantom
 
 # one thread: on a shared 2-core machine two OpenMP threads per process ran 10× slower
 torch.set_num_threads(1)
@@ -31,23 +32,14 @@ def _psnr(a, b):
 
 
 @pytest.fixture(scope="module")
-def iso_model(tmp_path_factory):
-    """A tiny isotropic ×3 model trained self-supervised on the kept sections of a smooth volume."""
-    vol = _smooth_volume((31, 64, 64))
-    aniso = vol[::3]
-    task = TaskSpec("isotropic", 3)
-    m = RestorationModel.create(task, "tiny", voxel_size_nm=(8, 8, 24))
-    pairs = IsotropicPairs(task, aniso, self_supervised=True, voxel_size_nm=(8, 8, 24))
-    m.input_norm = m.target_norm = pairs.norm
-    m.gap = {"row_spacing_nm": 8.0, "lateral_nm": 8.0, "zoom": pairs.zoom, "section_thickness": False}
-    with built_once(tmp_path_factory, "engine-iso3") as (root, needs_build):
-        url, log_file = str(root / "iso3"), root / "loss.json"
-        if needs_build:
-            log = []
-            train(m, pairs, TrainConfig(steps=50, batch_size=4, patch=32, warmup=10, lr=2e-3), out_url=url,
-                  progress=False, mode="self-supervised", log=log)
-            log_file.write_text(json.dumps([float(v) for v in log]))
-    return url, aniso, vol, json.loads(log_file.read_text())
+def iso_model(tiny_iso_model):
+    """The session's tiny isotropic ×3 model (tests/conftest.py: trained self-supervised on the
+    kept sections of a phantom): (url, kept sections, the isotropic truth, the training loss)."""
+    url, aniso = tiny_iso_model
+    vol = phantom.to_uint8(phantom.make_phantom((25, 64, 64), seed=3))
+    assert np.array_equal(vol[::3], aniso)
+    log = json.loads((Path(url[len("file://"):]).parent / "loss.json").read_text())
+    return url, aniso, vol, log
 
 
 def test_training_reduces_loss(iso_model):
@@ -61,13 +53,14 @@ def test_checkpoint_is_self_describing_and_safe(iso_model):
     assert meta["task"] == "isotropic" and meta["factor"] == 3 and meta["preset"] == "tiny"
     assert meta["format_version"] == 2 and meta["predictor_unet"] and meta["unet"]
     assert meta["voxel_size_nm"] == [8, 8, 24]
-    assert meta["training"]["mode"] == "self-supervised" and meta["training"]["steps"] == 50
+    assert meta["training"]["mode"] == "self-supervised" and meta["training"]["steps"] == 40
     assert meta["input_norm"]["hi"] > meta["input_norm"]["lo"]
     assert meta["diffusion"]["schedule"]["num_steps"] == 2000 and meta["diffusion"]["scale"] > 0
     assert meta["calibration"]["spread"] > 0 and meta["calibration"]["rmse"] > 0
     # weights and resume state load with weights_only=True
-    torch.load(os.path.join(url, "weights.pt"), weights_only=True)
-    torch.load(os.path.join(url, "train_state.pt"), weights_only=True)
+    path = url[len("file://"):]
+    torch.load(os.path.join(path, "weights.pt"), weights_only=True)
+    torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     m = RestorationModel.load(url)
     assert m.task == TaskSpec("isotropic", 3) and m.net is not None
 
@@ -136,9 +129,9 @@ def test_default_mean_beats_linear_and_passes_sources(iso_model):
     lin = np.rint(linear_rows(aniso, 3)).astype(np.uint8)
     gen = np.ones(truth.shape[0], bool)
     gen[::3] = False
-    assert r.mean.shape == (31, 64, 64) and r.mean.dtype == np.uint8
+    assert r.mean.shape == (25, 64, 64) and r.mean.dtype == np.uint8
     assert np.array_equal(r.mean[::3], aniso)  # source sections pass through exactly
-    assert _psnr(r.mean[gen], truth[gen]) > _psnr(lin[gen], truth[gen]) + 0.05
+    assert _psnr(r.mean[gen], truth[gen]) > _psnr(lin[gen], truth[gen]) + 1.0  # 29.4 vs 26.7 dB
     assert r.evaluations == 1 and r.evaluations_per_voxel == 2 and r.std is None and r.score is None
 
 
@@ -175,16 +168,16 @@ def test_estimates_uncertainty_and_determinism(iso_model):
 
 def test_uncertainty_ranks_error(iso_model):
     """Where the uncertainty (error head + spread of the samples) is larger, the mean is wrong by
-    more (rank correlation > 0). The test model trains 50 steps; real data: bench/realz.py."""
+    more (rank correlation > 0.1). The test model trains 40 steps; real data: bench/realz.py."""
     from scipy.stats import spearmanr
     url, aniso, vol, _ = iso_model
     m = RestorationModel.load(url)
-    r = restore(m, aniso[:6], samples=4, steps=4, seed=1)
-    truth = vol[:r.mean.shape[0]]
+    r = restore(m, aniso[:6, :32, :32], samples=4, steps=4, seed=1)
+    truth = vol[:r.mean.shape[0], :32, :32]
     gen = np.ones(truth.shape[0], bool)
     gen[::3] = False
     err = np.abs(r.mean[gen].astype(np.float32) - truth[gen].astype(np.float32))
-    assert spearmanr(r.std[gen].ravel(), err.ravel())[0] > 0.05
+    assert spearmanr(r.std[gen].ravel(), err.ravel())[0] > 0.1  # 0.23 here (whole 64²: 0.17)
 
 
 def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):

@@ -263,10 +263,12 @@ def test_done_blocks_is_one_listing(durable):
     assert led.progress(job) == (len(done), n)
 
 
-def test_idle_pool_poll_reads_only_live_jobs(backend):
-    """``pending_jobs`` (what an idle pool worker polls) lists live jobs with blocks left, oldest
-    first; once it has seen a job end it never reads that job's state again, so a ledger full of
-    finished cutouts costs one listing per poll, not one read per job."""
+def test_supervisor_tick_and_idle_pool_poll_read_only_live_jobs(backend):
+    """``live_jobs`` (what the manager supervises every tick) lists PENDING and RUNNING jobs and
+    ``pending_jobs`` (what an idle pool worker polls) those of them with blocks left and no cancel
+    requested, oldest first; once the ledger has seen a job end it never reads that job's state
+    again, so a ledger full of finished jobs and cutouts costs one listing per tick or poll, not
+    one read per job."""
     led = backend.make()
     ended = [led.create_job({}, 1).job_id for _ in range(12)]
     for i, job in enumerate(ended):
@@ -274,10 +276,12 @@ def test_idle_pool_poll_reads_only_live_jobs(backend):
         led.set_state(job, (SUCCEEDED, FAILED, CANCELLED)[i % 3])
     live = led.create_job({"kind": "restore"}, 2).job_id
     cancelled = led.create_job({}, 1).job_id
-    led.request_cancel(cancelled)
+    led.set_state(cancelled, RUNNING)
+    led.request_cancel(cancelled)  # RUNNING with a cancel requested: live until the service ends it
     full = led.create_job({}, 1).job_id
     led.mark_block_done(full, 0)
     assert [r.job_id for r in led.pending_jobs()] == [live]
+    assert [r.job_id for r in led.live_jobs()] == [live, cancelled, full]
 
     store = led._store
     read_keys: list[str] = []
@@ -292,7 +296,8 @@ def test_idle_pool_poll_reads_only_live_jobs(backend):
     try:
         later = led.create_job({}, 1).job_id
         assert [r.job_id for r in led.pending_jobs()] == [live, later]
-        assert not any(job in k for k in read_keys for job in ended), "ended jobs are not read again"
+        assert [r.job_id for r in led.live_jobs()] == [live, cancelled, full, later]
+        assert read_keys and not any(job in k for k in read_keys for job in ended), "ended jobs are not read again"
         led.set_state(live, RUNNING)
         led.set_state(live, SUCCEEDED)
         assert [r.job_id for r in led.pending_jobs()] == [later]

@@ -17,7 +17,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.client import EmrestoreClient, EmrestoreError
-from service.api.gen import emrestore_pb2 as pb
 from service.jobs.manager import JobManager, WorkLimits
 from service.jobs.spec import RestoreSpec
 from service.volume import precomputed as pc

@@ -73,7 +73,7 @@ class Ledger(PoolQueries):
         self._store = open_store(url, storage_options, settle_s, conditional_writes)
         self._clock = clock
         self._num_blocks: dict[str, int] = {}
-        self._ended_job_ids: set[str] = set()  # jobs seen in a terminal state (pool polls skip them)
+        self._ended_job_ids: set[str] = set()  # jobs seen ended (supervisor ticks, pool polls skip them)
         self._writer = secrets.token_hex(4)
         self._event_lock = threading.Lock()
         self._event_n = 0

@@ -1,5 +1,5 @@
-"""Ledger queries of the warm pool (a mixin of ``ledger.Ledger``): live jobs with blocks left,
-blocks under a live lease, and a cutout job's result object."""
+"""Ledger queries of the supervisor and the warm pool (a mixin of ``ledger.Ledger``): live jobs,
+live jobs with blocks left, blocks under a live lease, and a cutout job's result object."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ class PoolQueries:
     """Needs the Ledger's ``_store``, ``_k``, ``_clock``, ``_parse_lease``, ``num_blocks``,
     ``_record`` and ``_ended_job_ids``."""
 
-    def pending_jobs(self) -> list[JobRecord]:
-        """Live jobs (PENDING or RUNNING, no cancel requested) with blocks left, oldest first:
-        what a pool worker may lease blocks of.
+    def live_jobs(self) -> list[JobRecord]:
+        """PENDING and RUNNING jobs, oldest first: what the manager supervises each tick and what
+        pool workers lease from.
 
-        An idle pool worker polls this every second or so. A job that has ended never becomes
-        live again, so its id is remembered and its state is not read again: a poll costs one
-        listing plus one read per live (or new) job, not one read per job the ledger has ever
-        held (finished cutouts accumulate there)."""
+        A job that has ended never becomes live again (records.TRANSITIONS), so its id is
+        remembered and its state is not read again: a call costs one listing plus one read per
+        live (or new) job, not one read per job the ledger has ever held (finished jobs and
+        cutouts accumulate there; the supervisor ticks several times a second)."""
         ended = self._ended_job_ids
         ids = sorted(n for n in self._store.list("jobs") if _JOB_ID_RE.match(n) and n not in ended)
         states = self._store.read_many(self._k(i, "state.json") for i in ids)
@@ -31,12 +31,16 @@ class PoolQueries:
             st = json.loads(data)
             if st["state"] in TERMINAL_STATES:
                 ended.add(i)
-            elif not st["cancel_requested"]:
+            else:
                 live.append(st)
         specs = self._store.read_many(self._k(st["job_id"], "spec.json") for st in live)
-        records = [self._record(st, json.loads(specs.get(self._k(st["job_id"], "spec.json"), b"{}")))
-                   for st in live]
-        return [r for r in records if r.blocks_done < r.num_blocks]
+        return [self._record(st, json.loads(specs.get(self._k(st["job_id"], "spec.json"), b"{}")))
+                for st in live]
+
+    def pending_jobs(self) -> list[JobRecord]:
+        """Live jobs (no cancel requested) with blocks left, oldest first: what a pool worker may
+        lease blocks of (it polls this every second or so; see ``live_jobs`` for the cost)."""
+        return [r for r in self.live_jobs() if not r.cancel_requested and r.blocks_done < r.num_blocks]
 
     def leased_blocks(self, job_id: str) -> set[int]:
         """Indices of blocks whose lease has not expired (being worked on now)."""

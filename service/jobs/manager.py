@@ -409,16 +409,8 @@ class JobManager:
             self._stop.wait(self.poll_interval_s)
 
     def tick(self) -> None:
-        """One supervision pass over the live jobs."""
-        live = []
-        for state in (PENDING, RUNNING):
-            token = None
-            while True:
-                recs, token = self.ledger.list_jobs(state, 200, token)
-                live.extend(recs)
-                if not token:
-                    break
-        for rec in live:
+        """One supervision pass over the live jobs (ended ones are not read again)."""
+        for rec in self.ledger.live_jobs():
             self._supervise_job(rec)
 
     def _supervise_job(self, rec) -> None:
