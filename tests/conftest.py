@@ -49,6 +49,17 @@ class S3TestEndpoint:
     secret_access_key: str
     cloud_volume_dir: str
 
+    def put_objects(self, objects: dict[str, bytes]) -> None:
+        """Write ``{"bucket/key": bytes}`` straight into the moto server's store (it runs in this
+        process) — what a bulk writer leaves behind, without one signed HTTP PUT per object
+        (~12 ms of CPU each here); reads and listings still go through the S3 API."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+        backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        for path, data in objects.items():
+            bucket, key = path.split("/", 1)
+            backend.put_object(bucket, key, data)
+
     def url(self, *parts: str) -> str:
         """``alias://bucket/parts...``"""
         tail = "/".join(p.strip("/") for p in parts if p)
