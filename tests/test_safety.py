@@ -394,6 +394,7 @@ def test_worker_processes_get_their_own_environment_log_and_exit_code(tmp_path, 
     log = tmp_path / "logs" / "w.log"
     env = dict(os.environ, JOB_COMPLETION_INDEX="not-a-number")
     first = processes.start_worker(["worker", "--ledger", "file:///unused", "--job", "j"], env, str(log))
+    assert log.exists()  # at once, as a subprocess's redirected output (callers wait on its lines)
     assert first.wait(120) == 2 and first.poll() == 2
     env.pop("JOB_COMPLETION_INDEX")
     second = processes.start_worker(["worker", "--ledger", "file:///unused", "--job", "j"], env, str(log))

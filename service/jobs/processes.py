@@ -124,6 +124,7 @@ def start_worker(args: list[str], env: dict, log_path: str | None = None):
     its output appended to ``log_path`` (discarded when None). Returns a Popen-like handle."""
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        open(log_path, "ab").close()  # exists when this returns, as a subprocess's redirected output does
     if start_method() == "fork":
         return WorkerProcess(args, env, log_path)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
