@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .processes import start_worker
+from .processes import start_worker, worker_env
 
 
 @dataclass
@@ -87,14 +87,8 @@ class LocalExecutor:
         job.thread.start()
 
     def _spawn(self, job: _LocalJob, i: int):
-        env = dict(os.environ)
-        env.update(self.env)
-        threads = max(1, (os.cpu_count() or 1) // job.parallelism)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env = worker_env(self.env, job.parallelism)
         env["JOB_COMPLETION_INDEX"] = str(i)
-        from ..volume.stores import ENDPOINTS_ENV, endpoints_json
-        if ENDPOINTS_ENV not in env and endpoints_json() != "[]":
-            env[ENDPOINTS_ENV] = endpoints_json()  # workers reach the same S3-compatible aliases
         # appended: logs of earlier attempts and earlier launches are kept
         log = os.path.join(self.log_dir, f"{job.job_id}-{i}-{job.attempts[i]}.log") if self.log_dir else None
         job.attempts[i] += 1

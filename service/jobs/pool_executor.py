@@ -21,7 +21,7 @@ import time
 
 from .executors import Executor, ExecutorStatus
 from .ledger import Ledger
-from .processes import start_worker
+from .processes import start_worker, worker_env
 from .plans import PRIORITIES, PlanMissing, plan_from_dict
 
 #: worker_failed events after which the pool executor reports a job's workers as failed
@@ -123,14 +123,8 @@ class LocalPool:
         return ["worker", "--pool", "--ledger", self.ledger_url, "--max-models", str(self.max_models)]
 
     def _spawn(self, i: int):
-        env = dict(os.environ)
-        env.update(self.env)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, self.n))))
-        from ..volume.stores import ENDPOINTS_ENV, endpoints_json
-        if ENDPOINTS_ENV not in env and endpoints_json() != "[]":
-            env[ENDPOINTS_ENV] = endpoints_json()
         log = os.path.join(self.log_dir, f"pool-{i}.log") if self.log_dir else None
-        return start_worker(self.args(), env, log)
+        return start_worker(self.args(), worker_env(self.env, self.n), log)
 
     def start(self) -> "LocalPool":
         for i in range(self.n):

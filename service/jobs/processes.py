@@ -1,8 +1,8 @@
 """Starting local worker processes warm: forked from a template process that has torch loaded.
 
 An ``emrestore worker`` process spends ~4.5 s of CPU importing torch and ~4 s importing the
-storage clients before it reads its first block (~1.3 s when forked from the template); on a laptop that is most of a small viewer
-restore. The local executors (``LocalExecutor``, ``LocalPool``) therefore start workers through
+storage clients before it reads its first block (~1.3 s when forked from the template); on a
+laptop that is most of a small viewer restore. The local executors (``LocalExecutor``, ``LocalPool``) therefore start workers through
 multiprocessing's *forkserver*: one template process per service imports the heavy, environment-
 free libraries once (``PRELOAD``), and each worker is a fork of it that runs the same entry point as
 the command line (``service.cli.main(["worker", ...])``) with the same exit codes (docs/CONTRACTS.md).
@@ -117,6 +117,18 @@ class WorkerProcess:
         if self._proc.exitcode is None:
             raise subprocess.TimeoutExpired(["emrestore", *self.args], timeout)
         return self._proc.exitcode
+
+
+def worker_env(extra: dict, workers: int) -> dict:
+    """The environment of a local worker: the service's, the executor's ``extra``, torch threads
+    split between ``workers`` concurrent workers, and the registered S3-compatible aliases."""
+    env = dict(os.environ)
+    env.update(extra)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, workers))))
+    from ..volume.stores import ENDPOINTS_ENV, endpoints_json
+    if ENDPOINTS_ENV not in env and endpoints_json() != "[]":
+        env[ENDPOINTS_ENV] = endpoints_json()  # workers reach the same S3-compatible aliases
+    return env
 
 
 def start_worker(args: list[str], env: dict, log_path: str | None = None):
