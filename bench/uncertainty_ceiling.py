@@ -8,9 +8,15 @@ predictors of different strength reach:
 - predictors from the input alone: the distance to the nearest kept section, the local RMS of the
   difference of the two bounding sections, and their product.
 The gap between the two kinds is the information an uncertainty map has to find beyond the input.
+
+With ``--model DIR`` (a FlyEM model saved by ``bench/realz.py --save-models``; ``--crop`` the
+lateral crop it was trained on) a second table asks where a trained model's error head loses the
+ranking: on its own self-supervised training pairs (rows removed inside the kept XY sections, the
+task it learned) and on real z (the error of its mean), beside the disagreement of its XZ and YZ
+views. No diffusion samples are drawn (one predictor evaluation per image).
 Data: Janelia Research Campus / HHMI FlyEM (CC-BY), ``../shared/data/flyem-fibsem/``.
 
-    python bench/uncertainty_ceiling.py [--k 5]
+    python bench/uncertainty_ceiling.py [--k 5] [--model DIR --crop 64]
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--voxels", type=int, default=500_000, help="generated voxels sampled for Spearman")
+    ap.add_argument("--model", help="a FlyEM model directory: also rank with its error head")
+    ap.add_argument("--crop", type=int, default=0, help="with --model: lateral crop (pixels) it was trained on")
     a = ap.parse_args(argv)
     if not os.path.exists(FLYEM):
         print(f"[ceiling] FlyEM data not found at {FLYEM}; nothing to do")
@@ -67,14 +75,96 @@ def main(argv=None):
         d = np.sqrt(gaussian_filter(diff ** 2, s))
         rows.append([f"input: local RMS of the bounding sections' difference, σ = {s:g}", rho(d)])
         rows.append([f"input: the same × distance, σ = {s:g}", rho(d * dist)])
+    floor = noise_floor(vol)
     text = (f"Uncertainty ceiling on real z, {today()}, {machine()}: FlyEM FIB-SEM (Janelia Research "
             f"Campus / HHMI FlyEM), every {k}th slice kept, the error of linear interpolation "
             f"(RMSE {float(np.sqrt((err[gen] ** 2).mean())):.2f} grey levels) over the dropped slices, "
-            f"{len(pick)} sampled voxels.\n\n"
+            f"{len(pick)} sampled voxels. The truth's own noise, which no map can predict per voxel: "
+            f"the cube's z power spectrum near Nyquist (0.45–0.5 cycles/voxel) is {floor:.1f} grey² per "
+            f"frequency, an upper bound on white-noise variance (std ≤ {np.sqrt(floor):.1f} grey levels).\n\n"
             + table(["predictor of the absolute error", "Spearman"], [[n, f"{v:.3f}"] for n, v in rows],
                     "Rank correlation with the absolute error"))
+    if a.model:
+        text += "\n" + model_table(a.model, vol, k, a.crop, a.voxels)
     write_report("uncertainty_ceiling", text)
     return 0
+
+
+def noise_floor(vol: np.ndarray) -> float:
+    """Mean z power spectrum (grey² per frequency, Hann window) at 0.45–0.5 cycles/voxel: white
+    noise of variance σ² gives σ² at every frequency, signal adds to it, so this bounds σ²."""
+    a = vol.astype(np.float64)
+    a = a - a.mean(0, keepdims=True)
+    w = np.hanning(a.shape[0])
+    p = (np.abs(np.fft.rfft(a * w[:, None, None], axis=0)) ** 2).mean(axis=(1, 2)) / (w ** 2).sum()
+    f = np.fft.rfftfreq(a.shape[0])
+    return float(p[f >= 0.45].mean())
+
+
+def model_table(model_dir: str, vol: np.ndarray, k: int, crop: int, voxels: int) -> str:
+    """The error head's rank correlation in its training domain and on real z (no samples)."""
+    import torch
+
+    from service.engine.model import RestorationModel
+    from service.engine.normalize import IntensityNorm
+    from service.engine.pairs import IsotropicPairs
+    from service.engine.restore import _Estimator
+    from service.engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    if crop:
+        vol = vol[:, :crop, :crop]
+    kept = vol[::k].astype(np.uint8)
+    truth = vol[:(kept.shape[0] - 1) * k + 1]
+    m = RestorationModel.load(model_dir)
+    m.eval()
+    if m.task.name != "isotropic" or m.task.factor != k or not m.has_error_head:
+        raise SystemExit(f"--model: needs an isotropic factor-{k} model with an error head")
+    est = _Estimator(m, torch.device("cpu"), DEFAULT_SAMPLER, DEFAULT_STEPS, None, 256, 32, 64)
+    rng = np.random.default_rng(0)
+    rows = []
+    with torch.no_grad():
+        # in domain: the self-supervised pairs the model was trained on (rows removed in XY sections)
+        pairs = IsotropicPairs(m.task, kept, self_supervised=True, voxel_size_nm=(10.0, 10.0, 10.0 * k))
+        var, err = [], []
+        for _ in range(6):
+            cond, target = (torch.from_numpy(t) for t in pairs.sample(16, 64, rng))
+            mu, v = est.predict(cond)
+            gen = m.task.known(cond) < 0.5
+            var.append(v[gen].numpy())
+            err.append((mu - target).abs()[gen].numpy())
+        var, err = np.concatenate(var), np.concatenate(err)
+        rows.append(["error head on its training pairs (rows in kept XY sections)",
+                     float(spearmanr(var, err)[0]), float(np.sqrt(var.mean())), float(np.sqrt((err ** 2).mean()))])
+        # real z: the mean of the XZ and YZ views against the dropped slices
+        norm = IntensityNorm.from_volume(kept)
+        vol_n = norm.forward(kept)
+        points, variances = {}, {}
+        for name, images in m.task.images(vol_n):
+            p, v = zip(*(est.predict(torch.from_numpy(images[i:i + 16])) for i in range(0, len(images), 16)))
+            points[name] = torch.cat(p)[:, 0].numpy()
+            variances[name] = torch.cat(v)[:, 0].numpy()
+    xz, yz = m.task.view_volumes(points, vol_n)
+    hxz, hyz = m.task.view_volumes(variances, vol_n)
+    mean = 0.5 * (xz + yz)
+    err = (mean - norm.forward(truth))
+    gen = np.ones(truth.shape, bool)
+    gen[::k] = False
+    pick = rng.choice(int(gen.sum()), min(voxels, int(gen.sum())), replace=False)
+    abs_err = np.abs(err[gen])[pick]
+    head = 0.5 * (hxz + hyz)
+    rmse = float(np.sqrt((err[gen] ** 2).mean()))
+
+    def real(name, pred, size):
+        rows.append([name, float(spearmanr(pred[gen][pick], abs_err)[0]), size, rmse])
+
+    real("error head on real z (the mean's error over the dropped slices)", head, float(np.sqrt(head[gen].mean())))
+    real("disagreement of the XZ and YZ views on real z (squared, smoothed σ = 1.5)",
+         gaussian_filter((xz - yz) ** 2, 1.5, mode="nearest"), float("nan"))
+    where = f"{crop}×{crop} px crop, all z" if crop else "the whole cube"
+    return table(["predictor", "Spearman", "predicted RMS", "actual RMSE"],
+                 [[n, f"{r:.3f}", "-" if s != s else f"{s:.3f}", f"{e:.3f}"] for n, r, s, e in rows],
+                 f"A trained model's error head ({model_dir.rstrip('/').split('/')[-1]}, {where}; "
+                 "normalised units, 1 = half the intensity range)")
 
 
 if __name__ == "__main__":

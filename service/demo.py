@@ -88,7 +88,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
         ("linear interpolation", to_gray8(lin[:, y, :], 0, 255)),
         ("emrestore (default: mean)", to_gray8(res.mean[:, y, :], 0, 255)),
         ("ground truth", to_gray8(truth[:, y, :], 0, 255)),
-        (f"uncertainty (std of {n_samples})", heat8(res.std[:, y, :])),
+        (f"uncertainty ({n_samples} samples + error head)", heat8(res.std[:, y, :])),
     ]
     png = panels_png(os.path.join(workdir, "before_after_xz.png"), panels, scale=2 if quick else 2)
     z = k * (aniso.shape[0] // 2) + k // 2  # a generated section
