@@ -256,6 +256,29 @@ def test_every_sampler_restores(iso_model, sampler):
     assert r.mean.shape == (4, 64, 64) and r.evaluations == 4
 
 
+def test_one_view_restore(iso_model):
+    """``views`` restores with a subset of the isotropic views: the YZ view of a stack is the XZ
+    view of its transpose, both views average to the default, and bad names are refused."""
+    url, aniso, _, _ = iso_model
+    m = RestorationModel.load(url)
+    sub = aniso[:3, :32, :24]
+    f32 = np.float32
+    both = restore(m, sub, out_dtype=f32)
+    xz = restore(m, sub, out_dtype=f32, views=("xz",))
+    yz = restore(m, sub, out_dtype=f32, views=("yz",))
+    yz_t = restore(m, np.ascontiguousarray(sub.transpose(0, 2, 1)), out_dtype=f32, views=("xz",))
+    np.testing.assert_allclose(yz.mean, yz_t.mean.transpose(0, 2, 1), atol=1e-4)
+    np.testing.assert_allclose(both.mean, 0.5 * (xz.mean + yz.mean), atol=1e-4)
+    assert np.abs(xz.mean - yz.mean)[1].max() > 1e-3  # two different views
+    assert xz.evaluations_per_voxel == 1 and xz.images == 32 and yz.images == 24 and both.images == 56
+    u = restore(m, sub, samples=2, steps=2, views=("xz",))
+    assert u.std.shape == u.mean.shape and np.all(u.std[::3] == 0) and u.std[1].mean() > 0
+    assert np.array_equal(u.mean[::3], sub)
+    for bad in ((), ("xz", "xz"), ("xy",), "xz"):
+        with pytest.raises(ValueError, match="views"):
+            restore(m, sub, views=bad)
+
+
 def test_restore_bad_input(iso_model):
     url, aniso, _, _ = iso_model
     m = RestorationModel.load(url)

@@ -205,7 +205,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
             out_dtype=None, spacing: str | None = None,
             progress: Callable[[int, int], None] | None = None,
             estimate: str = DEFAULT_ESTIMATE, voxel_size_nm=None,
-            uncertainty_source: str = "auto") -> RestoreResult:
+            uncertainty_source: str = "auto", views: tuple[str, ...] | None = None) -> RestoreResult:
     """Restore a (Z, Y, X) stack. Isotropic: output (Z−1)·k+1 sections, index k·i = section i
     (source sections pass through bit-exactly when the output dtype is the input's).
 
@@ -215,6 +215,9 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     ``voxel_size_nm`` (x, y, z) of the input, when known, is checked against the model's geometry.
     ``uncertainty_source``: ``auto`` (the error head and the samples' spread together when the
     model has the head, else the spread), ``samples`` or ``head`` alone (for comparisons).
+    ``views``: isotropic only, the views to restore and average (default both, ``("xz", "yz")``);
+    one view where the other's columns are not at the lateral pixel the model learned (the ISBI
+    lateral-plane proxy of bench/realz.py, whose YZ columns are z at 50 nm).
     """
     if uncertainty_source not in UNCERTAINTY_SOURCES:
         raise ValueError(f"uncertainty_source: must be one of {', '.join(UNCERTAINTY_SOURCES)}, "
@@ -222,6 +225,10 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     if uncertainty_source == "head" and not model.has_error_head:
         raise ValueError("uncertainty_source: this model has no error head (trained before it existed)")
     validate_request(model, vol, sampler, steps, samples, estimate)
+    if views is not None and (not views or len(set(views)) != len(views)
+                              or any(v not in model.task.views for v in views)):
+        raise ValueError(f"views: a non-empty subset of {', '.join(model.task.views)} for "
+                         f"{model.task.name}, got {views!r}")
     check_voxel_size(model, voxel_size_nm)
     t0 = time.time()
     dev = resolve_device(device)
@@ -231,7 +238,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     vol_n = norm.forward(vol)
     task = model.task
     K = samples
-    views = task.images(vol_n)
+    views = task.images(vol_n, views)
     total = sum(len(v) for _, v in views)
     H, W = views[0][1].shape[-2:]
     tiles_per_image = math.ceil(H / max(1, tile - overlap)) * math.ceil(W / max(1, tile - overlap))

@@ -53,8 +53,12 @@ class Task:
     out_channels = 1
 
     # ---------------------------------------------------------------- images
-    def images(self, vol_n: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Network conditioning images for a normalised (Z, Y, X) stack: [(view, (N, Cc, H, W))]."""
+    #: names of the views ``images`` can return (a restore may ask for a subset)
+    views = ("xy",)
+
+    def images(self, vol_n: np.ndarray, views: tuple[str, ...] | None = None) -> list[tuple[str, np.ndarray]]:
+        """Network conditioning images for a normalised (Z, Y, X) stack: [(view, (N, Cc, H, W))],
+        for ``views`` (default: all of ``self.views``)."""
         raise NotImplementedError
 
     def base(self, cond: torch.Tensor) -> torch.Tensor:
@@ -86,7 +90,7 @@ class Task:
 
 @dataclass(frozen=True)
 class DenoiseTask(Task):
-    def images(self, vol_n):
+    def images(self, vol_n, views=None):
         return [("xy", vol_n[:, None])]
 
     def assemble(self, outputs, vol_n):
@@ -95,7 +99,7 @@ class DenoiseTask(Task):
 
 @dataclass(frozen=True)
 class SuperResTask(Task):
-    def images(self, vol_n):
+    def images(self, vol_n, views=None):
         t = torch.from_numpy(np.ascontiguousarray(vol_n[:, None]))
         up = F.interpolate(t, scale_factor=self.factor, mode="bicubic", align_corners=False)
         return [("xy", up.numpy())]
@@ -122,11 +126,16 @@ class IsotropicTask(Task):
         m = np.broadcast_to(m, interp.shape)
         return np.stack([interp, m], axis=-3).astype(np.float32)
 
-    def images(self, vol_n):
+    views = ("xz", "yz")
+
+    def images(self, vol_n, views=None):
         # XZ views (one per y): rows = z, columns = x; YZ views (one per x): rows = z, columns = y
-        xz = self.row_conditioning(vol_n)          # (Y, 2, R, X)
-        yz = self.row_conditioning(np.transpose(vol_n, (0, 2, 1)))    # (X, 2, R, Y)
-        return [("xz", xz), ("yz", yz)]
+        out = []
+        if views is None or "xz" in views:
+            out.append(("xz", self.row_conditioning(vol_n)))                            # (Y, 2, R, X)
+        if views is None or "yz" in views:
+            out.append(("yz", self.row_conditioning(np.transpose(vol_n, (0, 2, 1)))))   # (X, 2, R, Y)
+        return out
 
     def base(self, cond):
         return cond[:, :1]
@@ -138,13 +147,17 @@ class IsotropicTask(Task):
         return (num_sections - 1) * self.factor + 1
 
     def view_volumes(self, outputs, vol_n):
-        xz = np.moveaxis(outputs["xz"], -3, -2)   # (…, Y, R, X) → (…, R, Y, X)
-        yz = np.moveaxis(outputs["yz"], -3, -1)   # (…, X, R, Y) → (…, R, Y, X)
-        return [xz, yz]
+        """The views present in ``outputs`` (both by default; one when a restore names it)."""
+        vols = []
+        if "xz" in outputs:
+            vols.append(np.moveaxis(outputs["xz"], -3, -2))   # (…, Y, R, X) → (…, R, Y, X)
+        if "yz" in outputs:
+            vols.append(np.moveaxis(outputs["yz"], -3, -1))   # (…, X, R, Y) → (…, R, Y, X)
+        return vols
 
     def assemble(self, outputs, vol_n):
-        xz, yz = self.view_volumes(outputs, vol_n)
-        out = 0.5 * (xz + yz)
+        vols = self.view_volumes(outputs, vol_n)
+        out = sum(vols) / len(vols)
         out[..., ::self.factor, :, :] = vol_n
         return out
 
