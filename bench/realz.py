@@ -461,7 +461,8 @@ def isbi_and_base(a, steps, log, text, summary, models):
                    ["ISBI model on FlyEM (out of domain)",
                     restore(im, fkept, samples=4, seed=1, device=a.device).score]]
             summary["needs_finetuning"] = unc
-            text.append("\n## Needs-fine-tuning score (spread of 4 samples / the model's in-domain spread)\n")
+            text.append("\n## Needs-fine-tuning score (the error head's calibration on rows cut from the input; "
+                        "cutouts and the previous score: bench/domain_check.py)\n")
             text.append(f"| case | score | threshold {UNCERTAINTY_THRESHOLD} |\n| --- | ---: | --- |")
             for n, s in unc:
                 text.append(f"| {n} | {s:.3f} | {'flag' if s > UNCERTAINTY_THRESHOLD else 'ok'} |")

@@ -223,8 +223,13 @@ def cmd_restore(a):
            f"({res.evaluations_per_voxel} per output voxel), {res.seconds:.1f} s")
     if res.score is not None:
         flag = "NEEDS FINE-TUNING" if res.needs_finetuning else "ok"
-        msg += (f"; needs-fine-tuning score {res.score:.3f} (spread vs the model's in-domain spread, "
-                f"threshold {UNCERTAINTY_THRESHOLD}): {flag}")
+        msg += (f"; needs-fine-tuning score {res.score:.2f} (on rows cut from this input the model's "
+                f"error is {res.domain_check['error_ratio']:.2f}× what it predicts, relative to its "
+                f"training data; flagged above {UNCERTAINTY_THRESHOLD}): {flag}")
+    elif a.samples >= 2:
+        msg += (f"; needs-fine-tuning score: not available ({model.task.name}: the input holds no "
+                f"reference)" if model.has_error_head else
+                "; needs-fine-tuning score: not available (the model has no error head; retrain it)")
     print(msg)
 
 

@@ -57,6 +57,7 @@ def test_checkpoint_is_self_describing_and_safe(iso_model):
     assert meta["input_norm"]["hi"] > meta["input_norm"]["lo"]
     assert meta["diffusion"]["schedule"]["num_steps"] == 2000 and meta["diffusion"]["scale"] > 0
     assert meta["calibration"]["spread"] > 0 and meta["calibration"]["rmse"] > 0
+    assert meta["calibration"]["error_ratio"] > 0  # the needs-fine-tuning check's reference
     # weights and resume state load with weights_only=True
     path = url[len("file://"):]
     torch.load(os.path.join(path, "weights.pt"), weights_only=True)
@@ -211,8 +212,35 @@ def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):
     assert not old.has_error_head and not old.predictor.config.error_head
     r = restore(old, sub, samples=2, steps=1, seed=1)
     assert r.std is not None and np.all(r.std[::3] == 0) and r.std[1::3].mean() > 0 and r.std_parts is None
+    assert r.score is None and r.domain_check is None and not r.needs_finetuning  # no head to check
     with pytest.raises(ValueError, match="no error head"):
         restore(old, sub, samples=2, steps=1, uncertainty_source="head")
+
+
+def test_needs_finetuning_check(iso_model):
+    """The needs-fine-tuning score: the error head's calibration on rows cut from the input,
+    relative to the training data. In domain it is near 1; on data unlike the training data (here
+    texture-free noise, whose rows no model can predict) the head's prediction is far off and the
+    score flags it. Real models in and out of domain: bench/domain_check.py."""
+    from service.engine.restore import UNCERTAINTY_THRESHOLD
+    url, aniso, _, _ = iso_model
+    m = RestorationModel.load(url)
+    r = restore(m, aniso[:6], samples=2, steps=1, seed=1)
+    c = r.domain_check
+    assert set(c) >= {"score", "error_ratio", "rmse", "predicted_rmse", "linear_rmse", "patches"}
+    assert r.score == c["score"] == pytest.approx(max(c["error_ratio"], 1 / c["error_ratio"]), abs=1e-3)
+    assert r.score < UNCERTAINTY_THRESHOLD and not r.needs_finetuning, c
+    noise = np.random.default_rng(0).integers(0, 256, aniso[:6].shape).astype(np.uint8)
+    n = restore(m, noise, samples=2, steps=1, seed=1)
+    assert n.score > UNCERTAINTY_THRESHOLD and n.needs_finetuning, n.domain_check
+    assert n.domain_check["rmse"] > n.domain_check["predicted_rmse"]  # worse than it expects
+    # deterministic, and the default (one estimate, no samples) does not run the check
+    assert restore(m, aniso[:6], samples=2, steps=1, seed=1).domain_check == c
+    assert restore(m, aniso[:6]).domain_check is None
+    # a model calibrated before the check existed: its reference ratio counts as 1
+    m.calibration = {k: v for k, v in m.calibration.items() if k != "error_ratio"}
+    old = restore(m, aniso[:6], samples=2, steps=1, seed=1).domain_check
+    assert old["error_ratio"] == pytest.approx(old["rmse"] / old["predicted_rmse"], rel=1e-3)
 
 
 def test_matched_gap_and_its_errors(iso_model):

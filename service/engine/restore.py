@@ -8,7 +8,7 @@ Estimates (``estimate=``):
 - ``sample-mean``: the mean of the ``samples`` realisations.
 
 With ``samples`` K ≥ 2 every estimate also returns the per-voxel standard deviation of the K
-realisations (the uncertainty) and the needs-fine-tuning score. Isotropic restoration evaluates
+realisations (the uncertainty) and the needs-fine-tuning score (``domain_check``). Isotropic restoration evaluates
 XZ and YZ views (``tasks.IsotropicTask``), so the default costs two evaluations per output voxel.
 Noise for an image comes from a generator seeded by (seed, view, image id), so the result does not
 depend on batching and re-running a block writes the same bytes.
@@ -32,12 +32,13 @@ from .training import LOGVAR_RANGE, resolve_device
 
 ESTIMATES = ("mean", "sample", "sample-mean")
 DEFAULT_ESTIMATE = "mean"
-#: needs-fine-tuning threshold on the score: the mean per-voxel spread of the samples over
-#: generated voxels divided by the model's own in-domain spread (measured after training and
-#: stored in model.json). 1.0 = as uncertain as on its training data. bench/realz.py measured
-#: 0.95–1.02 for models used both in and out of their domain (README, 2026-11-28): with this
-#: design the score does not separate them yet, so nothing is flagged at this threshold.
-UNCERTAINTY_THRESHOLD = 1.3
+#: needs-fine-tuning threshold on the score of ``domain_check``: how far the error head's
+#: prediction is off on rows cut from the input itself (a factor, either way; 1.0 = as calibrated
+#: as on the training data). bench/realz.py (README, 2026-11-28): 1.00–1.05 in domain, also in the
+#: hardest quarter of the patches; 1.5 and 2.0 for models of the other data set.
+UNCERTAINTY_THRESHOLD = 1.25
+#: patches of the needs-fine-tuning check (predictor only: one evaluation each)
+CHECK_PATCHES, CHECK_PATCH = 32, 64
 MAX_SAMPLES = 64
 UNCERTAINTY_SOURCES = ("auto", "samples", "head")
 
@@ -52,7 +53,7 @@ def derive_seed(*parts: int) -> int:
 class RestoreResult:
     mean: np.ndarray            # the restored stack (the requested estimate), (Z', Y', X')
     std: np.ndarray | None      # per-voxel standard deviation in intensity units (K ≥ 2), float32
-    score: float | None         # needs-fine-tuning score (K ≥ 2), see UNCERTAINTY_THRESHOLD
+    score: float | None         # needs-fine-tuning score (K ≥ 2), see domain_check
     needs_finetuning: bool
     evaluations: int            # network evaluations per image (predictor + denoiser steps × K)
     images: int                 # network images (sections, or XZ + YZ views)
@@ -63,6 +64,8 @@ class RestoreResult:
     #: with an error head and K ≥ 2: the uncertainty from each source alone ("samples", "head"),
     #: in intensity units like ``std`` (for comparisons; ``std`` combines them)
     std_parts: dict | None = None
+    #: the needs-fine-tuning check's measurements (see ``domain_check``); None when not run
+    domain_check: dict | None = None
 
     @property
     def evaluations_per_image(self) -> int:
@@ -253,15 +256,15 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
         points[name], draws[name], errvars[name] = _estimate_view(
             est, images, vi, estimate, K, seed, image_ids_offset, group, progress, done, total)
     point_n = task.assemble(points, vol_n)
-    std_n, spread, score, parts_n = None, None, None, None
+    std_n, spread, score, parts_n, check = None, None, None, None, None
     if K > 1:
         by_source = uncertainty(task, draws, vol_n, errvars if model.has_error_head else None, estimate=estimate)
         std_n = by_source[uncertainty_source]
         if model.has_error_head:
             parts_n = {"samples": by_source["samples"], "head": by_source["head"]}
         spread = sample_spread(task, draws, vol_n)
-        ref = (model.calibration or {}).get("spread")
-        score = spread / ref if ref else spread
+        check = domain_check(model, vol, norm, dev, voxel_size_nm, seed)
+        score = check["score"] if check else None
     out_dtype = np.dtype(out_dtype or vol.dtype)
     mean = onorm.inverse(point_n, out_dtype)
     if task.name == "isotropic" and out_dtype == vol.dtype:
@@ -271,7 +274,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     return RestoreResult(mean=mean, std=std, score=score, std_parts=parts,
                          needs_finetuning=bool(score is not None and score > UNCERTAINTY_THRESHOLD),
                          evaluations=est.evaluations, images=total, seconds=time.time() - t0,
-                         estimate=estimate, spread=spread,
+                         estimate=estimate, spread=spread, domain_check=check,
                          evaluations_per_voxel=est.evaluations * len(views))
 
 
@@ -328,6 +331,49 @@ def sample_spread(task, draws, vol_n) -> float:
     return float(np.mean(vals))
 
 
+@torch.no_grad()
+def domain_check(model: RestorationModel, vol: np.ndarray, norm: IntensityNorm, dev: torch.device,
+                 voxel_size_nm=None, seed: int = 0) -> dict | None:
+    """The needs-fine-tuning check: does the model know how wrong it is on this data?
+
+    Cuts the model's own training task out of the input (``task.check_pairs``: for isotropic
+    restoration, rows removed inside the input's XY sections at the learned gap), restores those
+    rows with the predictor and compares its actual RMSE there with the RMS error its error head
+    predicts. On data like its training data the two agree (their ratio is stored at calibration);
+    data that is merely hard raises both together; a model used out of its domain mispredicts
+    its error, by a factor either way. ``score`` = that factor (≥ 1), relative to calibration.
+
+    None for models without an error head and for tasks whose input holds no reference (denoise,
+    superres). Costs ``CHECK_PATCHES`` predictor evaluations of ``CHECK_PATCH``² pixels."""
+    if not model.has_error_head:
+        return None
+    pairs = model.task.check_pairs(vol, norm, voxel_size_nm, model.gap)
+    if pairs is None:
+        return None
+    est = _Estimator(model, dev, DEFAULT_SAMPLER, DEFAULT_STEPS, None, 256, 32, CHECK_PATCHES)
+    patch = min(CHECK_PATCH, *vol.shape[1:])  # no mirrored padding on small inputs
+    cond, target = pairs.sample(CHECK_PATCHES, patch, np.random.default_rng(derive_seed(seed, 7919)))
+    cond, target = torch.from_numpy(cond).to(dev), torch.from_numpy(target).to(dev)
+    m = _error_rms(model, est, cond, target)
+    ref = (model.calibration or {}).get("error_ratio") or 1.0  # actual / predicted on training pairs
+    ratio = (m["rmse"] / max(m["predicted_rmse"], 1e-8)) / ref
+    return {"score": round(max(ratio, 1.0 / max(ratio, 1e-8)), 4), "error_ratio": round(ratio, 4),
+            **{k: round(v, 5) for k, v in m.items()}, "patches": CHECK_PATCHES, "patch": patch}
+
+
+def _error_rms(model, est: _Estimator, cond: torch.Tensor, target: torch.Tensor) -> dict:
+    """RMS over generated pixels of the predictor's error, of the error its head predicts, and of
+    the base (classical) estimate's error (normalised units)."""
+    mu, var = est.predict(cond)
+    known = model.task.known(cond)
+    gen = (known < 0.5) if known is not None else torch.ones_like(mu, dtype=torch.bool)
+    rms = lambda t: float(t[gen].float().mean().sqrt())  # noqa: E731
+    out = {"rmse": rms((mu - target) ** 2), "linear_rmse": rms((model.task.base(cond) - target) ** 2)}
+    if var is not None:
+        out["predicted_rmse"] = rms(var)
+    return out
+
+
 def _generated_mask(task, shape) -> np.ndarray:
     m = np.ones(shape, bool)
     if task.name == "isotropic":
@@ -339,25 +385,32 @@ def _generated_mask(task, shape) -> np.ndarray:
 def calibrate(model: RestorationModel, pairs, patch: int, seed: int = 0, batches: int = 2,
               samples: int = 4) -> dict:
     """In-domain spread: mean std of ``samples`` realisations over generated pixels of training
-    pairs, and the predictor's RMSE there (normalised units). Stored in model.json."""
+    pairs, the predictor's RMSE there and, with an error head, the ratio of that RMSE to the RMS
+    error the head predicts (``error_ratio``, the reference of ``domain_check``); normalised
+    units, stored in model.json."""
     dev = next(model.predictor.parameters()).device
     model.eval()
     rng = np.random.default_rng(seed + 104729)
     est = _Estimator(model, dev, DEFAULT_SAMPLER, DEFAULT_STEPS, None, 256, 32, 64)
-    spreads, errs = [], []
+    spreads, errs, head = [], [], []
     for b in range(batches):
         cond, target = pairs.sample(8, patch, rng)
         cond, target = torch.from_numpy(cond).to(dev), torch.from_numpy(target).to(dev)
-        mu, _ = est.predict(cond)
+        mu, var = est.predict(cond)
         gens = [torch.Generator().manual_seed(derive_seed(seed, b, i)) for i in range(cond.shape[0])]
         x = est.realisations(cond, mu, samples, gens)
         known = model.task.known(cond)
         gen = (known < 0.5) if known is not None else torch.ones_like(mu, dtype=torch.bool)
         spreads.append(x.std(1, unbiased=True)[gen].float())
         errs.append(((mu - target) ** 2)[gen].float())
-    return {"spread": round(float(torch.cat(spreads).mean()), 6),
-            "rmse": round(float(torch.cat(errs).mean().sqrt()), 6),
-            "samples": samples, "patches": batches * 8, "patch": patch}
+        if var is not None:
+            head.append(var[gen].float())
+    rmse = float(torch.cat(errs).mean().sqrt())
+    out = {"spread": round(float(torch.cat(spreads).mean()), 6), "rmse": round(rmse, 6),
+           "samples": samples, "patches": batches * 8, "patch": patch}
+    if head:
+        out["error_ratio"] = round(rmse / max(float(torch.cat(head).mean().sqrt()), 1e-8), 6)
+    return out
 
 
 def check_model_for_task(model: RestorationModel, task: str | None = None, factor: int | None = None):

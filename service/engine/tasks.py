@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .pairs import IsotropicPairs
+
 TASKS = ("denoise", "superres", "isotropic")
 SUPERRES_FACTORS = (2, 4)
 ISOTROPIC_FACTORS = range(2, 17)
@@ -83,6 +85,12 @@ class Task:
 
     def output_voxel_size(self, vs):
         return tuple(vs)
+
+    def check_pairs(self, vol: np.ndarray, norm, voxel_size_nm=None, gap: dict | None = None):
+        """Pairs with a known answer cut from the input ``vol`` itself (the model's own training
+        task on this data) for the needs-fine-tuning check, or None where the input holds no
+        reference (denoise: no clean section; superres: no finer scale)."""
+        return None
 
     def to_dict(self) -> dict:
         return {"task": self.name, "factor": self.factor}
@@ -163,6 +171,15 @@ class IsotropicTask(Task):
 
     def output_voxel_size(self, vs):
         return (vs[0], vs[1], vs[2] / self.factor)
+
+    def check_pairs(self, vol, norm, voxel_size_nm=None, gap=None):
+        """Rows removed inside the input's own XY sections at the learned gap (self-supervised
+        training's pairs); None when the sections are too small for the factor."""
+        try:
+            return IsotropicPairs(self, vol, self_supervised=True, norm=norm, voxel_size_nm=voxel_size_nm,
+                                  section_thickness=bool((gap or {}).get("section_thickness")))
+        except ValueError:
+            return None
 
 
 _CLASSES = {"denoise": DenoiseTask, "superres": SuperResTask, "isotropic": IsotropicTask}

@@ -370,7 +370,7 @@ class JobManager:
         if "restore_seconds" in info:
             msg += f" in {info['restore_seconds']:.1f} s"
             if info.get("score") is not None:
-                msg += f"; uncertainty score {info['score']:.4f}" + (" (needs fine-tuning)" if info.get("needs_finetuning") else "")
+                msg += f"; needs-fine-tuning score {info['score']:.2f}" + (" (needs fine-tuning)" if info.get("needs_finetuning") else "")
         return CutoutResult(mean, std, block.write.start_xyz, plan.output_resolution_nm_xyz, str(mean.dtype), msg)
 
     def _cutout_on_pool(self, spec: CutoutSpec, plan: RestorePlan, block) -> CutoutResult:
