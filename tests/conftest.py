@@ -18,6 +18,21 @@ from pathlib import Path
 
 import pytest
 
+# one OpenMP thread in every process the suite starts (CLI subprocesses, servers, workers): the
+# suite runs 4 pytest workers on 2 cores, and spinning OpenMP threads of oversubscribed processes
+# burn the CPU the others need (set before any test imports torch)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+#: test modules holding the suite's longest tests (end-to-end jobs, the browser, the demo): they
+#: are handed to the pytest-xdist workers first, so no long test starts last and runs alone
+LONG_FIRST = ("test_jobs.py", "test_connector_neuroglancer.py", "test_api.py", "test_pool.py", "test_demo.py",
+              "test_kube.py", "test_registration.py", "test_cli_engine.py", "test_engine_model.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda it: rank.get(os.path.basename(str(it.fspath)), len(LONG_FIRST)))
+
 
 @contextlib.contextmanager
 def built_once(tmp_path_factory, name: str):

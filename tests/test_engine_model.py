@@ -222,24 +222,33 @@ def test_needs_finetuning_check(iso_model):
     relative to the training data. In domain it is near 1; on data unlike the training data (here
     texture-free noise, whose rows no model can predict) the head's prediction is far off and the
     score flags it. Real models in and out of domain: bench/domain_check.py."""
-    from service.engine.restore import UNCERTAINTY_THRESHOLD
+    from service.engine.normalize import IntensityNorm
+    from service.engine.restore import UNCERTAINTY_THRESHOLD, domain_check
     url, aniso, _, _ = iso_model
     m = RestorationModel.load(url)
-    r = restore(m, aniso[:6], samples=2, steps=1, seed=1)
-    c = r.domain_check
+    cpu = torch.device("cpu")
+
+    def check(vol):
+        return domain_check(m, vol, IntensityNorm.from_volume(vol), cpu, seed=1)
+
+    c = check(aniso[:6])
     assert set(c) >= {"score", "error_ratio", "rmse", "predicted_rmse", "linear_rmse", "patches"}
-    assert r.score == c["score"] == pytest.approx(max(c["error_ratio"], 1 / c["error_ratio"]), abs=1e-3)
-    assert r.score < UNCERTAINTY_THRESHOLD and not r.needs_finetuning, c
+    assert c["score"] == pytest.approx(max(c["error_ratio"], 1 / c["error_ratio"]), abs=1e-3)
+    assert c["score"] < UNCERTAINTY_THRESHOLD, c  # 1.15 here
     noise = np.random.default_rng(0).integers(0, 256, aniso[:6].shape).astype(np.uint8)
-    n = restore(m, noise, samples=2, steps=1, seed=1)
-    assert n.score > UNCERTAINTY_THRESHOLD and n.needs_finetuning, n.domain_check
-    assert n.domain_check["rmse"] > n.domain_check["predicted_rmse"]  # worse than it expects
-    # deterministic, and the default (one estimate, no samples) does not run the check
-    assert restore(m, aniso[:6], samples=2, steps=1, seed=1).domain_check == c
-    assert restore(m, aniso[:6]).domain_check is None
+    n = check(noise)
+    assert n["score"] > UNCERTAINTY_THRESHOLD and n["rmse"] > n["predicted_rmse"], n  # 5.6: worse than it expects
+    assert check(aniso[:6]) == c  # deterministic
+    # restore() runs it with K ≥ 2 and flags from it; the default (no samples) does not run it
+    sub = aniso[:4, :32, :32]
+    r = restore(m, sub, samples=2, steps=1, seed=1)
+    assert r.domain_check == check(sub) and r.score == r.domain_check["score"]
+    assert r.needs_finetuning == (r.score > UNCERTAINTY_THRESHOLD)
+    assert restore(m, noise[:4, :32, :32], samples=2, steps=1, seed=1).needs_finetuning
+    assert restore(m, sub).domain_check is None
     # a model calibrated before the check existed: its reference ratio counts as 1
     m.calibration = {k: v for k, v in m.calibration.items() if k != "error_ratio"}
-    old = restore(m, aniso[:6], samples=2, steps=1, seed=1).domain_check
+    old = check(aniso[:6])
     assert old["error_ratio"] == pytest.approx(old["rmse"] / old["predicted_rmse"], rel=1e-3)
 
 
