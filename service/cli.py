@@ -228,7 +228,7 @@ def cmd_restore(a):
                 f"training data; flagged above {UNCERTAINTY_THRESHOLD}): {flag}")
     elif a.samples >= 2:
         msg += (f"; needs-fine-tuning score: not available ({model.task.name}: the input holds no "
-                f"reference)" if model.has_error_head else
+                f"reference to check the model on)" if model.has_error_head else
                 "; needs-fine-tuning score: not available (the model has no error head; retrain it)")
     print(msg)
 

@@ -8,8 +8,9 @@ Estimates (``estimate=``):
 - ``sample-mean``: the mean of the ``samples`` realisations.
 
 With ``samples`` K ≥ 2 every estimate also returns the per-voxel standard deviation of the K
-realisations (the uncertainty) and the needs-fine-tuning score (``domain_check``). Isotropic restoration evaluates
-XZ and YZ views (``tasks.IsotropicTask``), so the default costs two evaluations per output voxel.
+realisations (the uncertainty) and the needs-fine-tuning score (``domain_check``). Isotropic
+restoration evaluates XZ and YZ views (``tasks.IsotropicTask``), so the default costs two
+evaluations per output voxel.
 Noise for an image comes from a generator seeded by (seed, view, image id), so the result does not
 depend on batching and re-running a block writes the same bytes.
 """
@@ -34,8 +35,9 @@ ESTIMATES = ("mean", "sample", "sample-mean")
 DEFAULT_ESTIMATE = "mean"
 #: needs-fine-tuning threshold on the score of ``domain_check``: how far the error head's
 #: prediction is off on rows cut from the input itself (a factor, either way; 1.0 = as calibrated
-#: as on the training data). bench/realz.py (README, 2026-11-28): 1.00–1.05 in domain, also in the
-#: hardest quarter of the patches; 1.5 and 2.0 for models of the other data set.
+#: as on the training data). bench/domain_check.py (README, 2026-11-28), viewer-size cutouts of
+#: FlyEM and ISBI: 1.00–1.13 in domain (≤ 1.16 in the hardest quarter of the patches), 1.44–2.23
+#: for a model of the other data set.
 UNCERTAINTY_THRESHOLD = 1.25
 #: patches of the needs-fine-tuning check (predictor only: one evaluation each)
 CHECK_PATCHES, CHECK_PATCH = 32, 64
