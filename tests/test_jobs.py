@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.errors import FailedPrecondition, NotFound, RequestError, ResourceExhausted, status_of
+from service.errors import FailedPrecondition, RequestError, ResourceExhausted, status_of
 from service.jobs.executors import LocalExecutor
 from service.jobs.manager import JobManager
 from service.jobs.spec import CutoutSpec, RestoreSpec, TrainSpec
@@ -89,6 +89,9 @@ def test_whole_job_is_deterministic_and_incremental(manager, phantom_layer, tiny
     np.testing.assert_array_equal(va[::3], stack)  # every source section at its centre
     unc = read_all(ua)
     assert unc.dtype == np.float32 and np.all(unc[::3] == 0) and unc[1::3].mean() > 0
+    # each block's needs-fine-tuning score is in its marker; none of this in-domain job is flagged
+    scores = [mgr.ledger.block_info(ja.job_id, i)["info"]["score"] for i in range(ja.blocks_total)]
+    assert all(s > 0 for s in scores) and "NEEDS FINE-TUNING" not in mgr.get(ja.job_id).message, scores
     # incremental: nothing missing → nothing to do; after deleting chunks, only those blocks run
     again = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=1))
     assert again.state == "SUCCEEDED" and again.blocks_total == 0
@@ -100,6 +103,27 @@ def test_whole_job_is_deterministic_and_incremental(manager, phantom_layer, tiny
     assert inc.blocks_total == 1
     assert wait_state(mgr, inc.job_id).state == "SUCCEEDED"
     np.testing.assert_array_equal(read_all(a), vb)
+
+
+def test_job_on_data_the_model_does_not_fit_says_it_needs_finetuning(manager, tiny_iso_model, tmp_path):
+    """With samples ≥ 2 each block runs the needs-fine-tuning check; on data unlike the model's
+    training data (texture-free noise) the worker records the block's score, emits one
+    ``needs_finetuning`` event, and the finished job's message says so. The output is written."""
+    model_url, _ = tiny_iso_model
+    noise = np.random.default_rng(0).integers(0, 256, (9, 64, 64)).astype(np.uint8)
+    src = f"file://{tmp_path}/noise"
+    pc.create_source_layer(src, noise, (8, 8, 24), (0, 0, 0), (32, 32, 3))
+    mgr = manager()
+    out = f"file://{tmp_path}/out"
+    st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, samples=2, steps=1))
+    st = wait_state(mgr, st.job_id)
+    assert st.state == "SUCCEEDED" and "NEEDS FINE-TUNING" in st.message, st.message
+    marker = mgr.ledger.block_info(st.job_id, 0)["info"]
+    assert marker["needs_finetuning"] and marker["score"] > 1.25
+    events, _ = mgr.ledger.events(st.job_id)
+    flagged = [e for e in events if e.kind == "needs_finetuning"]
+    assert len(flagged) == 1 and flagged[0].fields["score"] == marker["score"]
+    assert read_all(out)[::3].tolist() == noise.tolist()  # restored and written all the same
 
 
 def test_kill_worker_and_restart_service(manager, phantom_layer, tiny_iso_model, tmp_path):

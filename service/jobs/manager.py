@@ -413,6 +413,20 @@ class JobManager:
         for rec in self.ledger.live_jobs():
             self._supervise_job(rec)
 
+    def _needs_finetuning_note(self, job_id: str, plan: RestorePlan) -> str:
+        """The final message's note when workers flagged blocks as needing fine-tuning (their
+        ``needs_finetuning`` events; only jobs with samples ≥ 2 run the check)."""
+        if plan.samples < 2:
+            return ""
+        events, _ = self.ledger.events(job_id)
+        flagged = [e for e in events if e.kind == "needs_finetuning"]
+        if not flagged:
+            return ""
+        worst = max(flagged, key=lambda e: float(e.fields.get("score", 0.0)))
+        return (f"; NEEDS FINE-TUNING: the model mispredicts its own error on this data (score "
+                f"{float(worst.fields.get('score', 0.0)):.2f} on block {worst.fields.get('block')}); "
+                f"fine-tune it on this dataset")
+
     def _supervise_job(self, rec) -> None:
         job_id = rec.job_id
         if not self._supervise_lease(job_id):
@@ -429,9 +443,11 @@ class JobManager:
         if rec.blocks_done >= rec.num_blocks:
             if rec.state == PENDING:
                 self.ledger.set_state(job_id, RUNNING, "")
+            msg = f"{rec.num_blocks} block(s) done"
             if isinstance(plan, RestorePlan):
                 self._complete(job_id, plan, rec.owner)  # hooks first: SUCCEEDED means registered too
-            self.ledger.set_state(job_id, SUCCEEDED, f"{rec.num_blocks} block(s) done")
+                msg += self._needs_finetuning_note(job_id, plan)
+            self.ledger.set_state(job_id, SUCCEEDED, msg)
             return
         if not self.executor.known(job_id):
             # restarted service: relaunch; workers skip blocks that are already done

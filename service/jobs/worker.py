@@ -112,15 +112,30 @@ def write_block(plan: RestorePlan, block: Block, mean: np.ndarray, std: np.ndarr
     return hashlib.sha256(np.ascontiguousarray(mean).tobytes()).hexdigest()
 
 
+#: jobs for which this process has already reported a block that needs fine-tuning (one event
+#: per worker process and job, not one per block of a dataset the model does not fit)
+_flagged_jobs: set[str] = set()
+
+
 def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
                  owner: str, secs: float) -> None:
     """Store a restored block and record its completion marker: output chunks for a job, the
-    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server)."""
+    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server). With
+    samples ≥ 2 the marker holds the block's needs-fine-tuning score; the first flagged block a
+    worker process restores for a job also becomes a ``needs_finetuning`` job event."""
     info = {"worker": owner, "seconds": round(secs, 3), "voxels": int(mean.size)}
     if plan.kind == "cutout":
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
     else:
         info["sha256"] = write_block(plan, plan.blocks.blocks[i], mean, std)
+        if res is not None and res.score is not None:
+            info.update(score=float(res.score), needs_finetuning=bool(res.needs_finetuning))
+            if res.needs_finetuning and job_id not in _flagged_jobs:
+                _flagged_jobs.add(job_id)
+                ledger.add_event(job_id, "needs_finetuning",
+                                 f"block {i}: needs-fine-tuning score {res.score:.2f} (the model mispredicts "
+                                 f"its own error on this data by that factor; fine-tune it on this dataset)",
+                                 block=i, score=float(res.score))
     ledger.mark_block_done(job_id, i, info)
 
 
