@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 # one OpenMP thread in every process the suite starts (CLI subprocesses, servers, workers): the
-# suite runs 4 pytest workers on 2 cores, and spinning OpenMP threads of oversubscribed processes
+# suite runs several pytest workers on 2 cores, and spinning OpenMP threads of oversubscribed processes
 # burn the CPU the others need (set before any test imports torch)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

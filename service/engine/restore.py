@@ -244,9 +244,9 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     vol_n = norm.forward(vol)
     task = model.task
     K = samples
-    views = task.images(vol_n, views)
-    total = sum(len(v) for _, v in views)
-    H, W = views[0][1].shape[-2:]
+    view_images = task.images(vol_n, views)  # [(view name, (N, Cc, H, W))]
+    total = sum(len(v) for _, v in view_images)
+    H, W = view_images[0][1].shape[-2:]
     tiles_per_image = math.ceil(H / max(1, tile - overlap)) * math.ceil(W / max(1, tile - overlap))
     width = (model.net or model.predictor).config.base_channels
     mb = max_batch or auto_max_batch(min(tile, max(H, W)), dev, width)
@@ -254,7 +254,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     est = _Estimator(model, dev, sampler, steps, spacing, tile, overlap, mb)
     points, draws, errvars = {}, {}, {}
     done = [0]
-    for vi, (name, images) in enumerate(views):
+    for vi, (name, images) in enumerate(view_images):
         points[name], draws[name], errvars[name] = _estimate_view(
             est, images, vi, estimate, K, seed, image_ids_offset, group, progress, done, total)
     point_n = task.assemble(points, vol_n)
@@ -277,7 +277,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
                          needs_finetuning=bool(score is not None and score > UNCERTAINTY_THRESHOLD),
                          evaluations=est.evaluations, images=total, seconds=time.time() - t0,
                          estimate=estimate, spread=spread, domain_check=check,
-                         evaluations_per_voxel=est.evaluations * len(views))
+                         evaluations_per_voxel=est.evaluations * len(view_images))
 
 
 #: spatial smoothing (voxels) of the ensemble variance: a 4-sample variance is too noisy per voxel
