@@ -75,7 +75,8 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
         "psnr_linear": metrics.psnr(lin[gen], truth[gen].astype(np.float32), 255),
         "ssim_restored": metrics.ssim(res.mean[gen].astype(np.float32), truth[gen].astype(np.float32), 255),
         "ssim_linear": metrics.ssim(lin[gen], truth[gen].astype(np.float32), 255),
-        "uncertainty_score": res.score,
+        "needs_finetuning_score": res.score,
+        "needs_finetuning": res.needs_finetuning,
         "estimate": res.estimate,
         "network_evaluations_per_voxel_default": 2,   # mean: one predictor evaluation per XZ and YZ image
         "network_evaluations_per_image_with_uncertainty": res.evaluations,

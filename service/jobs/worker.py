@@ -113,8 +113,10 @@ def write_block(plan: RestorePlan, block: Block, mean: np.ndarray, std: np.ndarr
 
 
 #: jobs for which this process has already reported a block that needs fine-tuning (one event
-#: per worker process and job, not one per block of a dataset the model does not fit)
+#: per worker process and job, not one per block of a dataset the model does not fit); a
+#: long-lived pool worker forgets them after ``_FLAGGED_JOBS_KEPT`` jobs (at worst one more event)
 _flagged_jobs: set[str] = set()
+_FLAGGED_JOBS_KEPT = 1024
 
 
 def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
@@ -131,6 +133,8 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
         if res is not None and res.score is not None:
             info.update(score=float(res.score), needs_finetuning=bool(res.needs_finetuning))
             if res.needs_finetuning and job_id not in _flagged_jobs:
+                if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
+                    _flagged_jobs.clear()
                 _flagged_jobs.add(job_id)
                 ledger.add_event(job_id, "needs_finetuning",
                                  f"block {i}: needs-fine-tuning score {res.score:.2f} (the model mispredicts "
