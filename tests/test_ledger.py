@@ -227,6 +227,22 @@ def test_block_markers_idempotent(backend):
         led.done_blocks(L.new_job_id())
 
 
+def test_cutout_result_written_once_and_taken_once(backend):
+    led = backend.make()
+    job = led.create_job({}, 1).job_id
+    assert led.get_result(job) is None and led.take_result(job) is None
+    assert led.put_result(job, b"arrays") is True
+    assert led.put_result(job, b"other") is False  # written once
+    assert led.get_result(job) == b"arrays"
+    assert led.take_result(job) == b"arrays"
+    # taken: gone from the store for every reader, the job itself stays
+    assert led.take_result(job) is None and led.get_result(job) is None
+    assert backend.make().get_result(job) is None
+    assert led.get_job(job).job_id == job
+    with pytest.raises(ValueError):
+        led.take_result("../x")
+
+
 def test_done_blocks_is_one_listing(durable, request):
     """Markers written straight into the layout (as a bulk writer would) are all
     found with one listing and no reads, past S3's 1000-key page size."""

@@ -270,6 +270,10 @@ def test_cutout_runs_on_a_pool_worker_over_grpc(phantom_layer, tiny_iso_model, t
         assert worker.stats.blocks == 1  # restored by the pool worker, not the server
         job_id = worker.stats.order[0][0]
         assert m.ledger.get_job(job_id).spec["kind"] == "cutout"
+        # the server took the arrays out of the ledger (a viewer's restores do not pile up there);
+        # the job's record and block marker stay
+        assert m.ledger.get_result(job_id) is None and m.ledger.take_result(job_id) is None
+        assert m.ledger.block_info(job_id, 0) is not None
         # the same bytes as the server's own (no-pool) cutout path
         plain = JobManager(f"file://{tmp_path}/ledger2", IdleBatch(), models_dir=None)
         ref = plain.cutout(CutoutSpec(source=src, model=model_url, region_start_xyz=(8, 8, 2),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from .records import _JOB_ID_RE, TERMINAL_STATES, JobRecord, validate_job_id
+from .store import DELETE, KEEP
 
 
 class PoolQueries:
@@ -67,6 +68,20 @@ class PoolQueries:
         return self._store.create(self._k(job_id, "result.npz"), bytes(data), self._k(job_id, ".lock"))
 
     def get_result(self, job_id: str) -> bytes | None:
-        """The job's result object, or None."""
-        return self._store.read(self._k(validate_job_id(job_id), "result.npz"))
+        """The job's result object, or None (also once taken)."""
+        return self._store.read(self._k(validate_job_id(job_id), "result.npz")) or None
+
+    def take_result(self, job_id: str) -> bytes | None:
+        """Read the job's result object and remove it from the store, or None. A cutout's arrays
+        are read once, by the server waiting for them: taking them keeps a viewer's restores
+        from piling up arrays in the ledger (the job's record, marker and events stay)."""
+        key = self._k(validate_job_id(job_id), "result.npz")
+        taken: dict = {}
+
+        def take(cur):
+            taken["data"] = cur or None
+            return DELETE if cur else KEEP
+
+        self._store.update(key, take, self._k(job_id, ".lock"))
+        return taken.get("data")
 

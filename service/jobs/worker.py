@@ -188,8 +188,9 @@ def store_cutout_result(ledger: Ledger, job_id: str, mean: np.ndarray, std: np.n
 
 
 def load_cutout_result(ledger: Ledger, job_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A cutout's arrays, taken out of the ledger (read once; the store keeps no copy)."""
     import io
-    data = ledger.get_result(job_id)
+    data = ledger.take_result(job_id)
     if data is None:
         raise FileNotFoundError(f"job {job_id}: no cutout result in the ledger")
     with np.load(io.BytesIO(data)) as z:
