@@ -15,11 +15,12 @@ ranking: on its own self-supervised training pairs (rows removed inside the kept
 task it learned) and on real z (the error of its mean), beside the disagreement of its XZ and YZ
 views. No diffusion samples are drawn (one predictor evaluation per image).
 
-With ``--error-net STEPS`` as well, a separate error network (the tiny UNet, ~0.6 M parameters,
-about 30× the head) is trained for STEPS steps on the same self-supervised pairs, on the frozen
-predictor's error, once with the Gaussian likelihood the head uses and once with a pairwise
-ranking loss on the absolute error (the rank itself, what Spearman scores); it is then ranked in
-its own domain and on real z: does a larger error model trained longer close the gap to 0.3?
+With ``--error-net STEPS`` as well, a separate error network (the tiny UNet, 0.58 M parameters,
+the predictor's size; the head adds 2.5 k to its features) is trained for STEPS steps on the
+same self-supervised pairs, on the frozen predictor's error, once with the Gaussian likelihood
+the head uses and once with a pairwise ranking loss on the absolute error (the rank itself,
+what Spearman scores); it is then ranked in its own domain and on real z: does a larger error
+model trained longer close the gap to 0.3?
 Data: Janelia Research Campus / HHMI FlyEM (CC-BY), ``../shared/data/flyem-fibsem/``.
 
     python bench/uncertainty_ceiling.py [--k 5] [--model DIR --crop 64 [--error-net 1000]]
