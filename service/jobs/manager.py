@@ -29,7 +29,7 @@ from .models import ModelRegistry
 from .planning import Planner, dataset_norm, existing_chunks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
 from .spec import CutoutSpec, RestoreSpec, TrainSpec
-from .worker import load_cutout_result, restore_block
+from .worker import check_info, load_cutout_result, restore_block
 
 MAX_RELAUNCHES = 2
 #: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
@@ -358,9 +358,7 @@ class JobManager:
         mean, std, res = restore_block(plan, block, model, data)
         info = {}
         if res is not None:
-            info = {"restore_seconds": res.seconds}
-            if res.score is not None:
-                info.update(score=res.score, needs_finetuning=res.needs_finetuning)
+            info = {"restore_seconds": res.seconds, **check_info(res)}
         return self._cutout_result(plan, block, mean, std, info)
 
     def _cutout_result(self, plan, block, mean, std, info: dict) -> CutoutResult:

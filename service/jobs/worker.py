@@ -119,6 +119,14 @@ _flagged_jobs: set[str] = set()
 _FLAGGED_JOBS_KEPT = 1024
 
 
+def check_info(res) -> dict:
+    """A block marker's fields from the restore's needs-fine-tuning check: ``score`` and
+    ``needs_finetuning``, or none when the check did not run (samples < 2, no error head)."""
+    if res is None or res.score is None:
+        return {}
+    return {"score": float(res.score), "needs_finetuning": bool(res.needs_finetuning)}
+
+
 def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
                  owner: str, secs: float) -> None:
     """Store a restored block and record its completion marker: output chunks for a job, the
@@ -130,16 +138,15 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
     else:
         info["sha256"] = write_block(plan, plan.blocks.blocks[i], mean, std)
-        if res is not None and res.score is not None:
-            info.update(score=float(res.score), needs_finetuning=bool(res.needs_finetuning))
-            if res.needs_finetuning and job_id not in _flagged_jobs:
-                if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
-                    _flagged_jobs.clear()
-                _flagged_jobs.add(job_id)
-                ledger.add_event(job_id, "needs_finetuning",
-                                 f"block {i}: needs-fine-tuning score {res.score:.2f} (the model mispredicts "
-                                 f"its own error on this data by that factor; fine-tune it on this dataset)",
-                                 block=i, score=float(res.score))
+        info.update(check_info(res))
+        if info.get("needs_finetuning") and job_id not in _flagged_jobs:
+            if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
+                _flagged_jobs.clear()
+            _flagged_jobs.add(job_id)
+            ledger.add_event(job_id, "needs_finetuning",
+                             f"block {i}: needs-fine-tuning score {res.score:.2f} (the model mispredicts "
+                             f"its own error on this data by that factor; fine-tune it on this dataset)",
+                             block=i, score=float(res.score))
     ledger.mark_block_done(job_id, i, info)
 
 
@@ -181,9 +188,7 @@ def store_cutout_result(ledger: Ledger, job_id: str, mean: np.ndarray, std: np.n
     info: dict = {}
     if res is not None:
         info["restore_seconds"] = round(float(res.seconds), 3)
-        if res.score is not None:
-            info["score"] = float(res.score)
-            info["needs_finetuning"] = bool(res.needs_finetuning)
+        info.update(check_info(res))
     return info
 
 
