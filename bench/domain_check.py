@@ -123,7 +123,6 @@ def main(argv=None):
             "ratio = model error / predicted error, relative to calibration):\n",
             table(["case", "quarter (1 = easiest)", "linear RMSE", "model RMSE", "predicted RMSE", "ratio"], qrows)]
     report = "\n".join(text)
-    print(report)
     path = write_report("domain_check", report)
     with open(path[:-3] + ".json", "w") as f:
         json.dump(summary, f, indent=1)

@@ -204,6 +204,8 @@ def train_error_net(m, est, pairs, steps: int, loss: str, seed: int = 0, batch: 
     NLL, output = log-variance, as the head) or ``rank`` (pairwise logistic loss on the order of
     the absolute error of random pixel pairs; output = a score)."""
     from service.engine.network import PRESETS, UNet, UNetConfig
+    from service.engine.training import TrainConfig, _lr_at, error_nll
+    schedule = TrainConfig(steps=steps, lr=lr, warmup=0)  # the training's cosine decay to 10 %
     torch.manual_seed(seed)
     net = UNet(UNetConfig(in_channels=m.task.cond_channels + 2, out_channels=1, noise_conditioned=False,
                           **PRESETS["tiny"]))
@@ -212,15 +214,15 @@ def train_error_net(m, est, pairs, steps: int, loss: str, seed: int = 0, batch: 
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+            g["lr"] = _lr_at(step, schedule)
         cond, target = (torch.from_numpy(t) for t in pairs.sample(batch, 64, rng))
         with torch.no_grad():
             mu, _ = est.predict(cond)
         s = net(_error_net_input(cond, mu))
         e = target - mu
         w = 1.0 - m.task.known(cond)
-        if loss == "likelihood":
-            value = ((0.5 * (s + e ** 2 * torch.exp(-s))) * w).sum() / w.sum()
+        if loss == "likelihood":  # the error head's own loss
+            value = error_nll(s, mu, target, w)
         else:
             g_ = (w > 0.5).flatten()
             sv, ev = s.flatten()[g_], e.abs().flatten()[g_]
