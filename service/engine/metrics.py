@@ -17,6 +17,10 @@ __all__ = [
     "frc_resolution",
     "seam_mask",
     "border_interior_error",
+    "gap_patches",
+    "patch_spearman",
+    "sparsification",
+    "z_hf_power",
 ]
 
 SSIM_SIGMA = 1.5
@@ -271,3 +275,62 @@ def border_interior_error(err_map, tile: int, overlap: int, width: int = 2):
     border = float(err[mask].mean()) if mask.any() else float("nan")
     interior = float(err[~mask].mean()) if (~mask).any() else float("nan")
     return border, interior
+
+
+# ----------------------------------------------------------------------------- z restoration
+# Definitions of /work/shared/NOTES.md ("Scoring an uncertainty map", "Sharpness along z"): over the
+# generated sections of an isotropic restoration by factor k (section k·i is source section i).
+
+def _generated(shape, k: int) -> np.ndarray:
+    gen = np.ones(shape[0], bool)
+    gen[::k] = False
+    return gen
+
+
+def gap_patches(vol, k: int, patch: int = 16) -> np.ndarray:
+    """Mean of ``vol`` (Z', Y, X) over each patch of (k−1) × patch × patch generated voxels: one
+    patch per gap and lateral tile (lateral remainders dropped) → (gaps, Y // patch, X // patch)."""
+    a = np.asarray(vol, np.float64)
+    gaps = (a.shape[0] - 1) // k
+    ny, nx = a.shape[1] // patch, a.shape[2] // patch
+    if gaps < 1 or ny < 1 or nx < 1:
+        raise ValueError(f"vol: shape {a.shape} holds no gap patch of (k−1)×{patch}×{patch} at k = {k}")
+    g = a[:gaps * k].reshape(gaps, k, a.shape[1], a.shape[2])[:, 1:, :ny * patch, :nx * patch]
+    return g.reshape(gaps, k - 1, ny, patch, nx, patch).mean(axis=(1, 3, 5))
+
+
+def patch_spearman(std, out, truth, k: int, patch: int = 16) -> float:
+    """Spearman rank correlation, over (k−1) × patch × patch patches of the generated voxels, of
+    the true RMS error of ``out`` and the RMS of the predicted standard deviation ``std``."""
+    from scipy.stats import spearmanr
+    err2 = (np.asarray(out, np.float64) - np.asarray(truth, np.float64)) ** 2
+    true_rms = np.sqrt(gap_patches(err2, k, patch)).ravel()
+    pred_rms = np.sqrt(gap_patches(np.asarray(std, np.float64) ** 2, k, patch)).ravel()
+    return float(spearmanr(pred_rms, true_rms)[0])
+
+
+def sparsification(std, out, truth, k: int, keep: float = 0.8) -> float:
+    """RMSE of the fraction ``keep`` of generated voxels with the lowest predicted std, divided
+    by the RMSE of all generated voxels (random order: 1; sorting by the true error: the floor)."""
+    gen = _generated(np.shape(truth), k)
+    e2 = ((np.asarray(out, np.float64)[gen] - np.asarray(truth, np.float64)[gen]) ** 2).ravel()
+    order = np.argsort(np.asarray(std, np.float64)[gen].ravel(), kind="stable")
+    n = max(1, int(round(keep * e2.size)))
+    return float(np.sqrt(e2[order[:n]].mean() / max(e2.mean(), 1e-300)))
+
+
+def z_hf_power(vol, truth, k: int) -> tuple[float, float]:
+    """z high-frequency power ratio and spectral correlation of a restored stack vs the truth:
+    per (y, x) column, the power spectrum along z (mean removed, Hann window) summed over the
+    frequencies above the source sections' Nyquist (f > 1/(2k) cycles per voxel), divided by the
+    truth's (1 = as sharp as the truth; linear interpolation ≈ 0.2); and the correlation of the two
+    spectra's complex amplitudes over that band."""
+    a, b = _pair(vol, truth, 3)
+    a = a - a.mean(0, keepdims=True)
+    b = b - b.mean(0, keepdims=True)
+    w = np.hanning(a.shape[0])[:, None, None]
+    fa, fb = np.fft.rfft(a * w, axis=0), np.fft.rfft(b * w, axis=0)
+    band = np.fft.rfftfreq(a.shape[0]) > 1.0 / (2 * k)
+    pa, pb = (np.abs(fa[band]) ** 2).sum(), (np.abs(fb[band]) ** 2).sum()
+    cross = (fa[band] * np.conj(fb[band])).real.sum()
+    return float(pa / pb), float(cross / np.sqrt(pa * pb))
