@@ -28,6 +28,8 @@ FORMAT = "emrestore-model"
 #: 2: predict-and-refine (predictor + residual denoiser), row-filling isotropic design.
 FORMAT_VERSION = 2
 KINDS = ("diffusion", "regression")
+#: range of the error head's log-variance (normalised units; −12 … 4 is a std of 0.0025 … 7.4)
+LOGVAR_RANGE = (-12.0, 4.0)
 
 
 def open_fs(url: str):
@@ -108,6 +110,23 @@ class RestorationModel:
         """True when the predictor also predicts its error's log-variance (models saved before
         the error head have one output channel: their uncertainty is the samples' spread)."""
         return self.predictor.config.error_head
+
+    def predict(self, cond: torch.Tensor, net=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The predictor's output decoded, for the loss and for restoring alike: the posterior mean
+        (the classical estimate plus the network's correction; known pixels pass through) and,
+        with an error head, the log-variance of that mean's error per pixel (else None).
+
+        ``net`` evaluates the predictor on ``cond`` (default ``self.predictor``; training passes the
+        network it updates, restore a tiled evaluation)."""
+        base = self.task.base(cond)
+        n = self.task.out_channels
+        out = (net or self.predictor)(cond).float()
+        mu = base + out[:, :n]
+        logvar = out[:, n:n + 1].clamp(*LOGVAR_RANGE) if out.shape[1] > n else None
+        known = self.task.known(cond)
+        if known is not None:
+            mu = torch.where(known > 0.5, base, mu)
+        return mu, logvar
 
     # compatibility views
     @property

@@ -36,30 +36,6 @@ def estimate_residual_scale(task, pairs, patch: int, seed: int, batches: int = 8
     return float(1.0 / max(std, 0.02))
 
 
-#: range of the error head's log-variance (normalised units; −12 … 4 is a std of 0.0025 … 7.4)
-LOGVAR_RANGE = (-12.0, 4.0)
-
-
-def predictor_outputs(model, cond: torch.Tensor, net=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The predictor's mean (base + network correction; known pixels pass through) and, with an
-    error head, the log-variance of that mean's error per pixel (else None)."""
-    net = net or model.predictor
-    base = model.task.base(cond)
-    n = model.task.out_channels
-    out = net(cond).float()
-    mu = base + out[:, :n]
-    logvar = out[:, n:n + 1].clamp(*LOGVAR_RANGE) if out.shape[1] > n else None
-    known = model.task.known(cond)
-    if known is not None:
-        mu = torch.where(known > 0.5, base, mu)
-    return mu, logvar
-
-
-def predict_mean(model, cond: torch.Tensor, net=None) -> torch.Tensor:
-    """The predictor's posterior mean (see :func:`predictor_outputs`)."""
-    return predictor_outputs(model, cond, net)[0]
-
-
 def error_nll(logvar: torch.Tensor, mu: torch.Tensor, target: torch.Tensor,
               weight: torch.Tensor | None) -> torch.Tensor:
     """Gaussian negative log-likelihood of the (detached) mean's error under the predicted
@@ -150,7 +126,7 @@ def training_loss(model, nets: _Pair, cond: torch.Tensor, target: torch.Tensor,
     task, diff = model.task, model.diffusion
     known = task.known(cond)
     weight = None if known is None else (1.0 - known)
-    mu, logvar = predictor_outputs(model, cond, nets.predictor)
+    mu, logvar = model.predict(cond, nets.predictor)
     loss = _masked_mse(mu, target, weight)
     if logvar is not None:
         loss = loss + ERROR_HEAD_WEIGHT * error_nll(logvar, mu, target, weight)
