@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cpu_runtime import channels_last
+
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap``."""
@@ -103,7 +105,7 @@ class TiledDenoiser:
             xin = torch.stack([
                 torch.cat([x[b, :, y:y + th, xx:xx + tw], self.cond[b // K, :, y:y + th, xx:xx + tw]], 0)
                 for b, y, xx in chunk])
-            xin = _pad_to(xin, self.th, self.tw)
+            xin = channels_last(_pad_to(xin, self.th, self.tw))
             g = torch.stack([gamma[b] for b, _, _ in chunk])
             if self.autocast_dtype is not None:
                 with torch.autocast(device_type=xin.device.type, dtype=self.autocast_dtype):
