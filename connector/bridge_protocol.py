@@ -220,8 +220,6 @@ def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
         uncertainty = unc.strip()
     else:
         raise ConnectorError("uncertainty", f"{unc!r}: give true, false or a layer URL")
-    if uncertainty and samples < 2:
-        raise ConnectorError("uncertainty", "needs samples ≥ 2 (the spread of the samples)")
     names = body.get("register_in") or []
     if not isinstance(names, list):
         raise ConnectorError("register_in", "must be a list of configured target names")

@@ -195,8 +195,9 @@ def cmd_restore(a):
     vs = _floats(a.voxel_size, 3, "--voxel-size") if a.voxel_size else read_voxel_size(a.input)
     from .engine.restore import check_voxel_size
     check_voxel_size(model, vs)
-    if a.uncertainty and a.samples < 2:
-        raise CLIError("--uncertainty: needs --samples of at least 2")
+    if a.uncertainty and a.samples < 2 and not model.has_error_head:
+        raise CLIError("--uncertainty: this model has no error head (saved before it existed); "
+                       "its uncertainty needs --samples of at least 2")
     if os.path.abspath(a.output) == os.path.abspath(a.input):
         raise CLIError("--output: would overwrite --input")
     _check_writable(a.output, "--output")
@@ -212,7 +213,7 @@ def cmd_restore(a):
 
     res = restore(model, vol, sampler=a.sampler, steps=a.steps, samples=a.samples, seed=a.seed,
                   tile=a.tile, overlap=a.overlap, device=a.device, progress=prog, estimate=a.estimate,
-                  voxel_size_nm=vs)
+                  voxel_size_nm=vs, uncertainty=bool(a.uncertainty))
     bar.close()
     out_vs = model.task.output_voxel_size(vs) if vs else None
     write_stack(a.output, res.mean, voxel_size_nm=out_vs)
@@ -226,7 +227,7 @@ def cmd_restore(a):
         msg += (f"; needs-fine-tuning score {res.score:.2f} (on rows cut from this input the model's "
                 f"error is {res.domain_check['error_ratio']:.2f}× what it predicts, relative to its "
                 f"training data; flagged above {UNCERTAINTY_THRESHOLD}): {flag}")
-    elif a.samples >= 2:
+    elif a.samples >= 2 or a.uncertainty:
         msg += (f"; needs-fine-tuning score: not available ({model.task.name}: the input holds no "
                 f"reference to check the model on)" if model.has_error_head else
                 "; needs-fine-tuning score: not available (the model has no error head; retrain it)")
@@ -316,13 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--samples", type=int, default=1,
-                   help="K realisations; K ≥ 2 gives the uncertainty (and the mean of K with --estimate sample-mean)")
+                   help="K realisations (the mean of K with --estimate sample-mean); K ≥ 2 adds their "
+                        "spread to the uncertainty")
     p.add_argument("--estimate", default="mean", choices=["mean", "sample", "sample-mean"],
                    help="mean: posterior mean, 1 evaluation (default, best PSNR); sample: one sharp "
                         "realisation; sample-mean: mean of --samples realisations")
     p.add_argument("--voxel-size", help="X,Y,Z nm of the input (default: from the TIFF); checked against the model")
     p.add_argument("--uncertainty", help="write the per-voxel standard deviation of the output's error here "
-                                         "(K ≥ 2: the model's error head with the samples' spread)")
+                                         "(the model's error head, no extra network evaluations; models "
+                                         "without a head need --samples ≥ 2) and run the needs-fine-tuning check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=32)

@@ -421,8 +421,6 @@ MALFORMED_RESTORE = [
     ("negative parallelism", dict(parallelism=-2), "INVALID_ARGUMENT", "parallelism"),
     ("negative mip", dict(mip=-1), "INVALID_ARGUMENT", "mip"),
     ("unknown sampler", dict(sampler="euler"), "INVALID_ARGUMENT", "sampler"),
-    ("uncertainty with 1 sample", dict(uncertainty_output="file:///tmp/unc"), "INVALID_ARGUMENT",
-     "uncertainty_output"),
     ("output is source", dict(output="SRC"), "INVALID_ARGUMENT", "output"),
     ("target platform from the request", dict(register_in=[pb.RegisterTarget(platform="catmaid", name="x")]),
      "PERMISSION_DENIED", "register_in[0].platform"),

@@ -4,11 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from service.cli import main
+from service.engine.model import RestorationModel
+from service.engine.network import UNet
 from tests.conftest import built_once
 from service.volume.tiff import read_stack, read_voxel_size, write_stack
 import torch
@@ -28,6 +31,10 @@ def workdir(tmp_path_factory):
             assert main(["train", "--task", "isotropic", "--self-supervised", "--input", str(b / "aniso.tif"),
                          "--steps", "15", "--batch-size", "2", "--patch", "32", "--out", str(b / "models" / "iso5"),
                          "--quiet"]) == 0
+            # a model saved before the error head existed (one predictor output channel)
+            old = RestorationModel.load(str(b / "models" / "iso5"))
+            old.predictor = UNet(replace(old.predictor.config, error_head=False))
+            old.save(str(b / "models" / "headless"))
     d = tmp_path_factory.mktemp("cli")
     for name in ("aniso.tif", "truth.tif", "models"):
         (shutil.copytree if name == "models" else shutil.copy)(b / name, d / name)
@@ -55,6 +62,22 @@ def test_train_restore_models(workdir, capsys):
     assert "needs-fine-tuning score" in out_text and "estimate mean" in out_text
     assert main(["models", str(workdir / "models")]) == 0
     assert "iso5" in capsys.readouterr().out
+
+
+def test_uncertainty_without_samples(workdir, capsys):
+    """--uncertainty alone: the error head's map from the mean's one evaluation per image, with the
+    needs-fine-tuning check; the mean is the one a plain restore writes."""
+    m, aniso = str(workdir / "models" / "iso5"), str(workdir / "aniso.tif")
+    plain, out, unc = workdir / "plain.tif", workdir / "with-unc.tif", workdir / "unc-head.tif"
+    assert main(["restore", "--model", m, "--input", aniso, "--output", str(plain), "--quiet"]) == 0
+    assert "needs-fine-tuning" not in capsys.readouterr().out
+    assert main(["restore", "--model", m, "--input", aniso, "--output", str(out), "--uncertainty", str(unc),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "needs-fine-tuning score" in text and "1 network evaluations" in text, text
+    np.testing.assert_array_equal(read_stack(str(out)), read_stack(str(plain)))
+    std = read_stack(str(unc))
+    assert std.shape == (21, 48, 48) and np.all(std[::5] == 0) and np.all(std[1::5] > 0)
 
 
 def test_finetune_from_one_pair(workdir):
@@ -107,8 +130,8 @@ BAD = [
     (["restore", "--model", "{d}/nomodel", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif"], "no model"),
     (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--steps", "0"], "steps"),
     (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--samples", "0"], "samples"),
-    (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif", "--uncertainty",
-      "{d}/u.tif"], "--uncertainty"),
+    (["restore", "--model", "{d}/models/headless", "--input", "{d}/aniso.tif", "--output", "{d}/o.tif",
+      "--uncertainty", "{d}/u.tif"], "--uncertainty"),
     (["restore", "--model", "{m}", "--input", "{d}/aniso.tif", "--output", "{d}/aniso.tif"], "overwrite"),
     (["restore", "--model", "{m}", "--input", "{d}/one.tif", "--output", "{d}/o.tif"], "at least 2 sections"),
     (["restore", "--model", "{m}", "--input", "{d}/rgb.tif", "--output", "{d}/o.tif"], "rgb.tif"),

@@ -113,7 +113,7 @@ def test_cors_allow_list_and_preflight(stack):
     ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0], "stop": [8, 8, 3]}}, "region.start", 400),
     ({"source": "file:///x", "model": "iso3", "region": {"start": [5, 0, 0], "stop": [5, 8, 3]}}, "region", 400),
     ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
-      "samples": 1, "uncertainty": True}, "uncertainty", 400),
+      "samples": 1, "uncertainty": 3}, "uncertainty", 400),
     ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
       "register_in": [{"platform": "neuroglancer", "url": "file:///etc/important.conf"}]}, "register_in[0]", 400),
     ({"source": "file:///x", "model": "iso3", "region": {"start": [0, 0, 0], "stop": [8, 8, 3]},
@@ -169,6 +169,10 @@ def test_default_outputs_next_to_source():
     kw = parse_restore_request({"source": "precomputed://gs://lab/em/raw/", "model": "m", "start": [0, 0, 0],
                                 "stop": [1, 1, 1], "output": "gs://lab/out"})
     assert kw["output"] == "gs://lab/out" and kw["uncertainty"] is None and kw["source"] == "gs://lab/em/raw/"
+    # one sample: the uncertainty layer when asked for (the model's error head; the server checks the model)
+    kw = parse_restore_request({"source": "gs://lab/em/raw", "model": "m", "start": [0, 0, 0], "stop": [1, 1, 1],
+                                "uncertainty": True})
+    assert kw["samples"] == 0 and kw["uncertainty"] == f"gs://lab/em/raw_uncertainty_{kw['rid']}"
     with pytest.raises(ConnectorError):
         BridgeConfig(grpc_target="h:1", tokens=[]).validate()
     with pytest.raises(ConnectorError, match="allow_origin"):

@@ -3,10 +3,13 @@
 import os
 import signal
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from service.engine.model import RestorationModel
+from service.engine.network import UNet
 from service.errors import FailedPrecondition, RequestError, ResourceExhausted, status_of
 from service.jobs.executors import LocalExecutor
 from service.jobs.manager import JobManager
@@ -79,7 +82,8 @@ def test_whole_job_is_deterministic_and_incremental(manager, phantom_layer, tiny
     mgr = manager(parallelism=2)
     a, b = f"file://{tmp_path}/a", f"file://{tmp_path}/b"
     ua = f"file://{tmp_path}/ua"
-    ja = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, uncertainty_output=ua, samples=2, steps=1))
+    # the uncertainty layer from the model's error head alone (one sample) beside a job with 2 samples
+    ja = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, uncertainty_output=ua, samples=1, steps=1))
     jb = mgr.submit(RestoreSpec(source=src, model=model_url, output=b, uncertainty_output=None, samples=2, steps=1,
                                 parallelism=1))
     assert wait_state(mgr, ja.job_id).state == "SUCCEEDED"
@@ -172,12 +176,16 @@ def test_cancel_and_errors(manager, phantom_layer, tiny_iso_model, tmp_path):
     assert c.state == "CANCELLED"
     with pytest.raises(FailedPrecondition):
         mgr.cancel(st.job_id)
+    # a model saved before the error head: its uncertainty needs the spread of samples ≥ 2
+    old = RestorationModel.load(model_url)
+    old.predictor = UNet(replace(old.predictor.config, error_head=False))
+    headless = old.save(f"file://{tmp_path}/models/headless")
     cases = [
         (RestoreSpec(source=src, model=model_url, output=src), "INVALID_ARGUMENT", "output"),
         (RestoreSpec(source=f"file://{tmp_path}/nope", model=model_url, output=f"file://{tmp_path}/x"), "NOT_FOUND", "source"),
         (RestoreSpec(source=src, model=f"file://{tmp_path}/nomodel", output=f"file://{tmp_path}/x"), "NOT_FOUND", "model"),
         (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", steps=0), "INVALID_ARGUMENT", "steps"),
-        (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", samples=1,
+        (RestoreSpec(source=src, model=headless, output=f"file://{tmp_path}/x", samples=1,
                      uncertainty_output=f"file://{tmp_path}/u"), "INVALID_ARGUMENT", "uncertainty_output"),
         (RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/x", region_start_xyz=(0, 0, 0),
                      region_stop_xyz=(500, 10, 2)), "INVALID_ARGUMENT", "region"),

@@ -246,7 +246,8 @@ class EmrestoreClient:
         """Start restoring the box start_xyz..stop_xyz (absolute source voxels) of ``source``.
 
         ``model``: a name in the server's model directory or a URL. ``uncertainty``: layer URL
-        for the per-voxel standard deviation (needs samples ≥ 2). 0/"" mean server defaults.
+        for the per-voxel standard deviation of the output's error (the model's error head; with
+        samples ≥ 2 also the samples' spread). 0/"" mean server defaults.
         ``register_in``: names of registration targets configured on the server. ``overwrite``:
         replace an existing emrestore output of another job. ``execution``: "pool", "batch" or
         "" (auto: the warm pool for small regions when the server has one).

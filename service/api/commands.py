@@ -186,8 +186,6 @@ def cmd_submit(a):
     _check_sampling(a)
     if a.parallelism < 0:
         raise _bad(f"--parallelism: must be ≥ 0, got {a.parallelism}")
-    if a.uncertainty and a.samples < 2:
-        raise _bad("--uncertainty: needs --samples of at least 2")
     region = parse_region(a.region) if a.region else None
     kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
               steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism,
@@ -328,7 +326,8 @@ def register(sub) -> None:
                         "attach to it instead of starting another (scheduled incremental runs)")
     p.add_argument("--model", required=True, help="model name on the server, or model URL")
     p.add_argument("--output", required=True, help="output layer URL")
-    p.add_argument("--uncertainty", help="uncertainty layer URL (needs --samples ≥ 2)")
+    p.add_argument("--uncertainty", help="uncertainty layer URL (the model's error head; with --samples ≥ 2 "
+                                         "also the samples' spread)")
     _add_sampling_args(p)
     p.add_argument("--parallelism", type=int, default=0, help="workers at once (0: server default)")
     p.add_argument("--execution", default="", metavar="WHERE",

@@ -25,11 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import cpu_runtime
 from .model import ModelError, RestorationModel, gap_mismatch
 from .normalize import IntensityNorm
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
 from .tiling import TiledDenoiser, auto_max_batch
-from .training import LOGVAR_RANGE, resolve_device
+from .training import resolve_device
 
 ESTIMATES = ("mean", "sample", "sample-mean")
 DEFAULT_ESTIMATE = "mean"
@@ -135,19 +136,14 @@ class _Estimator:
         """Posterior mean (N, 1, H, W) and, with an error head, the predicted variance of its
         error (N, 1, H, W; 0 at known pixels), from one predictor evaluation."""
         m = self.model
-        den = self._tiled(lambda xin, g: m.predictor(xin), cond, 1)
-        out = den(torch.zeros((cond.shape[0], 0) + cond.shape[2:], device=cond.device),
-                  torch.zeros(cond.shape[0], device=cond.device))
+        tiled = self._tiled(lambda xin, g: m.predictor(xin), cond, 1)
+        empty = torch.zeros((cond.shape[0], 0) + cond.shape[2:], device=cond.device)
+        mu, logvar = m.predict(cond, lambda c: tiled(empty, torch.zeros(c.shape[0], device=c.device)))
         self.evaluations = 1
-        n = m.task.out_channels
-        base = m.task.base(cond)
-        mu = base + out[:, :n]
-        var = torch.exp(out[:, n:n + 1].clamp(*LOGVAR_RANGE)) if out.shape[1] > n else None
+        var = torch.exp(logvar) if logvar is not None else None
         known = m.task.known(cond)
-        if known is not None:
-            mu = torch.where(known > 0.5, base, mu)
-            if var is not None:
-                var = torch.where(known > 0.5, torch.zeros_like(var), var)
+        if known is not None and var is not None:
+            var = torch.where(known > 0.5, torch.zeros_like(var), var)
         return mu, var
 
     def realisations(self, cond: torch.Tensor, mu: torch.Tensor, K: int, gens) -> torch.Tensor:
@@ -176,9 +172,11 @@ def _batches(n: int, group: int):
 
 def _estimate_view(est: _Estimator, images: np.ndarray, view_index: int, estimate: str, K: int,
                    seed: int, image_ids_offset: int, group: int, progress, done: list, total: int):
-    """Point estimate (N, H, W) and realisations (K, N, H, W) (or None) of one view's images."""
+    """Point estimate (N, H, W), realisations (K, N, H, W) (or None), the error head's variance
+    (or None) and the mean (N, H, W) of one view's images."""
     N, _, H, W = images.shape
     point = np.empty((N, H, W), np.float32)
+    mean = point if estimate == "mean" else np.empty((N, H, W), np.float32)
     draws = np.empty((K, N, H, W), np.float32) if (K > 1 or estimate != "mean") else None
     errvar = np.empty((N, H, W), np.float32) if est.model.has_error_head else None
     for g0, g1 in _batches(N, group):
@@ -191,16 +189,15 @@ def _estimate_view(est: _Estimator, images: np.ndarray, view_index: int, estimat
                     for i in range(g0, g1)]
             x = est.realisations(cond, mu, K, gens)[:, :, 0]  # (n, K, H, W)
             draws[:, g0:g1] = x.permute(1, 0, 2, 3).float().cpu().numpy()
-        if estimate == "mean":
-            point[g0:g1] = mu[:, 0].float().cpu().numpy()
-        elif estimate == "sample":
+        mean[g0:g1] = mu[:, 0].float().cpu().numpy()
+        if estimate == "sample":
             point[g0:g1] = draws[0, g0:g1]
-        else:
+        elif estimate == "sample-mean":
             point[g0:g1] = draws[:, g0:g1].mean(0)
         done[0] += g1 - g0
         if progress:
             progress(done[0], total)
-    return point, draws, errvar
+    return point, draws, errvar, mean
 
 
 @torch.no_grad()
@@ -211,7 +208,8 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
             out_dtype=None, spacing: str | None = None,
             progress: Callable[[int, int], None] | None = None,
             estimate: str = DEFAULT_ESTIMATE, voxel_size_nm=None,
-            uncertainty_source: str = "auto", views: tuple[str, ...] | None = None) -> RestoreResult:
+            uncertainty_source: str = "auto", views: tuple[str, ...] | None = None,
+            uncertainty: bool = False) -> RestoreResult:
     """Restore a (Z, Y, X) stack. Isotropic: output (Z−1)·k+1 sections, index k·i = section i
     (source sections pass through bit-exactly when the output dtype is the input's).
 
@@ -231,6 +229,10 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     if uncertainty_source == "head" and not model.has_error_head:
         raise ValueError("uncertainty_source: this model has no error head (trained before it existed)")
     validate_request(model, vol, sampler, steps, samples, estimate)
+    want_std = uncertainty or samples > 1
+    if want_std and samples < 2 and not model.has_error_head:
+        raise ValueError("uncertainty: this model has no error head (saved before it existed): its "
+                         "uncertainty is the spread of samples ≥ 2")
     if views is not None and (not views or len(set(views)) != len(views)
                               or any(v not in model.task.views for v in views)):
         raise ValueError(f"views: a non-empty subset of {', '.join(model.task.views)} for "
@@ -239,6 +241,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     t0 = time.time()
     dev = resolve_device(device)
     model.to(dev).eval()
+    cpu_runtime.prepare(dev, model.predictor, model.net)
     norm = norm or IntensityNorm.from_volume(vol)
     onorm = output_norm(model, norm)
     vol_n = norm.forward(vol)
@@ -252,19 +255,22 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     mb = max_batch or auto_max_batch(min(tile, max(H, W)), dev, width)
     group = max(1, mb // max(1, K * tiles_per_image))
     est = _Estimator(model, dev, sampler, steps, spacing, tile, overlap, mb)
-    points, draws, errvars = {}, {}, {}
+    points, draws, errvars, means = {}, {}, {}, {}
     done = [0]
     for vi, (name, images) in enumerate(view_images):
-        points[name], draws[name], errvars[name] = _estimate_view(
+        points[name], draws[name], errvars[name], means[name] = _estimate_view(
             est, images, vi, estimate, K, seed, image_ids_offset, group, progress, done, total)
     point_n = task.assemble(points, vol_n)
+    if estimate == "sample" and len(points) > 1:
+        point_n = combine_views_sample(task, points, means, vol_n)
     std_n, spread, score, parts_n, check = None, None, None, None, None
-    if K > 1:
-        by_source = uncertainty(task, draws, vol_n, errvars if model.has_error_head else None, estimate=estimate)
-        std_n = by_source[uncertainty_source]
-        if model.has_error_head:
+    if want_std:
+        by_source = uncertainty_map(task, draws, vol_n, errvars if model.has_error_head else None,
+                                    estimate=estimate)
+        std_n = by_source[uncertainty_source if uncertainty_source in by_source else "auto"]
+        if K > 1 and model.has_error_head:
             parts_n = {"samples": by_source["samples"], "head": by_source["head"]}
-        spread = sample_spread(task, draws, vol_n)
+        spread = sample_spread(task, draws, vol_n) if K > 1 else None
         check = domain_check(model, vol, norm, dev, voxel_size_nm, seed)
         score = check["score"] if check else None
     out_dtype = np.dtype(out_dtype or vol.dtype)
@@ -280,40 +286,62 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
                          evaluations_per_voxel=est.evaluations * len(view_images))
 
 
+def combine_views_sample(task, draws: dict[str, np.ndarray], means: dict[str, np.ndarray],
+                         vol_n: np.ndarray) -> np.ndarray:
+    """One realisation from the views' realisations (isotropic: XZ and YZ), keeping a realisation's
+    detail: the views' mean plus the sum of their independent residual draws divided by sqrt(V).
+    Averaging V draws (as the mean does) would divide the residual's power by V — half the
+    detail along z for two views; the scaled sum keeps its variance (bench/realz.py measures the
+    z high-frequency power of both)."""
+    mean = task.assemble(means, vol_n)
+    v = len(draws)
+    out = mean + math.sqrt(v) * (task.assemble(draws, vol_n) - mean)
+    return np.clip(out, -1.0, 1.0, out=out)
+
+
 #: spatial smoothing (voxels) of the ensemble variance: a 4-sample variance is too noisy per voxel
 #: to rank errors; the local average of it is not (bench/realz.py, Spearman with and without).
 UNCERTAINTY_SMOOTHING = 1.5
 
 
-def uncertainty(task, draws: dict[str, np.ndarray], vol_n: np.ndarray,
-                errvars: dict[str, np.ndarray] | None = None, estimate: str = DEFAULT_ESTIMATE,
-                smoothing: float = UNCERTAINTY_SMOOTHING) -> dict[str, np.ndarray]:
+def uncertainty_map(task, draws: dict[str, np.ndarray | None], vol_n: np.ndarray,
+                    errvars: dict[str, np.ndarray] | None = None, estimate: str = DEFAULT_ESTIMATE,
+                    smoothing: float = UNCERTAINTY_SMOOTHING) -> dict[str, np.ndarray]:
     """Per-voxel standard deviation (normalised units) of the error of the output, by source
-    (``UNCERTAINTY_SOURCES``; ``head`` only with ``errvars``), each computed once.
+    (``UNCERTAINTY_SOURCES``; ``head`` only with ``errvars``, ``samples`` only with K ≥ 2
+    realisations), each computed once.
 
-    ``samples``: the variance of the ensemble of all realisations of all views (isotropic: K
-    samples in XZ and K in YZ, so disagreement between the views counts), averaged over a
-    Gaussian neighbourhood of ``smoothing`` voxels (a 4-sample variance is too noisy per voxel).
-    ``head``: the error head's prediction (averaged over the views). Both estimate the mean's
-    expected squared error; ``auto`` is their average (two independent estimates), or the spread
-    without a head. With the head, the ``sample`` and ``sample-mean`` estimates add the samples'
-    own spread around the mean (a sample's expected squared error is the mean's plus its distance
-    from it; the mean of n samples', 1/n of it)."""
+    ``head``: the error head's prediction of the mean's squared error (averaged over the views);
+    no realisations needed. ``samples``: the variance of the ensemble of all realisations of all
+    views (isotropic: K samples in XZ and K in YZ, so disagreement between the views counts),
+    averaged over a Gaussian neighbourhood of ``smoothing`` voxels (a 4-sample variance is too
+    noisy per voxel). ``auto``: the head where the model has one, else the spread (the head ranks
+    the error per patch better than the two together: bench/realz.py). The ``sample`` and
+    ``sample-mean`` estimates add a realisation's own distance from the mean (a sample's expected
+    squared error is the mean's plus that; the mean of n samples', 1/n of it): the samples'
+    spread, or with one sample the head's variance again (its expected value for a calibrated
+    model)."""
     from scipy.ndimage import gaussian_filter
-    vols = task.view_volumes(draws, vol_n)            # each (K, Z', Y', X')
-    n = sum(v.shape[0] for v in vols)
-    mean = sum(v.sum(0) for v in vols) / n
-    var = sum(((v - mean) ** 2).sum(0) for v in vols) / max(1, n - 1)
-    if smoothing:
-        var = gaussian_filter(var, smoothing, mode="nearest")
-    variances = {"samples": var, "auto": var}
+    variances: dict[str, np.ndarray] = {}
+    n, spread = 0, None
+    if all(d is not None and d.shape[0] > 1 for d in draws.values()):
+        vols = task.view_volumes(draws, vol_n)            # each (K, Z', Y', X')
+        n = sum(v.shape[0] for v in vols)
+        mean = sum(v.sum(0) for v in vols) / n
+        spread = sum(((v - mean) ** 2).sum(0) for v in vols) / max(1, n - 1)
+        if smoothing:
+            spread = gaussian_filter(spread, smoothing, mode="nearest")
+        variances["samples"] = spread
     if errvars is not None:
         head = task.view_volumes({k: v[None] for k, v in errvars.items()}, vol_n)
         head_var = sum(h[0] for h in head) / len(head)
-        extra = var if estimate == "sample" else (var / n if estimate == "sample-mean" else 0.0)
+        own = spread if spread is not None else head_var
+        extra = own if estimate == "sample" else (own / max(n, 1) if estimate == "sample-mean" else 0.0)
         variances["head"] = head_var + extra
-        variances["auto"] = 0.5 * (head_var + var) + extra
-    generated = _generated_mask(task, var.shape)
+    if not variances:
+        raise ValueError("uncertainty: needs the error head or samples ≥ 2")
+    variances["auto"] = variances["head" if "head" in variances else "samples"]
+    generated = _generated_mask(task, next(iter(variances.values())).shape)
     out = {}
     for name, v in variances.items():
         std = np.sqrt(v).astype(np.float32)

@@ -146,6 +146,9 @@ class Planner:
     def restore(self, spec: RestoreSpec) -> RestorePlanning:
         src = pc.open_source(spec.source, spec.mip)
         model_url, meta = self._model(spec.model, spec.samples)
+        if spec.uncertainty_output and spec.samples < 2 and not (meta.get("predictor_unet") or {}).get("error_head"):
+            raise RequestError("uncertainty_output", "this model has no error head (saved before it existed): "
+                                                     "its uncertainty needs samples ≥ 2")
         task, factor = meta["task"], int(meta["factor"])
         why = gap_mismatch(task, factor, meta.get("gap"), src.resolution_nm_xyz)
         if why:

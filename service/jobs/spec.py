@@ -124,8 +124,6 @@ class RestoreSpec:
         self.output = _check_url(self.output, "output")
         if self.uncertainty_output:
             self.uncertainty_output = _check_url(self.uncertainty_output, "uncertainty_output")
-            if self.samples < 2:
-                raise RequestError("uncertainty_output", "needs samples ≥ 2 (the spread of the samples)")
             if self.uncertainty_output in (self.output, self.source):
                 raise RequestError("uncertainty_output", "must differ from source and output")
         if self.output.rstrip("/") == self.source.rstrip("/"):

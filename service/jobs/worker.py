@@ -84,14 +84,15 @@ def restore_block(plan: RestorePlan, block: Block, model: RestorationModel, sour
     if k > 1 and source.shape[0] == 1:
         # the layer's last chunk can hold just the last section: nothing to generate
         mean = assemble_isotropic(source.astype(plan.output_dtype), block.sections[0], block, k)
-        return mean, (np.zeros(mean.shape, np.float32) if plan.samples > 1 else None), None
+        return mean, (np.zeros(mean.shape, np.float32) if plan.samples > 1 or plan.uncertainty_output else None), None
     extra = {"estimate": plan.estimate} if plan.estimate else {}
     # the source's voxel size (the engine refuses a z/xy ratio the model did not learn)
     source_nm_xyz = tuple(r * s for r, s in zip(plan.output_resolution_nm_xyz, plan.scale_xyz))
     res = restore(model, source, sampler=plan.sampler, steps=plan.steps, samples=plan.samples,
                   seed=seed, norm=norm, tile=plan.tile, overlap=plan.overlap,
                   image_ids_offset=block.read.start[0], out_dtype=plan.output_dtype,
-                  device=os.environ.get("EMRESTORE_DEVICE", "auto"), voxel_size_nm=source_nm_xyz, **extra)
+                  device=os.environ.get("EMRESTORE_DEVICE", "auto"), voxel_size_nm=source_nm_xyz,
+                  uncertainty=bool(plan.uncertainty_output), **extra)
     if k > 1:
         mean = assemble_isotropic(res.mean, block.sections[0], block, k)
         std = assemble_isotropic(res.std, block.sections[0], block, k) if res.std is not None else None
