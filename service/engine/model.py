@@ -91,8 +91,9 @@ class RestorationModel:
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
         torch.manual_seed(seed)
+        with_head = error_head and kind == "diffusion"
         pcfg = preset_config(preset, task.cond_channels, task.out_channels, noise_conditioned=False,
-                             error_head=error_head and kind == "diffusion", **unet_overrides)
+                             error_head=with_head, error_head_context=with_head, **unet_overrides)
         predictor = UNet(pcfg)
         # the predictor starts as the classical estimate (its correction is zero) and improves on it
         torch.nn.init.zeros_(predictor.out[-1].weight)

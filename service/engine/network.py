@@ -29,6 +29,10 @@ class UNetConfig:
     #: a second head predicting the log-variance of the output's error per pixel, from the
     #: detached features (appended as the last output channel)
     error_head: bool = False
+    #: the error head also sees the network's input and its own (detached) output, through
+    #: dilated convolutions (more context: bench/realz_uncertainty.py); False in models saved
+    #: before it existed (their head sees the features alone)
+    error_head_context: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -166,15 +170,24 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(),
                                  nn.Conv2d(cur, c.out_channels, 3, padding=1))
         self.error_head = None
-        if c.error_head:
+        if c.error_head and c.error_head_context:
+            # features (normalised), the input and the output with its magnitude
+            cin = cur + c.in_channels + 2 * c.out_channels
+            self.error_head = nn.Sequential(nn.Conv2d(cin, cur, 3, padding=1), nn.SiLU(),
+                                            nn.Conv2d(cur, cur, 3, padding=2, dilation=2), nn.SiLU(),
+                                            nn.Conv2d(cur, cur, 3, padding=4, dilation=4), nn.SiLU(),
+                                            nn.Conv2d(cur, 1, 3, padding=1))
+        elif c.error_head:
             self.error_head = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(),
                                             nn.Conv2d(cur, cur, 3, padding=1), nn.SiLU(),
                                             nn.Conv2d(cur, 1, 3, padding=1))
+        if self.error_head is not None:
             nn.init.zeros_(self.error_head[-1].weight)
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor:
         """(N, out_channels [+ 1 with the error head], H, W). The error head sees the features
-        detached: its loss trains only the head, so learning the error costs the mean nothing."""
+        (and with ``error_head_context`` the input and the output) detached: its loss trains only
+        the head, so learning the error costs the mean nothing."""
         f = self.config.downsample_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"input: spatial size {tuple(x.shape[-2:])} must be a multiple of {f}")
@@ -194,9 +207,15 @@ class UNet(nn.Module):
                 h = blk(torch.cat([h, hs.pop()], dim=1), emb)
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](F.interpolate(h, scale_factor=2, mode="nearest"))
-        if self.error_head is not None:
-            return torch.cat([self.out(h), self.error_head(h.detach())], 1)
-        return self.out(h)
+        out = self.out(h)
+        if self.error_head is None:
+            return out
+        if self.config.error_head_context:
+            o = out.detach()
+            e = self.error_head(torch.cat([F.group_norm(h.detach(), _groups(h.shape[1])), x, o, o.abs()], 1))
+        else:
+            e = self.error_head(h.detach())
+        return torch.cat([out, e], 1)
 
 
 def count_parameters(module: nn.Module) -> int:

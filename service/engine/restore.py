@@ -43,7 +43,7 @@ UNCERTAINTY_THRESHOLD = 1.25
 #: patches of the needs-fine-tuning check (predictor only: one evaluation each)
 CHECK_PATCHES, CHECK_PATCH = 32, 64
 MAX_SAMPLES = 64
-UNCERTAINTY_SOURCES = ("auto", "samples", "head")
+UNCERTAINTY_SOURCES = ("auto", "samples", "views", "head")
 
 
 def derive_seed(*parts: int) -> int:
@@ -213,12 +213,15 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     """Restore a (Z, Y, X) stack. Isotropic: output (Z−1)·k+1 sections, index k·i = section i
     (source sections pass through bit-exactly when the output dtype is the input's).
 
-    ``estimate``: ``mean`` (default), ``sample`` or ``sample-mean`` (see module doc); ``samples``
-    K ≥ 2 adds the uncertainty. ``norm`` should come from statistics of the whole dataset
+    ``estimate``: ``mean`` (default), ``sample`` or ``sample-mean`` (see module doc).
+    ``uncertainty``: also return the per-voxel std of the output's error and run the
+    needs-fine-tuning check (``domain_check``); ``samples`` K ≥ 2 always does, and adds the
+    samples' spread to the map (``uncertainty_map``). ``norm`` should come from statistics of the whole dataset
     (default: of ``vol``). ``image_ids_offset`` is the global index of the block (for seeds).
     ``voxel_size_nm`` (x, y, z) of the input, when known, is checked against the model's geometry.
-    ``uncertainty_source``: ``auto`` (the error head and the samples' spread together when the
-    model has the head, else the spread), ``samples`` or ``head`` alone (for comparisons).
+    ``uncertainty_source``: ``auto`` (the error head and the ensemble's spread together when the
+    model has the head, else the spread), or one source alone for comparisons: ``head``,
+    ``samples`` (K ≥ 2) or ``views`` (one realisation, the views' disagreement).
     ``views``: isotropic only, the views to restore and average (default both, ``("xz", "yz")``);
     one view where the other's columns are not at the lateral pixel the model learned (the ISBI
     lateral-plane proxy of bench/realz.py, whose YZ columns are z at 50 nm).
@@ -233,6 +236,10 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     if want_std and samples < 2 and not model.has_error_head:
         raise ValueError("uncertainty: this model has no error head (saved before it existed): its "
                          "uncertainty is the spread of samples ≥ 2")
+    if (uncertainty_source == "samples" and samples < 2) or (uncertainty_source == "views" and (
+            samples > 1 or len(views or model.task.views) < 2)):
+        raise ValueError(f"uncertainty_source: {uncertainty_source!r} needs "
+                         + ("samples ≥ 2" if uncertainty_source == "samples" else "one sample and two views"))
     if views is not None and (not views or len(set(views)) != len(views)
                               or any(v not in model.task.views for v in views)):
         raise ValueError(f"views: a non-empty subset of {', '.join(model.task.views)} for "
@@ -266,10 +273,9 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     std_n, spread, score, parts_n, check = None, None, None, None, None
     if want_std:
         by_source = uncertainty_map(task, draws, vol_n, errvars if model.has_error_head else None,
-                                    estimate=estimate)
-        std_n = by_source[uncertainty_source if uncertainty_source in by_source else "auto"]
-        if K > 1 and model.has_error_head:
-            parts_n = {"samples": by_source["samples"], "head": by_source["head"]}
+                                    estimate=estimate, means=means)
+        std_n = by_source[uncertainty_source]
+        parts_n = {k: v for k, v in by_source.items() if k != "auto"} if model.has_error_head else None
         spread = sample_spread(task, draws, vol_n) if K > 1 else None
         check = domain_check(model, vol, norm, dev, voxel_size_nm, seed)
         score = check["score"] if check else None
@@ -306,42 +312,57 @@ UNCERTAINTY_SMOOTHING = 1.5
 
 def uncertainty_map(task, draws: dict[str, np.ndarray | None], vol_n: np.ndarray,
                     errvars: dict[str, np.ndarray] | None = None, estimate: str = DEFAULT_ESTIMATE,
-                    smoothing: float = UNCERTAINTY_SMOOTHING) -> dict[str, np.ndarray]:
-    """Per-voxel standard deviation (normalised units) of the error of the output, by source
-    (``UNCERTAINTY_SOURCES``; ``head`` only with ``errvars``, ``samples`` only with K ≥ 2
-    realisations), each computed once.
+                    smoothing: float = UNCERTAINTY_SMOOTHING,
+                    means: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-voxel standard deviation (normalised units) of the error of the output, by source, each
+    computed once: ``head`` (with ``errvars``), ``samples`` (K ≥ 2 realisations) or ``views``
+    (one realisation per view: the views' means), and ``auto``, the map restore returns.
 
-    ``head``: the error head's prediction of the mean's squared error (averaged over the views);
-    no realisations needed. ``samples``: the variance of the ensemble of all realisations of all
-    views (isotropic: K samples in XZ and K in YZ, so disagreement between the views counts),
-    averaged over a Gaussian neighbourhood of ``smoothing`` voxels (a 4-sample variance is too
-    noisy per voxel). ``auto``: the head where the model has one, else the spread (the head ranks
-    the error per patch better than the two together: bench/realz.py). The ``sample`` and
-    ``sample-mean`` estimates add a realisation's own distance from the mean (a sample's expected
-    squared error is the mean's plus that; the mean of n samples', 1/n of it): the samples'
-    spread, or with one sample the head's variance again (its expected value for a calibrated
-    model)."""
+    ``head``: the error head's prediction of the mean's squared error, averaged over the views
+    (learned on rows of XY sections; on real z it under-states the error by about a fifth).
+    ``samples``: the variance of all realisations of all views (isotropic: K samples in XZ and K
+    in YZ, so the views' disagreement counts), ``views``: the variance between the views' means —
+    where the XZ and YZ views disagree, real z is harder than the XY rows showed — each averaged
+    over a Gaussian neighbourhood of ``smoothing`` voxels (a variance of a few values is too
+    noisy per voxel). ``auto``: with samples, the average of the head and their spread (two
+    estimates of the same error); with one realisation, the head plus the views' variance (no
+    extra network evaluations; bench/realz_uncertainty.py ranks each source alone and together);
+    without a head, the spread. The ``sample`` and ``sample-mean`` estimates add a realisation's
+    own distance from the mean (a sample's expected squared error is the mean's plus that; the
+    mean of n samples', 1/n of it): the samples' spread, or with one sample the head's variance
+    again (its expected value for a calibrated model)."""
     from scipy.ndimage import gaussian_filter
     variances: dict[str, np.ndarray] = {}
     n, spread = 0, None
     if all(d is not None and d.shape[0] > 1 for d in draws.values()):
-        vols = task.view_volumes(draws, vol_n)            # each (K, Z', Y', X')
+        ensemble, name = draws, "samples"
+    elif means is not None and len(means) > 1:
+        ensemble, name = {k: v[None] for k, v in means.items()}, "views"
+    else:
+        ensemble = None
+    if ensemble is not None:
+        vols = task.view_volumes(ensemble, vol_n)            # each (K, Z', Y', X')
         n = sum(v.shape[0] for v in vols)
         mean = sum(v.sum(0) for v in vols) / n
         spread = sum(((v - mean) ** 2).sum(0) for v in vols) / max(1, n - 1)
         if smoothing:
             spread = gaussian_filter(spread, smoothing, mode="nearest")
-        variances["samples"] = spread
+        variances[name] = spread
     if errvars is not None:
         head = task.view_volumes({k: v[None] for k, v in errvars.items()}, vol_n)
         head_var = sum(h[0] for h in head) / len(head)
-        own = spread if spread is not None else head_var
+        own = variances.get("samples", head_var)
         extra = own if estimate == "sample" else (own / max(n, 1) if estimate == "sample-mean" else 0.0)
         variances["head"] = head_var + extra
-    if not variances:
-        raise ValueError("uncertainty: needs the error head or samples ≥ 2")
-    variances["auto"] = variances["head" if "head" in variances else "samples"]
-    generated = _generated_mask(task, next(iter(variances.values())).shape)
+        if "samples" in variances:
+            variances["auto"] = 0.5 * (head_var + spread) + extra
+        else:
+            variances["auto"] = head_var + (spread if spread is not None else 0.0) + extra
+    elif spread is not None:
+        variances["auto"] = spread
+    if "auto" not in variances:
+        raise ValueError("uncertainty: needs the error head, two views or samples ≥ 2")
+    generated = _generated_mask(task, variances["auto"].shape)
     out = {}
     for name, v in variances.items():
         std = np.sqrt(v).astype(np.float32)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import cpu_runtime
 from .model import RestorationModel
 
 
@@ -156,6 +157,8 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
     """
     cfg.validate()
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        cpu_runtime.keep_freed_memory()
     nets = _Pair(model.predictor, model.net).to(device)
     nets.train()
     ema = copy.deepcopy(nets).eval()
