@@ -248,7 +248,7 @@ def cmd_models(a):
 
 def cmd_demo(a):
     from .demo import run_demo
-    run_demo(a.workdir, quick=a.quick, with_service=not a.no_service)
+    run_demo(a.workdir, quick=a.quick, with_service=not a.no_service, data=a.data)
 
 
 # --------------------------------------------------------------------------- parser
@@ -337,10 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default=os.environ.get("EMRESTORE_MODELS", "models"))
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="phantom → train tiny model → restore → pictures")
+    p = sub.add_parser("demo", help="real EM crop (or the phantom) → train tiny model → restore → pictures")
     p.add_argument("--workdir", default="demo-output")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
     p.add_argument("--no-service", action="store_true", help="skip the precomputed/service part")
+    p.add_argument("--data", help="the FlyEM FIB-SEM TIFF, or a directory holding flyem-fibsem/sample1.tif "
+                                  "(default: $EMRESTORE_DATA, else ../shared/data beside the checkout)")
     p.set_defaults(func=cmd_demo)
 
     from .api import commands

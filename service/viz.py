@@ -26,8 +26,10 @@ def heat8(img: np.ndarray, hi: float | None = None) -> np.ndarray:
     return (rgb * 255).astype(np.uint8)
 
 
-def panels_png(path: str, panels: list[tuple[str, np.ndarray]], scale: int = 2, pad: int = 6) -> str:
-    """Side-by-side panels, each (title, 2-D uint8 gray or (H, W, 3) RGB), upscaled by ``scale``."""
+def panels_png(path: str, panels: list[tuple[str, np.ndarray]], scale: int = 2, pad: int = 6,
+               caption: str = "") -> str:
+    """Side-by-side panels, each (title, 2-D uint8 gray or (H, W, 3) RGB), upscaled by ``scale``;
+    ``caption`` (e.g. a data credit) is written below them."""
     ims = []
     for title, arr in panels:
         a = np.asarray(arr)
@@ -38,7 +40,7 @@ def panels_png(path: str, panels: list[tuple[str, np.ndarray]], scale: int = 2, 
         ims.append((title, im))
     head = 16
     W = sum(im.width for _, im in ims) + pad * (len(ims) + 1)
-    H = max(im.height for _, im in ims) + head + 2 * pad
+    H = max(im.height for _, im in ims) + head + 2 * pad + (head if caption else 0)
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     x = pad
@@ -46,6 +48,8 @@ def panels_png(path: str, panels: list[tuple[str, np.ndarray]], scale: int = 2, 
         draw.text((x, pad // 2), title, fill=(0, 0, 0))
         canvas.paste(im, (x, head + pad))
         x += im.width + pad
+    if caption:
+        draw.text((pad, H - head), caption, fill=(0, 0, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path

@@ -1,4 +1,4 @@
-"""The service half of the README demo: phantom → precomputed layer → gRPC service with local
+"""The service half of the README demo: the input stack → precomputed layer → gRPC service with local
 workers → restored isotropic layer and uncertainty layer → picture and Neuroglancer state."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import time
 import numpy as np
 
 
-def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: str, quick: bool = False) -> dict:
+def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: str, quick: bool = False,
+                     caption: str = "") -> dict:
     from importlib.metadata import entry_points
     from ..jobs.executors import LocalExecutor
     from ..jobs.manager import JobManager
@@ -37,10 +38,11 @@ def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: 
         with EmrestoreClient(f"127.0.0.1:{port}") as client:
             print(f"[demo] service on 127.0.0.1:{port} ({client.health()}); models: "
                   f"{', '.join(m['name'] for m in client.models())}")
-            # the service path shows the layers and the job; 2 short-chain samples keep it to minutes
+            # the service path shows the layers and the job: the mean with its uncertainty layer
+            # (the model's error head and the views' disagreement; no samples)
             workers = 1 if quick else 2
-            job = client.restore_dataset(src, os.path.basename(model_url), out, uncertainty=unc, samples=2,
-                                         steps=2 if quick else 4, parallelism=workers)
+            job = client.restore_dataset(src, os.path.basename(model_url), out, uncertainty=unc,
+                                         parallelism=workers)
             print(f"[demo] job {job.job_id}: restoring {src} → {out} in {job.blocks_total} blocks with "
                   f"{workers} local worker(s)")
 
@@ -62,7 +64,7 @@ def run_service_demo(workdir: str, aniso: np.ndarray, voxel_size_nm, model_url: 
         ("source layer (XZ)", to_gray8(nearest_z(aniso, k, restored.shape[0])[:, y, :], 0, 255)),
         ("restored layer (service)", to_gray8(restored[:, y, :], 0, 255)),
         ("uncertainty layer", heat8(std[:, y, :])),
-    ])
+    ], caption=caption)
     # the state reads the layers over http (browsers cannot read file://): serve demo-output/layers
     # with CORS on port 8000, or simply run `emrestore view`, which serves them itself
     # the Neuroglancer state comes from the connectors' plug-in (the service never imports them)
