@@ -39,7 +39,7 @@ from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.network import count_parameters  # noqa: E402
 from service.engine.pairs import IsotropicPairs  # noqa: E402
 from service.engine.restore import restore  # noqa: E402
-from service.engine.tasks import TaskSpec, linear_rows  # noqa: E402
+from service.engine.tasks import make_task, linear_rows  # noqa: E402
 from service.engine.training import TrainConfig, train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,7 +86,7 @@ def train_and_restore(vol: np.ndarray, steps: int, dev: torch.device, smoke: boo
     kept = vol[::K]
     truth = vol[:(kept.shape[0] - 1) * K + 1].astype(np.float32)
     vs = (10.0, 10.0, 10.0 * K)
-    task = TaskSpec("isotropic", K)
+    task = make_task("isotropic", K)
     pairs = IsotropicPairs(task, kept, self_supervised=True, voxel_size_nm=vs)
     m = RestorationModel.create(task, "tiny", voxel_size_nm=vs, seed=0)
     m.input_norm = m.target_norm = pairs.norm
@@ -145,9 +145,9 @@ def _time(fn, dev, reps: int) -> float:
 def variant_timings(preset: str, dev: torch.device, batches, tile: int, smoke: bool, deadline: float,
                     peak: float | None) -> list[dict]:
     """The residual denoiser's forward (what sampling repeats) per variant and batch size."""
-    task = TaskSpec("isotropic", K)
+    task = make_task("isotropic", K)
     m = RestorationModel.create(task, preset)
-    net = m.net.eval()
+    net = m.denoiser.eval()
     in_ch = net.config.in_channels
     fl = flops_per_eval(net, in_ch, tile, noise=True)
     net = net.to(dev)

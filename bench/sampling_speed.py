@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from bench.common import machine, today  # noqa: E402
 from service.engine import cpu_runtime, restore as restore_mod, tiling  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
-from service.engine.tasks import TaskSpec  # noqa: E402
+from service.engine.tasks import make_task  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get("EMRESTORE_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
@@ -55,8 +55,8 @@ def net_seconds(model, shapes, runtime: bool) -> float:
     """The bare network's time for the recorded calls (each distinct shape timed, times count)."""
     total = 0.0
     for shape, count in {s: shapes.count(s) for s in set(shapes)}.items():
-        noisy = shape[1] == model.net.config.in_channels
-        net = model.net if noisy else model.predictor
+        noisy = shape[1] == model.denoiser.config.in_channels
+        net = model.denoiser if noisy else model.predictor
         x = torch.randn(shape)
         if runtime:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -118,7 +118,7 @@ def main(argv=None):
     else:
         kept = (np.random.default_rng(0).random((a.sections, a.crop, a.crop)) * 255).astype(np.uint8)
         data = f"random stack {kept.shape} (FlyEM data not found at {path})"
-    model = RestorationModel.load(a.model) if a.model else RestorationModel.create(TaskSpec("isotropic", 5), "tiny")
+    model = RestorationModel.load(a.model) if a.model else RestorationModel.create(make_task("isotropic", 5), "tiny")
     model.eval()
     rows = []
     # before: the runtime switched off (runs first: glibc's defaults cannot be restored afterwards)

@@ -84,7 +84,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     from .engine.model import RestorationModel
     from .engine.pairs import IsotropicPairs
     from .engine.restore import restore
-    from .engine.tasks import TaskSpec
+    from .engine.tasks import make_task
     from .engine.training import TrainConfig, train
     from .viz import heat8, nearest_z, panels_png, to_gray8
     from .volume.tiff import write_stack
@@ -105,7 +105,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     write_stack(os.path.join(workdir, "truth.tif"), truth, voxel_size_nm=(iso_nm,) * 3)
     print(f"[demo] {what}")
 
-    task = TaskSpec("isotropic", K)
+    task = make_task("isotropic", K)
     model = RestorationModel.create(task, "tiny", voxel_size_nm=vs, seed=0)
     pairs = IsotropicPairs(task, aniso, self_supervised=True, voxel_size_nm=vs)
     model.input_norm = model.target_norm = pairs.norm

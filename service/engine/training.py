@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import cpu_runtime
-from .model import RestorationModel
+from .model import RestorationModel, resolve_device
 
 
 def estimate_residual_scale(task, pairs, patch: int, seed: int, batches: int = 8) -> float:
@@ -77,14 +77,6 @@ class TrainConfig:
             raise ValueError(f"patch: must be in [16, 1024], got {self.patch}")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr: must be in (0, 1), got {self.lr}")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -159,7 +151,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         cpu_runtime.keep_freed_memory()
-    nets = _Pair(model.predictor, model.net).to(device)
+    nets = _Pair(model.predictor, model.denoiser).to(device)
     nets.train()
     ema = copy.deepcopy(nets).eval()
     for p in ema.parameters():
@@ -187,7 +179,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             model.diffusion.scale = float(state["scale"])
     if start == 0 and not model.training.get("base"):
         scale = estimate_residual_scale(model.task, pairs, cfg.patch, cfg.seed)
-        if model.net is not None:
+        if model.denoiser is not None:
             model.diffusion.scale = scale
         if model.has_error_head:  # the error head starts at the classical estimate's error
             with torch.no_grad():
@@ -199,7 +191,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
     t0 = time.time()
 
     def use(n: _Pair):
-        model.predictor, model.net = n.predictor, n.denoiser
+        model.predictor, model.denoiser = n.predictor, n.denoiser
 
     def save(step: int):
         if not out_url:
@@ -217,7 +209,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
         use(ema)
         ema.eval()
         model.training = _record(model, cfg, mode, step, history, time.time() - t0)
-        if calibrate and model.net is not None and step >= cfg.steps:
+        if calibrate and model.denoiser is not None and step >= cfg.steps:
             from .restore import calibrate as _calibrate
             model.calibration = _calibrate(model, pairs, cfg.patch, seed=cfg.seed)
             if out_url:

@@ -131,14 +131,14 @@ def check_info(res) -> dict:
 def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
                  owner: str, secs: float) -> None:
     """Store a restored block and record its completion marker: output chunks for a job, the
-    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server). With
-    samples ≥ 2 the marker holds the block's needs-fine-tuning score; the first flagged block a
+    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server). With an
+    uncertainty layer or samples ≥ 2 the marker holds the block's needs-fine-tuning score; the first flagged block a
     worker process restores for a job also becomes a ``needs_finetuning`` job event."""
     info = {"worker": owner, "seconds": round(secs, 3), "voxels": int(mean.size)}
     if plan.kind == "cutout":
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
     else:
-        info["sha256"] = write_block(plan, plan.blocks.blocks[i], mean, std)
+        info["sha256"] = write_block(plan, plan.block(i), mean, std)
         info.update(check_info(res))
         if info.get("needs_finetuning") and job_id not in _flagged_jobs:
             if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
@@ -168,7 +168,7 @@ def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model:
             t0 = time.time()
             if data is None:
                 data = read(i)
-            mean, std, res = restore_block(plan, plan.blocks.blocks[i], model, data)
+            mean, std, res = restore_block(plan, plan.block(i), model, data)
             secs = time.time() - t0
             finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs)
         return max(secs, 1e-6)
@@ -266,7 +266,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
 def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
     """A train job is one block: read the training region, train, save the model."""
     from ..engine.pairs import IsotropicPairs, StackGapPairs
-    from ..engine.tasks import TaskSpec
+    from ..engine.tasks import make_task
     from ..engine.training import TrainConfig, train
     if 0 in ledger.done_blocks(job_id):
         return 0
@@ -275,7 +275,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
         return 0
     try:
         vol = pc.read_zyx(plan.source, plan.read.start, plan.read.stop, plan.mip)
-        task = TaskSpec("isotropic", plan.factor)
+        task = make_task("isotropic", plan.factor)
         if plan.base_model:
             model = RestorationModel.load(plan.base_model)
             if plan.target:
