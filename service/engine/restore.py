@@ -4,13 +4,15 @@ Estimates (``estimate=``):
 
 - ``mean`` (default): the predictor's posterior mean, one network evaluation per image.
 - ``sample``: one sharp realisation — the prediction plus one residual sampled by the diffusion
-  model (``steps`` evaluations); EMDiffuse-style detail, about 3 dB below the mean in PSNR.
+  model (``steps`` evaluations); EMDiffuse-style detail, at most 3 dB below the mean in PSNR (the
+  views' residual draws are combined keeping their variance: ``combine_views_sample``).
 - ``sample-mean``: the mean of the ``samples`` realisations.
 
-With ``samples`` K ≥ 2 every estimate also returns the per-voxel standard deviation of the K
-realisations (the uncertainty) and the needs-fine-tuning score (``domain_check``). Isotropic
-restoration evaluates XZ and YZ views (``tasks.IsotropicTask``), so the default costs two
-evaluations per output voxel.
+With ``uncertainty=True`` or ``samples`` K ≥ 2 every estimate also returns the per-voxel standard
+deviation of the output's error (``uncertainty_map``: the predictor's error head and the views'
+disagreement, from the mean's own evaluations; with K ≥ 2 the samples' spread too) and the
+needs-fine-tuning score (``domain_check``). Isotropic restoration evaluates XZ and YZ views
+(``tasks.IsotropicTask``), so the default costs two evaluations per output voxel.
 Noise for an image comes from a generator seeded by (seed, view, image id), so the result does not
 depend on batching and re-running a block writes the same bytes.
 """
