@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage
 
 from service.engine.model import ModelError, RestorationModel, list_models, read_metadata
+from service.engine.network import UNet, UNetConfig
 from service.engine.pairs import IsotropicPairs, RegisteredPairs, StackGapPairs, lateral_zoom
 from service.engine.restore import check_model_for_task, check_voxel_size, derive_seed, restore
 from service.engine.tasks import make_task, linear_rows
@@ -215,6 +216,43 @@ def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):
     assert r.score is None and r.domain_check is None and not r.needs_finetuning  # no head to check
     with pytest.raises(ValueError, match="no error head"):
         restore(old, sub, samples=2, steps=1, uncertainty_source="head")
+    with pytest.raises(ValueError, match="uncertainty"):  # its uncertainty needs samples
+        restore(old, sub, uncertainty=True)
+
+
+def test_uncertainty_without_samples(iso_model, tmp_path):
+    """One realisation: the map is the error head plus the views' disagreement, from the mean's
+    own evaluations (no sampling), the mean unchanged, with the needs-fine-tuning check; a model
+    whose head predates the context inputs (saved before them) loads and gives it too."""
+    url, aniso, _, _ = iso_model
+    m = RestorationModel.load(url)
+    assert m.predictor.config.error_head_context
+    sub = aniso[:4, :32, :32]
+    plain = restore(m, sub)
+    r = restore(m, sub, uncertainty=True)
+    assert np.array_equal(r.mean, plain.mean) and plain.std is None and plain.score is None
+    assert r.evaluations == 1 and r.score is not None and set(r.std_parts) == {"head", "views"}
+    assert np.all(r.std[::3] == 0) and r.std[1::3].min() > 0
+    # the head plus the views' variance: never below the head alone, above it where the views disagree
+    assert np.all(r.std >= r.std_parts["head"] - 1e-6) and r.std.mean() > r.std_parts["head"].mean()
+    one_view = restore(m, sub, uncertainty=True, views=("xz",))
+    assert set(one_view.std_parts) == {"head"}
+    with pytest.raises(ValueError, match="uncertainty_source"):
+        restore(m, sub, uncertainty=True, uncertainty_source="samples")
+    # a head without the context inputs (models saved before them): same file format, own head
+    cfg = m.predictor.config.to_dict()
+    cfg.pop("error_head_context")
+    old = RestorationModel.load(url)
+    old.predictor = UNet(UNetConfig.from_dict(cfg))
+    old.save(str(tmp_path / "old-head"))
+    meta = json.loads((tmp_path / "old-head" / "model.json").read_text())
+    assert meta["predictor_unet"]["error_head_context"] is False
+    del meta["predictor_unet"]["error_head_context"]  # as written before the field existed
+    (tmp_path / "old-head" / "model.json").write_text(json.dumps(meta))
+    old = RestorationModel.load(str(tmp_path / "old-head"))
+    assert old.has_error_head and not old.predictor.config.error_head_context
+    o = restore(old, sub, uncertainty=True)
+    assert o.std[1::3].min() > 0 and o.score is not None
 
 
 def test_needs_finetuning_check(iso_model):
