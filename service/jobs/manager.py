@@ -16,21 +16,21 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted
+from ..errors import FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
 from . import admission
 from .admission import WorkLimits  # noqa: F401 - re-exported (serve, tests)
 from .completion import CompletedJob, CompletionHook, failure_messages
+from .cutouts import CutoutResult, Cutouts  # noqa: F401 - CutoutResult re-exported
 from .executors import Executor
 from .ledger import CANCELLED, FAILED, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES, Ledger, new_job_id
 from .models import ModelRegistry
 from .estimate import estimate, uncertainty_format
 from .planning import Planner, dataset_norm, inherited_tasks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
-from .spec import CutoutSpec, RestoreSpec, TrainSpec
-from .worker import check_info, load_cutout_result, restore_block
+from .spec import RestoreSpec, TrainSpec
 
 MAX_RELAUNCHES = 2
 #: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
@@ -57,16 +57,6 @@ class JobStatus:
     owner: str = ""
 
 
-@dataclass
-class CutoutResult:
-    mean_zyx: np.ndarray
-    std_zyx: np.ndarray | None
-    output_start_xyz: tuple
-    resolution_nm_xyz: tuple
-    dtype: str
-    message: str
-
-
 def _plan_summary(plan) -> dict:
     """The part of a plan shown with the job (GetJob's spec.plan); the block list is left out."""
     if isinstance(plan, RestorePlan):
@@ -81,7 +71,7 @@ def _plan_summary(plan) -> dict:
             "voxel_size_nm": list(plan.voxel_size_nm)}
 
 
-class JobManager:
+class JobManager(Cutouts):
     def __init__(self, ledger_url: str, executor: Executor, models_dir: str | None = None,
                  max_cutout_voxels: int = 4_194_304, poll_interval_s: float = 0.5,
                  block_size_xyz: tuple[int, int, int] = (256, 256, 0), tile: int = 256,
@@ -368,60 +358,6 @@ class JobManager:
             if (t_end is not None and time.time() > t_end) or (stop is not None and stop.is_set()):
                 return
             time.sleep(self.poll_interval_s)
-
-    # ------------------------------------------------------------------ cutout
-    def cutout(self, spec: CutoutSpec) -> CutoutResult:
-        """Plan one block over the region and restore it with the workers' code; nothing written."""
-        spec.validate()
-        self.policy.check(spec.source, "source")
-        self.policy.check(self.resolve_model(spec.model), "model")
-        admission.check_sampling_work(self.limits, spec.samples, spec.steps)
-        plan, block, src = self.planner.cutout(spec)
-        if self.has_pool:
-            return self._cutout_on_pool(spec, plan, block)
-        data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
-        model = self.models.load(plan.model_url)
-        mean, std, res = restore_block(plan, block, model, data)
-        info = {}
-        if res is not None:
-            info = {"restore_seconds": res.seconds, **check_info(res)}
-        return self._cutout_result(plan, block, mean, std, info)
-
-    def _cutout_result(self, plan, block, mean, std, info: dict) -> CutoutResult:
-        mean = np.ascontiguousarray(mean)
-        std = np.ascontiguousarray(std) if std is not None else None
-        msg = f"restored {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]}"
-        if "restore_seconds" in info:
-            msg += f" in {info['restore_seconds']:.1f} s"
-            if info.get("score") is not None:
-                msg += f"; needs-fine-tuning score {info['score']:.2f}" + (" (needs fine-tuning)" if info.get("needs_finetuning") else "")
-        return CutoutResult(mean, std, block.write.start_xyz, plan.output_resolution_nm_xyz, str(mean.dtype), msg)
-
-    def _cutout_on_pool(self, spec: CutoutSpec, plan: RestorePlan, block) -> CutoutResult:
-        """A cutout as a one-block interactive job that a pool worker runs (its arrays come back
-        through the ledger); waits at most ``cutout_timeout_s``, then cancels it (UNAVAILABLE)."""
-        from dataclasses import asdict
-        plan = replace(plan, kind="cutout", priority="interactive", execution="pool")
-        spec_d = dict(asdict(spec), kind="cutout")
-        rec = self.ledger.create_job(spec_d, 1, plan=plan.to_dict())
-        self._launch(rec.job_id, 1)
-        deadline = time.monotonic() + self.cutout_timeout_s
-        delay = 0.02
-        while True:
-            marker = self.ledger.block_info(rec.job_id, 0)
-            if marker is not None:
-                break
-            if self.ledger.cancel_requested(rec.job_id):
-                raise EmrestoreError("region", f"cutout job {rec.job_id} was cancelled or failed", code="UNAVAILABLE")
-            if time.monotonic() > deadline:
-                self.ledger.request_cancel(rec.job_id)
-                raise EmrestoreError("region", f"no pool worker restored the cutout within "
-                                               f"{self.cutout_timeout_s:g} s (job {rec.job_id}); "
-                                               "is the worker pool running?", code="UNAVAILABLE")
-            time.sleep(delay)
-            delay = min(0.2, delay * 1.5)
-        mean, std = load_cutout_result(self.ledger, rec.job_id)
-        return self._cutout_result(plan, block, mean, std, marker.get("info", {}))
 
     # ------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:

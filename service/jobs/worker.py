@@ -225,7 +225,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     ttl = lease_ttl_s or LEASE_TTL_S
     model = RestorationModel.load(plan.model_url)
     done_count = 0
-    poll = min(5.0, ttl / 4)
+    poll = min(2.0, ttl / 8)
 
     def run(i: int) -> bool | None:
         nonlocal done_count
@@ -248,6 +248,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
             if run(i) is False:
                 log(f"[worker {task_index}] task {i} is leased by another worker; coming back to it")
         # the stage's rest: tasks of workers that died (expired leases) or are still running
+        wait = 0.05
         while ledger.done_count(job_id, r.start, r.stop) < len(r):
             if ledger.cancel_requested(job_id):
                 log(f"[worker {task_index}] job cancelled; stopping")
@@ -261,7 +262,8 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
                     return done_count
                 took = took or res
             if not took:
-                time.sleep(poll)
+                time.sleep(wait)
+                wait = min(poll, wait * 2)
     return done_count
 
 

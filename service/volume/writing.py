@@ -38,8 +38,12 @@ def layer_writer(url: str):
         if cv is not None:
             _writers.move_to_end(url)
             return cv
+    from cloudvolume.datasource.precomputed.common import cdn_cache_control
     cv = _open_cv(url, 0, "output")
     cv.emrestore_lock = threading.Lock()  # one write at a time per layer (cv.mip is shared state)
+    # cloud-volume 12.15 hands cdn_cache (True) to S3 as is for shard files (unsharded chunks get
+    # the header string): give it the string, the header it means
+    cv.config.cdn_cache = cdn_cache_control(cv.config.cdn_cache)
     with _writers_lock:
         _writers[url] = cv
         while len(_writers) > _MAX_WRITERS:
