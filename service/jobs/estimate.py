@@ -14,13 +14,13 @@ import numpy as np
 
 from ..volume.pyramid import LayerFormat, ScaleSpec, layer_scales
 
-#: bytes per voxel of chunks of a *restored* real EM layer (FlyEM FIB-SEM, k = 5, the service's
-#: own output: bench/formats.py, bench/results/formats.md, 2026-11-29, this machine)
+#: bytes per voxel of mip-0 shards of a *restored* real EM layer (FlyEM FIB-SEM, k = 5, 64×64×15
+#: chunks, the service's own output: bench/formats.py → bench/results/formats.md, 2026-12-04)
 COMPRESSED_BYTES_PER_VOXEL = {
-    ("jpeg", 75): 0.150, ("jpeg", 85): 0.205, ("jpeg", 90): 0.265, ("jpeg", 95): 0.400, ("png", None): 0.55,
+    ("jpeg", 75): 0.145, ("jpeg", 85): 0.193, ("jpeg", 90): 0.249, ("jpeg", 95): 0.375, ("png", None): 0.574,
 }
 COMPRESSION_BASIS = ("bytes per voxel measured on a restored FlyEM FIB-SEM layer written by the service "
-                     "(bench/results/formats.md, 2026-11-29)")
+                     "(bench/results/formats.md, 2026-12-04)")
 
 #: measured network throughput per preset: pixel-evaluations per second (one evaluation of a
 #: 256² tile = 65 536 pixel-evaluations), and where the figure comes from
