@@ -171,6 +171,9 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         job = viewer.jobs[0]
         assert job.state == "SUCCEEDED", (job, viewer.viewer.config_state.state.status_messages)
         assert (job.start_xyz, job.stop_xyz) == drawn  # the tool's box is what was restored
+        out_info = json.loads(open(service["svc"].manager.get(job.job_id).outputs["output"][len("file://"):]
+                                   + "/info").read())
+        assert out_info["scales"][0]["encoding"] == "jpeg" and out_info["scales"][0]["sharding"]  # as the source
         short = job.job_id[-8:]
         names = [layer.name for layer in viewer.viewer.state.layers]
         assert f"restored {short}" in names and f"uncertainty {short}" in names

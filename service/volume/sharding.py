@@ -61,6 +61,37 @@ def compressed_morton_code(point_xyz: Sequence[int], grid_xyz: Sequence[int]) ->
     return code
 
 
+def morton_point(code: int, grid_xyz: Sequence[int]) -> Vec3:
+    """The grid position (xyz) of a compressed Morton code (inverse of :func:`compressed_morton_code`)."""
+    bits = morton_bits(grid_xyz)
+    p, j = [0, 0, 0], 0
+    for i in range(max(bits) if any(bits) else 0):
+        for ax in range(3):
+            if i < bits[ax]:
+                p[ax] |= ((int(code) >> j) & 1) << i
+                j += 1
+    return tuple(p)  # type: ignore[return-value]
+
+
+def shard_box_of(spec: dict, name: str, size_xyz: Sequence[int], chunk_xyz: Sequence[int],
+                 offset_xyz: Sequence[int]) -> tuple[Vec3, Vec3] | None:
+    """The voxel box (xyz start, stop) a shard file holds, from its name; None for other names."""
+    stem = name[:-len(".shard")] if name.endswith(".shard") else None
+    try:
+        number = int(stem, 16) if stem else None
+    except ValueError:
+        number = None
+    if number is None:
+        return None
+    low = int(spec["preshift_bits"]) + int(spec["minishard_bits"])
+    grid = grid_size(size_xyz, chunk_xyz)
+    first = morton_point(number << low, grid)
+    shape = shard_shape(spec, size_xyz, chunk_xyz)
+    start = tuple(int(o) + g * int(c) for o, g, c in zip(offset_xyz, first, chunk_xyz))
+    stop = tuple(min(a + s, int(o) + int(n)) for a, s, o, n in zip(start, shape, offset_xyz, size_xyz))
+    return start, stop  # type: ignore[return-value]
+
+
 def sharding_spec(size_xyz: Sequence[int], chunk_xyz: Sequence[int], dtype_bytes: int, encoding: str,
                   target_bytes: int = IGNEOUS_SHARD_BYTES) -> dict:
     """Sharding parameters of one scale by igneous' rule (see the module docstring)."""
