@@ -2,9 +2,9 @@
 
 Unsharded scales take chunk-aligned boxes (cloud-volume's non-aligned writes race). A sharded
 scale is written one whole shard per object: the box must cover whole shards (or end at the
-scale's bounds), and each shard is encoded and put in one write, so a worker killed in the
-middle leaves either the old object or none — a re-run writes the same bytes (the task is
-idempotent). Averaging uses absolute windows: voxel ``a`` of a scale ``f`` times coarser averages
+scale's bounds), and each shard is encoded and put in one write (one PUT on S3 and GCS; a
+temporary file renamed over the old one on disks), so a worker killed in the middle leaves
+either the old object or the new one — a re-run writes the same bytes (the task is idempotent). Averaging uses absolute windows: voxel ``a`` of a scale ``f`` times coarser averages
 ``[a·f, (a+1)·f)`` of the finer one, and a window cut by the data's edge averages what it holds.
 """
 
@@ -100,7 +100,36 @@ def _write_scale(cv, url: str, mip: int, start_zyx: Sequence[int], arr: np.ndarr
     for sb in shard_boxes(box, scale.bounds, unit):
         if not box.contains(sb):
             continue  # (cannot happen for an aligned box)
-        _put(cv, url, mip, sb.start, np.ascontiguousarray(arr[sb.slices(start)]))
+        part = np.ascontiguousarray(arr[sb.slices(start)])
+        if url.startswith("file://"):
+            _put_shard_file(cv, url, mip, scale.key, sb, part)
+        else:  # S3 and GCS replace an object in one PUT: readers see the old shard or the new one
+            _put(cv, url, mip, sb.start, part)
+
+
+def _put_shard_file(cv, url: str, mip: int, key: str, box: Box, arr: np.ndarray) -> None:
+    """A shard on a local disk: encoded by cloud-volume, written to a temporary file and renamed
+    over the old one, so a worker killed while writing never leaves half a shard (cloud-files
+    writes files in place)."""
+    import os
+    import uuid
+
+    from cloudvolume.lib import Bbox
+    (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
+    data = np.asfortranarray(arr.transpose(2, 1, 0))[..., np.newaxis]
+
+    def make():
+        with cv.emrestore_lock:
+            cv.mip = int(mip)
+            return cv.image.make_shard(data, Bbox((x0, y0, z0), (x1, y1, z1)), int(mip))
+
+    filename, blob = _run_io(make, url, "output")
+    d = os.path.join(url[len("file://"):], key)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{filename}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, os.path.join(d, filename))
 
 
 def write_zyx(url: str, start_zyx: Sequence[int], array_zyx: np.ndarray, mip: int = 0) -> None:
