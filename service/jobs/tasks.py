@@ -120,11 +120,13 @@ def write_restored(plan: RestorePlan, task: Task, mean: np.ndarray, std: np.ndar
     return hashlib.sha256(np.ascontiguousarray(mean).tobytes()).hexdigest()
 
 
-def build_scales(plan: RestorePlan, task: Task) -> str:
+def build_scales(plan: RestorePlan, task: Task, tile_xy: int = 1024) -> str:
     """A later stage's task: average its box of scale ``a`` from scale ``a − 1`` of each layer and
-    write the scales ``a … top``; returns the digest of the output's scale-``a`` box."""
+    write the scales ``a … top``; returns the digest of the output's scale-``a`` box. The box is
+    built a slab at a time (one chunk of z, at most ``tile_xy`` square), so a task reads at most a
+    few slabs of the scale below at once, whatever its shard's size."""
     from ..volume.pyramid import scales_from_info
-    from ..volume.writing import layer_writer, _to_dtype
+    from ..volume.writing import _to_dtype, layer_writer
     st = task.stage
     a = st.base_mip
     digest = ""
@@ -133,14 +135,16 @@ def build_scales(plan: RestorePlan, task: Task) -> str:
         scales = scales_from_info(cv.info)
         below, here = scales[a - 1], scales[a]
         f = tuple(x // y for x, y in zip(here.factor_zyx, below.factor_zyx))
-        read = task.box.scale(f).intersect(below.bounds)
-        data = pc.read_zyx(url, read.start, read.stop, a - 1, fill_missing=True)
-        pooled, at = pool_mean(data, read.start, f)
-        if tuple(at) != task.box.start or pooled.shape != task.box.shape:
-            raise ValueError(f"task {task.index}: scale {a} box {task.box} does not match the averaged "
-                             f"read of scale {a - 1} ({read}); the plan does not fit the layer")
-        arr = _to_dtype(pooled, cv.info["data_type"])
-        pc.write_scales(url, task.box.start, arr, a, st.top_mip)
+        out = np.zeros(task.box.shape, np.dtype(cv.info["data_type"]))
+        for tile in task.box.tiles((here.chunk_zyx[0], tile_xy, tile_xy)):
+            read = tile.scale(f).intersect(below.bounds)
+            data = pc.read_zyx(url, read.start, read.stop, a - 1, fill_missing=True)
+            pooled, at = pool_mean(data, read.start, f)
+            if tuple(at) != tile.start or pooled.shape != tile.shape:
+                raise ValueError(f"task {task.index}: scale {a} box {tile} does not match the averaged "
+                                 f"read of scale {a - 1} ({read}); the plan does not fit the layer")
+            out[tile.slices(task.box.start)] = _to_dtype(pooled, cv.info["data_type"])
+        pc.write_scales(url, task.box.start, out, a, st.top_mip)
         if url == plan.output:
-            digest = hashlib.sha256(arr.tobytes()).hexdigest()
+            digest = hashlib.sha256(out.tobytes()).hexdigest()
     return digest

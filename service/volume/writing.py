@@ -151,10 +151,11 @@ def pool_mean(arr: np.ndarray, start_zyx: Sequence[int], f_zyx: Sequence[int]) -
     out_start = tuple(s // f for s, f in zip(start, (fz, fy, fx)))
     z, y, x = arr.shape
     oz, oy, ox = (-(-(n + l) // f) for n, l, f in zip(arr.shape, lead, (fz, fy, fx)))
-    pad = np.full((oz * fz, oy * fy, ox * fx), np.nan, dtype=np.float64)
+    pad = np.full((oz * fz, oy * fy, ox * fx), np.nan, dtype=np.float32)
     pad[lead[0]:lead[0] + z, lead[1]:lead[1] + y, lead[2]:lead[2] + x] = arr
     blocks = pad.reshape(oz, fz, oy, fy, ox, fx)
-    return np.nanmean(blocks, axis=(1, 3, 5)), out_start  # type: ignore[return-value]
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(blocks, axis=(1, 3, 5)), out_start  # type: ignore[return-value]
 
 
 def _to_dtype(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -176,15 +177,13 @@ def write_scales(url: str, start_zyx: Sequence[int], array_zyx: np.ndarray, base
     start = _as_vec3(start_zyx, "box")
     _write_scale(cv, url, base_mip, start, arr)
     written = [int(base_mip)]
-    data, at = arr.astype(np.float64), start
-    base = scales[base_mip]
+    data, at = arr, start  # pooled in float32 (exact enough for means of ≤ 8 uint16 values)
     for m in range(base_mip + 1, top_mip + 1):
         prev = scales[m - 1]
         f = tuple(a // b for a, b in zip(scales[m].factor_zyx, prev.factor_zyx))
         data, at = pool_mean(data, at, f)
         _write_scale(cv, url, m, at, _to_dtype(data, cv.info["data_type"]))
         written.append(m)
-    del base
     return written
 
 
@@ -200,7 +199,7 @@ def write_downsampled(url: str, start_zyx: Sequence[int], array_zyx: np.ndarray)
     base = _volume_info_from_dict(cv.info, 0, url)
     stop = tuple(int(a + s) for a, s in zip(start, arr.shape))
     _check_box(base, start, stop, "box")
-    data, at, written = arr.astype(np.float64), start, []
+    data, at, written = arr, start, []
     scales = scales_from_info(cv.info)
     for m in range(1, n):
         f = tuple(a // b for a, b in zip(scales[m].factor_zyx, scales[m - 1].factor_zyx))
@@ -215,6 +214,8 @@ def write_downsampled(url: str, start_zyx: Sequence[int], array_zyx: np.ndarray)
         try:
             _write_scale(cv, url, m, at, _to_dtype(data, cv.info["data_type"]))
         except VolumeError:
+            if m == 1:
+                raise
             break  # not whole chunks of this scale: the block ends its reach here
         written.append(m)
     return written
