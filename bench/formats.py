@@ -98,7 +98,6 @@ def main():
         return
     import tifffile
 
-    from service.engine.model import RestorationModel
     from service.jobs.executors import LocalExecutor
     from service.jobs.manager import JobManager
     from service.jobs.spec import RestoreSpec
