@@ -17,6 +17,7 @@ from ..volume import precomputed as pc
 from ..volume.blocks import Block, Plan, plan_blocks, write_grid
 from ..volume.geometry import Box
 from ..volume.layers import check_format, layer_jobs
+from ..volume.sharding import check_spec
 from ..volume.pyramid import (
     DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_BYTES, ENCODINGS, SHARDINGS, LayerFormat, layer_scales, pyramid_factors,
     scales_from_info,
@@ -247,6 +248,11 @@ class Planner:
         if existing and fmt.sharded:  # keep an existing layer's shards (they may follow another target size)
             old = scales_from_info(existing)
             if len(old) == len(scales):
+                for o in old:
+                    why = check_spec(o.sharding, o.size_xyz, o.chunk_zyx[::-1]) if o.sharding else None
+                    if why:
+                        raise RequestError("output_sharding", f"the existing output layer's mip {o.mip} cannot be "
+                                                              f"written shard by shard: {why}")
                 scales = [replace(s, sharding=o.sharding) for s, o in zip(scales, old)]
         region = None
         if spec.region_start_xyz is not None:
