@@ -72,12 +72,15 @@ def encode_std(plan: RestorePlan, std: np.ndarray) -> np.ndarray:
 
 
 def restore_task(plan: RestorePlan, task: Task, model, cancelled=lambda: False, read=read_block):
-    """Restore a stage-0 task: (mean, std encoded or None, worst check result or None)."""
+    """Restore a stage-0 task: (mean, std encoded or None, worst check result or None); mean is
+    None when no block had any source (``restore_block`` gives None for a block whose source is
+    all missing tissue: such a block stays 0, no data, and a task of only those writes nothing)."""
     blocks = plan.blocks.blocks_in(task)
     box = task.box
     mean_buf = np.zeros(box.shape, np.dtype(plan.output_dtype))
     std_buf = None
     worst = None
+    restored = 0
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next block while the model runs
     try:
         pending = pool.submit(read, plan, blocks[0]) if blocks else None
@@ -87,6 +90,9 @@ def restore_task(plan: RestorePlan, task: Task, model, cancelled=lambda: False, 
             if n and cancelled():
                 raise Cancelled()
             mean, std, res = restore_block(plan, b, model, data)
+            if mean is None:
+                continue
+            restored += 1
             mean_buf[b.write.slices(box.start)] = mean
             if std is not None and plan.uncertainty_output:
                 enc = encode_std(plan, std)
@@ -97,6 +103,8 @@ def restore_task(plan: RestorePlan, task: Task, model, cancelled=lambda: False, 
                 worst = res
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    if blocks and not restored:
+        return None, None, None
     return mean_buf, std_buf, worst
 
 

@@ -108,6 +108,10 @@ def finish_task(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model, o
         info["voxels"] = int(mean.size)
     else:
         mean, std, res = restore_task(plan, task, model, cancelled, read)
+        if mean is None:  # no source under any of its blocks (missing tissue): nothing written
+            info.update(voxels=0, source_missing="all", seconds=round(time.time() - t0, 3))
+            ledger.mark_block_done(job_id, i, info)
+            return
         info["sha256"] = write_restored(plan, task, mean, std)
         info["voxels"] = int(mean.size)
         info.update(check_info(res))
