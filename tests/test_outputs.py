@@ -24,7 +24,7 @@ from service.volume.pyramid import LayerFormat
 JPEG_SHARDED = LayerFormat("jpeg", 95, sharded=True, shard_bytes=2 ** 16)
 
 
-def jpeg_sharded_source(url, seed=5, z=19, y=64, x=96):
+def jpeg_sharded_source(url, seed=5, z=7, y=64, x=96):
     """A jpeg, sharded phantom layer of (z + 2)/3 sections with offsets; returns what it holds."""
     from service.engine import phantom
     iso = phantom.make_phantom((z, y, x), seed=seed)
@@ -150,7 +150,7 @@ def test_worker_killed_in_the_middle_of_a_shard_resumes_without_corrupting_it(ti
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model_url, _ = tiny_iso_model
     src = f"file://{tmp_path}/em"
-    jpeg_sharded_source(src, z=19, x=64)
+    jpeg_sharded_source(src, z=13, x=64)
     ledger = f"file://{tmp_path}/ledger"
     mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
     spec = dict(source=src, model=model_url, samples=2, steps=1)
