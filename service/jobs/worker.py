@@ -274,7 +274,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
 def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
     """A train job is one block: read the training region, train, save the model."""
     from ..engine.pairs import IsotropicPairs, StackGapPairs
-    from ..engine.tasks import TaskSpec
+    from ..engine.tasks import make_task
     from ..engine.training import TrainConfig, train
     if ledger.is_done(job_id, 0):
         return 0
@@ -283,7 +283,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
         return 0
     try:
         vol = pc.read_zyx(plan.source, plan.read.start, plan.read.stop, plan.mip)
-        task = TaskSpec("isotropic", plan.factor)
+        task = make_task("isotropic", plan.factor)
         if plan.base_model:
             model = RestorationModel.load(plan.base_model)
             if plan.target:
