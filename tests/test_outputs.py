@@ -262,3 +262,56 @@ def test_a_1mm3_dataset_plans_as_grids(tiny_iso_model, tmp_path):
     assert ledger_bytes < 30_000, ledger_bytes
     assert st.blocks_total == est["tasks"] and st.blocks_done == 0
     assert mgr.get(st.job_id).spec["plan"]["num_tasks"] >= 1
+
+
+def test_request_fields_through_grpc_cli_and_bridge(tiny_iso_model, tmp_path, capsys):
+    """output_encoding, jpeg_quality, output_sharding and dry_run on the gRPC request, the CLI
+    (--output-encoding, --jpeg-quality, --output-sharding, --dry-run) and the HTTP bridge: a dry
+    run prints the price and writes nothing; a bad value is refused naming the field (or option)."""
+    import grpc
+
+    from service.api.client import EmrestoreClient
+    from service.api.server import build_server
+    from service.cli import main
+    model_url, _ = tiny_iso_model
+    src = f"file://{tmp_path}/em"
+    jpeg_sharded_source(src)
+    ledger = f"file://{tmp_path}/ledger"
+    mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
+    server, port = build_server(mgr, "127.0.0.1", 0)
+    server.start()
+    try:
+        with EmrestoreClient(f"127.0.0.1:{port}") as c:
+            dry = c.restore_dataset(src, model_url, f"file://{tmp_path}/out", output_encoding="raw",
+                                    output_sharding="unsharded", dry_run=True)
+            assert dry.job_id == "" and dry.dry_run["output_format"] == "raw, unsharded"
+            assert dry.dry_run["tasks"] >= 1 and dry.dry_run["gpu"]["gpu_hours"] > 0
+            for kw, field in ((dict(jpeg_quality=101), "jpeg_quality"), (dict(output_encoding="webp"), "output_encoding"),
+                              (dict(output_sharding="maybe"), "output_sharding")):
+                with pytest.raises(EmrestoreError) as e:
+                    c.restore_dataset(src, model_url, f"file://{tmp_path}/out", **kw)
+                assert e.value.field == field and e.value.code == grpc.StatusCode.INVALID_ARGUMENT.name, e.value
+        assert not (tmp_path / "out").exists() and mgr.ledger.list_jobs()[0] == []
+        rc = main(["submit", src, "--whole", "--model", model_url, "--output", f"file://{tmp_path}/out",
+                   "--output-encoding", "jpeg", "--jpeg-quality", "80", "--dry-run", "--server", f"127.0.0.1:{port}"])
+        out = capsys.readouterr().out
+        assert rc == 0 and "dry run: nothing written" in out and "jpeg (quality 80), sharded" in out, out
+        assert not (tmp_path / "out").exists() and mgr.ledger.list_jobs()[0] == []
+        rc = main(["submit", src, "--whole", "--model", model_url, "--output", f"file://{tmp_path}/out",
+                   "--jpeg-quality", "0", "--output-sharding", "sometimes", "--server", f"127.0.0.1:{port}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--output-sharding" in err, err
+    finally:
+        server.stop(0).wait()
+        mgr.close()
+    from connector.bridge_protocol import parse_restore_request
+    body = {"source": src, "model": "m", "region": {"start": [16, 0, 3], "stop": [48, 32, 5]}, "dry_run": True,
+            "output_encoding": "jpeg", "jpeg_quality": 95, "output_sharding": "sharded"}
+    kw = parse_restore_request(body)
+    assert kw["dry_run"] is True and kw["output_encoding"] == "jpeg" and kw["jpeg_quality"] == 95
+    with pytest.raises(EmrestoreError) as e:
+        parse_restore_request({**body, "jpeg_quality": 0.5})
+    assert e.value.field == "jpeg_quality"
+    with pytest.raises(EmrestoreError) as e:
+        parse_restore_request({**body, "output_encoding": "raw", "jpeg_quality": 95})
+    assert e.value.field == "jpeg_quality"

@@ -179,6 +179,10 @@ class JobManager(Cutouts):
         estimate (estimate.py) instead of a job."""
         if isinstance(spec, RestoreSpec):
             spec.validate()
+            output_encoding = output_encoding or spec.output_encoding
+            jpeg_quality = jpeg_quality or spec.jpeg_quality
+            output_sharding = output_sharding if output_sharding != "auto" else spec.output_sharding
+            dry_run = dry_run or spec.dry_run
             if not dry_run:
                 admission.check_owner_quota(self.ledger, self.limits, owner)
             return self._submit_restore(spec, owner, output_encoding, jpeg_quality, output_sharding, dry_run)
