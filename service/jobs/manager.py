@@ -20,6 +20,7 @@ from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, Reque
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
+from ..volume.reader import ReaderCache
 from . import admission
 from .admission import WorkLimits  # noqa: F401 - re-exported (serve, tests)
 from .completion import CompletedJob, CompletionHook, failure_messages
@@ -29,7 +30,7 @@ from .models import ModelRegistry
 from .planning import Planner, dataset_norm, existing_chunks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
 from .spec import CutoutSpec, RestoreSpec, TrainSpec
-from .worker import check_info, load_cutout_result, restore_block
+from .worker import check_info, load_cutout_result, missing_note, restore_block
 
 MAX_RELAUNCHES = 2
 #: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
@@ -92,6 +93,7 @@ class JobManager:
         self.models = ModelRegistry(models_dir)
         self.models_dir = models_dir
         self.planner = Planner(self.models, block_size_xyz, tile, overlap, output_chunk_xyz, max_cutout_voxels)
+        self.readers = ReaderCache()  # cutouts: one reader per source layer (shard indexes reused)
         self.poll_interval_s = poll_interval_s
         self.completion_hooks = list(completion_hooks or [])
         self.policy = store_policy or StorePolicy(None)
@@ -353,9 +355,12 @@ class JobManager:
         plan, block, src = self.planner.cutout(spec)
         if self.has_pool:
             return self._cutout_on_pool(spec, plan, block)
-        data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
+        data = self.readers.get(spec.source).read(block.read, spec.mip)
         model = self.models.load(plan.model_url)
         mean, std, res = restore_block(plan, block, model, data)
+        if mean is None:  # no source chunk under the cutout (missing tissue): all no data
+            mean = np.zeros(block.write.shape, dtype=plan.output_dtype)
+            std = np.zeros(block.write.shape, dtype=np.float32) if plan.samples > 1 else None
         info = {}
         if res is not None:
             info = {"restore_seconds": res.seconds, **check_info(res)}
@@ -444,7 +449,7 @@ class JobManager:
             msg = f"{rec.num_blocks} block(s) done"
             if isinstance(plan, RestorePlan):
                 self._complete(job_id, plan, rec.owner)  # hooks first: SUCCEEDED means registered too
-                msg += self._needs_finetuning_note(job_id, plan)
+                msg += missing_note(self.ledger.events(job_id)[0]) + self._needs_finetuning_note(job_id, plan)
             self.ledger.set_state(job_id, SUCCEEDED, msg)
             return
         if not self.executor.known(job_id):

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ..volume.reader import ReaderCache
 from .ledger import Ledger
 from .plans import PRIORITIES, PlanMissing, RestorePlan, plan_from_dict
 
@@ -94,6 +95,7 @@ class PoolWorker:
         self.poll_s = poll_s
         self.log = log
         self.cache = cache or ModelCache(max_models)
+        self.readers = ReaderCache()  # one LayerReader per source layer, reused across blocks and jobs
         self.stats = PoolStats(order=[])
         self._plans: dict[str, object] = {}
         self._bad: set[str] = set()
@@ -130,8 +132,7 @@ class PoolWorker:
     def step(self) -> bool:
         """Lease and run one block of the highest-priority job that has a free one; True if a
         block was done by this worker."""
-        from ..volume import precomputed as pc
-        from .worker import process_block
+        from .worker import process_block, report_missing
         self.stats.polls += 1
         self._current = None
         for job_id, plan in self.candidates():
@@ -145,10 +146,13 @@ class PoolWorker:
                 model = self.cache.get(plan.model_url)
 
                 def read(i, plan=plan):
-                    b = plan.blocks.blocks[i]
-                    return pc.read_zyx(plan.source, b.read.start, b.read.stop, plan.mip)
+                    return self.readers.get(plan.source).read(plan.blocks.blocks[i].read, plan.mip)
 
-                secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl, read=read)
+                counts: dict = {}
+                secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl, read=read,
+                                     counts=counts)
+                # pool jobs are interactive (a few blocks): one summary event per block with missing source
+                report_missing(self.ledger, job_id, counts, f"pool worker {self.owner}, block {i}")
                 if secs is None or secs == 0.0:
                     continue  # leased or finished by another worker meanwhile
                 self.stats.blocks += 1

@@ -24,6 +24,8 @@ from ..engine.normalize import IntensityNorm
 from ..engine.restore import derive_seed, restore
 from ..volume import precomputed as pc
 from ..volume.blocks import Block, assemble_isotropic, crop_to_write_box
+from ..volume.missing import fill_from_nearest, output_present
+from ..volume.reader import Cutout, LayerReader
 from ..volume.policy import StorePolicy
 from .ledger import Ledger
 from .plans import JobPlan, RestorePlan, TrainPlan, plan_from_dict
@@ -74,9 +76,28 @@ class _Heartbeat:
         self.thread.join(timeout=5)
 
 
-def restore_block(plan: RestorePlan, block: Block, model: RestorationModel, source: np.ndarray):
+def restore_block(plan: RestorePlan, block: Block, model: RestorationModel, source: np.ndarray | Cutout):
     """Restore one block's read box; returns (mean, std, result) cropped to the write box
-    (``result`` carries timing and score; None when nothing had to be generated)."""
+    (``result`` carries timing and score; None when nothing had to be generated).
+
+    ``source`` is the read box's voxels, or the reader's Cutout, which says which chunks are
+    missing: then the output over missing voxels is 0 (no data) and the network sees the nearest
+    present tissue there (volume/missing.py); ``mean`` is None when no output voxel has a source
+    (the block is skipped)."""
+    present = None
+    if isinstance(source, Cutout):
+        present, source = source.present, source.data
+    if present is not None:
+        valid = output_present(present, block, plan.scale_xyz)
+        if not valid.any():
+            return None, None, None
+        source_nm_zyx = tuple(r * s for r, s in zip(plan.output_resolution_nm_xyz, plan.scale_xyz))[::-1]
+        source = fill_from_nearest(source, present, source_nm_zyx)
+        mean, std, res = restore_block(plan, block, model, source)
+        mean[~valid] = 0
+        if std is not None:
+            std[~valid] = 0
+        return mean, std, res
     norm = IntensityNorm.from_dict(plan.norm)
     fx, _, k = plan.scale_xyz
     # noise seed: job seed + the block's lateral origin; images (gaps/sections) add their global index
@@ -128,12 +149,24 @@ def check_info(res) -> dict:
 
 
 def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
-                 owner: str, secs: float) -> None:
+                 owner: str, secs: float, missing: bool = False) -> None:
     """Store a restored block and record its completion marker: output chunks for a job, the
-    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server). With
+    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server). A block
+    without any source (``mean`` None) writes nothing; its marker says ``source_missing: all``
+    (``part`` when some source chunks were missing). With
     samples ≥ 2 the marker holds the block's needs-fine-tuning score; the first flagged block a
     worker process restores for a job also becomes a ``needs_finetuning`` job event."""
+    block = plan.blocks.blocks[i]
+    if mean is None and plan.kind == "cutout":  # no source under the cutout: all no data
+        mean = np.zeros(block.write.shape, dtype=plan.output_dtype)
+        std = np.zeros(block.write.shape, dtype=np.float32) if plan.samples > 1 else None
+    if mean is None:  # no output voxel has a source (missing tissue): nothing is written
+        ledger.mark_block_done(job_id, i, {"worker": owner, "seconds": round(secs, 3), "voxels": 0,
+                                           "source_missing": "all"})
+        return
     info = {"worker": owner, "seconds": round(secs, 3), "voxels": int(mean.size)}
+    if missing:
+        info["source_missing"] = "part"
     if plan.kind == "cutout":
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
     else:
@@ -151,11 +184,13 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
 
 
 def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model: RestorationModel,
-                  data: np.ndarray | None, owner: str, ttl: float, read=None) -> float | None:
+                  data: np.ndarray | Cutout | None, owner: str, ttl: float, read=None,
+                  counts: dict | None = None) -> float | None:
     """Lease block i, restore and store it, mark it done and release the lease: the one code path
     of Indexed-Job tasks and pool workers (bit-identical output). Returns the seconds it took,
     0.0 when it was already done (by anyone), None when another worker holds its lease.
-    ``data`` may be None: then ``read(i)`` reads the block once the lease is held."""
+    ``data`` may be None: then ``read(i)`` reads the block once the lease is held. ``counts``
+    (``skipped``, ``partial``) counts blocks without any source and blocks partly missing."""
     if i in ledger.done_blocks(job_id):
         return 0.0
     if not ledger.try_acquire_lease(job_id, i, owner, ttl):
@@ -169,7 +204,10 @@ def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model:
                 data = read(i)
             mean, std, res = restore_block(plan, plan.blocks.blocks[i], model, data)
             secs = time.time() - t0
-            finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs)
+            missing = isinstance(data, Cutout) and bool(data.missing)
+            finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs, missing)
+            if counts is not None and missing:
+                counts["skipped" if mean is None else "partial"] = counts.get("skipped" if mean is None else "partial", 0) + 1
         return max(secs, 1e-6)
     finally:
         ledger.release_lease(job_id, i, owner)
@@ -218,21 +256,23 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{task_index}"
     ttl = lease_ttl_s or LEASE_TTL_S
     blocks = plan.blocks.blocks
-    mine = list(range(task_index, len(blocks), T))
+    reader = LayerReader(plan.source)  # one per task and layer: shard indexes and chunks reused
+    # this task's blocks, in the order of the source shard their read box starts in (issue 23)
+    mine = sorted(range(task_index, len(blocks), T), key=lambda i: (reader.shard_key(blocks[i].read, plan.mip), i))
     model = RestorationModel.load(plan.model_url)
     done_count = 0
+    counts: dict = {}
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next block while the model runs
 
     def read(i):
-        b = blocks[i]
-        return pc.read_zyx(plan.source, b.read.start, b.read.stop, plan.mip)
+        return reader.read(blocks[i].read, plan.mip)
 
     todo = [i for i in mine if i not in ledger.done_blocks(job_id)]
 
-    def process(i: int, data: np.ndarray) -> bool:
+    def process(i: int, data: Cutout) -> bool:
         """True when block i is done (by us or by another worker), False when leased elsewhere."""
         nonlocal done_count
-        r = process_block(ledger, job_id, plan, i, model, data, owner, ttl)
+        r = process_block(ledger, job_id, plan, i, model, data, owner, ttl, counts=counts)
         if r is None:
             return False
         if r > 0:
@@ -248,6 +288,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
         if ledger.cancel_requested(job_id):
             log(f"[worker {task_index}] job cancelled; stopping")
             pool.shutdown(wait=False, cancel_futures=True)
+            report_missing(ledger, job_id, counts, f"task {task_index}")
             return done_count
         if not process(i, data):
             log(f"[worker {task_index}] block {i} is leased by another worker; coming back to it")
@@ -259,7 +300,42 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
         done_now = ledger.done_blocks(job_id)
         deferred = [i for i in deferred if i not in done_now and not process(i, read(i))]
     pool.shutdown(wait=False, cancel_futures=True)
+    report_missing(ledger, job_id, counts, f"task {task_index}")
     return done_count
+
+
+def missing_note(events) -> str:
+    """The finished job's note summing its ``missing_source`` events (empty when none)."""
+    found = [e for e in events if e.kind == "missing_source"]
+    skipped = sum(int(e.fields.get("skipped", 0)) for e in found)
+    partial = sum(int(e.fields.get("partial", 0)) for e in found)
+    if not (skipped or partial):
+        return ""
+    return f"; {skipped} skipped and {partial} partly written: source chunks missing (no data written as 0)"
+
+
+def report_missing(ledger: Ledger, job_id: str, counts: dict, who: str) -> None:
+    """One ``missing_source`` event summing the blocks a worker found without source chunks
+    (skipped: nothing written) or partly without (their no-data voxels written as 0)."""
+    skipped, partial = int(counts.get("skipped", 0)), int(counts.get("partial", 0))
+    if skipped or partial:
+        ledger.add_event(job_id, "missing_source",
+                         f"{who}: {skipped} block(s) skipped, their source chunks do not exist (missing "
+                         f"tissue; nothing written); {partial} block(s) partly missing (no-data voxels "
+                         f"written as 0)", skipped=skipped, partial=partial)
+        counts.clear()
+
+
+def _training_volume(plan: TrainPlan) -> np.ndarray:
+    """The training region; missing chunks show the nearest present tissue (none: refused)."""
+    from ..errors import FailedPrecondition
+    cut = LayerReader(plan.source).read(plan.read, plan.mip)
+    if cut.all_missing:
+        raise FailedPrecondition("region", f"no source chunk exists in the training region {plan.read} "
+                                           "(missing tissue); choose a region inside the tissue")
+    if cut.missing:
+        return fill_from_nearest(cut.data, cut.present, tuple(plan.voxel_size_nm)[::-1])
+    return cut.data
 
 
 def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
@@ -273,7 +349,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
     if not ledger.try_acquire_lease(job_id, 0, owner, LEASE_TTL_S):
         return 0
     try:
-        vol = pc.read_zyx(plan.source, plan.read.start, plan.read.stop, plan.mip)
+        vol = _training_volume(plan)
         task = TaskSpec("isotropic", plan.factor)
         if plan.base_model:
             model = RestorationModel.load(plan.base_model)
