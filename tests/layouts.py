@@ -106,5 +106,6 @@ def write_layer(url: str, volume_zyx: np.ndarray, resolution_nm_xyz: Sequence[fl
         level, f = downsample2(level), f * 2
     cf = CloudFiles(url)
     cf.put_json("info", info)
-    cf.puts([(k, v) for k, v in files.items()], compress=None, raw=True, content_type="application/octet-stream")
+    for k, v in files.items():  # one call each: cloud-files' thread queue sleeps 0.1 s per batch
+        cf.put(k, v, compress=None, raw=True, content_type="application/octet-stream")
     return json.loads(json.dumps(info))

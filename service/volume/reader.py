@@ -4,10 +4,10 @@ A lab's layer is uint8 jpeg (or raw, png), often sharded (``neuroglancer_uint64_
 any chunk size and voxel offset, on file://, s3://, gs:// or an S3-compatible alias, and the
 chunks outside the tissue were never written. The reader
 
-- holds the layer's info and, per scale, one shard reader whose shard-index and minishard-index
-  caches live in memory (cloud-volume's own ``download`` builds a new shard reader, so a new
-  index fetch, for every cutout) and a small LRU of decoded chunks (neighbouring blocks share
-  their lateral context), reused across blocks; nothing is cached on disk;
+- holds the layer's info and, for sharded scales, in-memory LRUs of shard indexes and minishard
+  indexes (cloud-volume's own ``download`` builds a new shard reader, so fetches the indexes
+  again, for every cutout), and a small LRU of decoded chunks (neighbouring blocks share their
+  lateral context), all reused across blocks; nothing is cached on disk;
 - reads chunk by chunk, so it knows **which chunks do not exist** at no extra request: a missing
   unsharded chunk is a GET that finds nothing, a missing sharded chunk is absent from its
   minishard index (or its shard file is absent). Missing chunks are missing tissue, not errors:
@@ -32,6 +32,10 @@ __all__ = ["Cutout", "LayerReader", "ReaderCache", "read_zyx"]
 
 #: decoded chunks kept per reader (bytes); blocks' lateral context overlaps the next block's
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+#: concurrent chunk GETs of one read from a remote store
+FETCH_THREADS = 8
+#: shard indexes (16 B × 2^minishard_bits each) and decoded minishard indexes kept per reader
+SHARD_INDEXES_KEPT, MINISHARD_INDEXES_KEPT = 512, 1024
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,11 @@ class LayerReader:
         self.cache_limit = int(cache_bytes)
         self._lock = threading.RLock()
         self._cf = None
+        self._pool = None
+        self._shard_index: OrderedDict = OrderedDict()
+        self._minishards: OrderedDict = OrderedDict()
+        #: store GETs issued (chunks; shard indexes, minishard indexes and data ranges)
+        self.requests = 0
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -187,23 +196,101 @@ class LayerReader:
         return got
 
     def _fetch_unsharded(self, sc: _Scale, grid: list) -> dict:
-        from cloudfiles import CloudFiles
-        if self._cf is None:
-            self._cf = CloudFiles(self._cv.meta.cloudpath, progress=False)
-        names = {sc.filename(g): g for g in grid}
-        results = self._io(lambda: self._cf.get(list(names), raw=False, raise_errors=False))
-        out = {}
-        for r in results:
-            if r.get("error") is not None:
-                self._raise(r["error"])
-            out[names[r["path"]]] = r.get("content")
-        return out
+        return dict(zip(grid, self._get([sc.filename(g) for g in grid])))
 
     def _fetch_sharded(self, sc: _Scale, grid: list) -> dict:
-        reader = sc.shards
-        codes = dict(zip(sc.morton(grid), grid))
-        data = self._io(lambda: reader.get_data(list(codes), sc.key, progress=False))
-        return {codes[c]: v for c, v in data.items()}
+        """Chunks of a sharded scale: shard index → minishard index → data, each a ranged GET,
+        indexes from this reader's LRUs (a chunk absent from its minishard index, or a shard
+        file that does not exist, is a missing chunk)."""
+        spec, out = sc.shards.spec, {}
+        where: dict[tuple[str, int], list] = {}
+        for code, g in zip(sc.morton(grid), grid):
+            loc = spec.compute_shard_location(code)
+            where.setdefault((f"{sc.key}/{loc.shard_number}.shard", int(loc.minishard_number)), []).append((code, g))
+        index = self._indexes(sc, sorted({f for f, _ in where}))
+        msis = self._minishard_indexes(sc, {(f, m): index[f] for f, m in where if index[f] is not None})
+        ranges = []
+        for (f, m), items in where.items():
+            msi = msis.get((f, m))
+            for code, g in items:
+                row = None if msi is None else np.flatnonzero(msi[:, 0] == np.uint64(code))
+                if row is None or not len(row):
+                    out[g] = None
+                else:
+                    start, size = int(msi[row[0], 1]), int(msi[row[0], 2])
+                    ranges.append(({"path": f, "start": start, "end": start + size}, g))
+        # adjacent byte ranges of a shard (neighbouring chunks in z-order) are fetched in one GET
+        ranges.sort(key=lambda t: (t[0]["path"], t[0]["start"]))
+        bundles: list[dict] = []
+        for r, g in ranges:
+            if bundles and bundles[-1]["path"] == r["path"] and bundles[-1]["end"] == r["start"]:
+                bundles[-1]["end"] = r["end"]
+                bundles[-1]["parts"].append((r, g))
+            else:
+                bundles.append(dict(r, parts=[(r, g)]))
+        got = self._get([{"path": b["path"], "start": b["start"], "end": b["end"]} for b in bundles])
+        pieces = [(g, None if data is None else data[r["start"] - b["start"]:r["end"] - b["start"]])
+                  for b, data in zip(bundles, got) for r, g in b["parts"]]
+        for g, content in pieces:
+            if content is not None and spec.data_encoding != "raw":
+                from cloudfiles import compression
+                content = compression.decompress(content, spec.data_encoding)
+            out[g] = content
+        return out
+
+    def _indexes(self, sc: _Scale, files: list[str]) -> dict:
+        todo = [f for f in files if f not in self._shard_index]
+        n = int(sc.shards.spec.index_length())
+        for f, content in zip(todo, self._get([{"path": f, "start": 0, "end": n} for f in todo])):
+            self._shard_index[f] = None if not content else sc.shards.decode_index(content, f)
+            while len(self._shard_index) > SHARD_INDEXES_KEPT:
+                self._shard_index.popitem(last=False)
+        return {f: self._shard_index[f] for f in files}
+
+    def _minishard_indexes(self, sc: _Scale, wanted: dict) -> dict:
+        out, todo = {}, []
+        for (f, m), index in wanted.items():
+            a, b = (int(v) for v in index[m])
+            if a == b:  # an empty minishard
+                continue
+            key = (f, a, b)
+            if key in self._minishards:
+                self._minishards.move_to_end(key)
+                out[(f, m)] = self._minishards[key]
+            else:
+                todo.append(((f, m), key))
+        got = self._get([{"path": f, "start": a, "end": b} for _, (f, a, b) in todo])
+        for (fm, key), content in zip(todo, got):
+            if content:
+                out[fm] = self._minishards[key] = sc.shards.decode_minishard_index(content, key[0])
+                while len(self._minishards) > MINISHARD_INDEXES_KEPT:
+                    self._minishards.popitem(last=False)
+        return out
+
+    def _get(self, requests: list) -> list:
+        """Contents (None when absent) of ``requests`` (paths, or ``{path, start, end}`` ranges),
+        in order. Not through cloud-files' thread queue (it sleeps 0.1 s per call, even for local
+        files): local stores are read in this thread, remote ones by this reader's pool of
+        FETCH_THREADS, one request per call."""
+        from cloudfiles import CloudFiles
+        if not requests:
+            return []
+        if self._cf is None:
+            self._cf = CloudFiles(self._cv.meta.cloudpath, progress=False, num_threads=0)
+        self.requests += len(requests)
+
+        def fetch(q):  # one request per call: cloud-files runs a single one in this thread
+            r = self._cf.get([q], raw=False, raise_errors=False)[0]
+            if r.get("error") is not None:
+                self._raise(r["error"])
+            return r.get("content")
+
+        if self._cf.protocol in ("file", "mem") or len(requests) < 2:
+            return self._io(lambda: [fetch(q) for q in requests])
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="chunks")
+        return self._io(lambda: list(self._pool.map(fetch, requests)))
 
     def _decode(self, sc: _Scale, g, content) -> np.ndarray | None:
         if content is None or len(content) == 0:
