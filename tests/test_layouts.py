@@ -52,6 +52,11 @@ def test_lab_layout_restored_end_to_end(store, request, tmp_path, tiny_iso_model
     model_url, _ = tiny_iso_model
     root = _root(store, request, tmp_path)
     src, out, ledger = f"{root}/em", f"{root}/em_iso", f"{root}/ledger"
+    unc, samples = None, 1
+    if store == "gs":  # everything on gs://: the model and an uncertainty layer too
+        from service.engine.model import RestorationModel
+        model_url = RestorationModel.load(model_url).save(f"{root}/models/iso3")
+        unc, samples = f"{root}/em_unc", 2
     stack = lab_stack()
     write_layer(src, stack, (8, 8, 24), OFFSET_XYZ, CHUNK_XYZ, encoding="jpeg", sharded=True,
                 absent=[OUTSIDE, HOLE], scales=2)
@@ -65,7 +70,7 @@ def test_lab_layout_restored_end_to_end(store, request, tmp_path, tiny_iso_model
     mgr.start()
     try:
         with EmrestoreClient(f"127.0.0.1:{port}") as c:
-            job = c.restore_dataset(src, model_url, out, steps=1, parallelism=2)
+            job = c.restore_dataset(src, model_url, out, steps=1, parallelism=2, uncertainty=unc, samples=samples)
             final = c.wait(job.job_id, timeout=240)
         assert final.state == "SUCCEEDED", final.message
         assert final.blocks_total == 2  # x 40–104 (the tissue) and x 104–136 (none), all of z
@@ -97,6 +102,9 @@ def test_lab_layout_restored_end_to_end(store, request, tmp_path, tiny_iso_model
     assert got.data[6, 0:32, 32:64].min() > 0 and got.data[18, 0:32, 32:64].min() > 0
     # generated voxels between present sections elsewhere
     assert got.data[1:3, :, :32].std() > 0 and (got.data[1:3] > 0).mean() > 0.95
+    if unc:  # the uncertainty layer: 0 (no data) over the hole, a spread elsewhere
+        std = pc.LayerReader(unc).read(Box((10, 24, 40), (35, 88, 104))).data
+        assert std[7:18, 0:32, 32:64].max() == 0 and std[1:3].max() > 0
 
 
 def test_missing_voxels_do_not_leak_into_restored_tissue(tiny_iso_model):
