@@ -321,8 +321,9 @@ def report_missing(ledger: Ledger, job_id: str, counts: dict, who: str) -> None:
     if skipped or partial:
         ledger.add_event(job_id, "missing_source",
                          f"{who}: {skipped} block(s) skipped, their source chunks do not exist (missing "
-                         f"tissue; nothing written); {partial} block(s) partly missing (no-data voxels "
-                         f"written as 0)", skipped=skipped, partial=partial)
+                         f"tissue; nothing written); {partial} block(s) read partly missing source chunks "
+                         f"(output voxels restored from them written as 0: no data)",
+                         skipped=skipped, partial=partial)
         counts.clear()
 
 

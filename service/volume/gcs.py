@@ -41,14 +41,14 @@ _CLIENT_KEY = None
 
 
 def _client():
-    """One client per process (and per emulator address)."""
+    """One client per process (a forked worker makes its own) and per emulator address."""
     global _CLIENT, _CLIENT_KEY
     from google.cloud import storage
 
-    key = os.environ.get("STORAGE_EMULATOR_HOST")
+    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     with _CLIENT_LOCK:
         if _CLIENT is None or _CLIENT_KEY != key:
-            if key:
+            if key[1]:
                 _CLIENT = storage.Client(project="emrestore")  # anonymous against an emulator
             else:
                 from cloudfiles.secrets import secretpath
