@@ -264,3 +264,31 @@ def test_one_table_maps_schemes_to_stores():
         stores.backend_for("ftp://host/x")
     with pytest.raises(ValueError, match="read-only"):
         open_store("https://example.org/ledger")
+
+
+def test_no_data_mask_per_task():
+    """Which output voxels are no data: for super-resolution by 2 the 2×2 output pixels over a
+    missing source pixel (inside the write box); for isotropic z by 3 a missing section empties
+    its own output section and the two gaps on each side, never more."""
+    from service.volume.blocks import Block
+    from service.volume.missing import fill_from_nearest, output_present
+
+    present = np.ones((3, 8, 8), bool)
+    present[1, 2:4, 4:8] = False
+    sr = Block(0, Box((0, 0, 0), (3, 8, 8)), Box((0, 2, 2), (3, 14, 14)))  # context 1 px each side
+    mask = output_present(present, sr, (2, 2, 1))
+    assert mask.shape == (3, 12, 12) and (~mask).sum() == 4 * 6  # 8 px × 4, clipped at the write box
+    assert not mask[1, 2:6, 6:12].any() and mask[0].all() and mask[2].all()
+
+    iso = Block(0, Box((0, 0, 0), (3, 8, 8)), Box((1, 0, 0), (8, 8, 8)), sections=(0, 2))
+    mask = output_present(present, iso, (1, 1, 3))
+    assert mask.shape == (7, 8, 8)
+    assert not mask[:, 2:4, 4:8][1:6].any() and mask[:, 2:4, 4:8][[0, 6]].all()
+    assert mask.sum() == mask.size - 5 * 2 * 4
+
+    vol = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
+    filled = fill_from_nearest(np.where(present, vol, 0), present, (40, 8, 8))
+    hole = filled[1, 2:4, 4:8]  # from the nearest pixels of the same section (8 nm), not z (40 nm)
+    assert hole.min() >= 64 and hole.max() < 128
+    assert (hole[0, 1:] == vol[1, 1, 5:8]).all() and (hole[1, 1:] == vol[1, 4, 5:8]).all()  # rows above, below
+    assert (filled[present] == vol[present]).all()
