@@ -253,7 +253,6 @@ def test_one_table_maps_schemes_to_stores():
     """Every scheme the service accepts is a backend of stores.BACKENDS (or a registered alias):
     the policy, fsspec access and the ledger's atomic store all come from it."""
     from service.volume import stores
-    from service.volume.objects import open_store
     from service.volume.policy import StorePolicy
 
     assert {"file", "memory", "s3", "gs", "http", "https"} <= set(stores.BACKENDS)
@@ -263,7 +262,7 @@ def test_one_table_maps_schemes_to_stores():
     with pytest.raises(ValueError, match="not supported"):
         stores.backend_for("ftp://host/x")
     with pytest.raises(ValueError, match="read-only"):
-        open_store("https://example.org/ledger")
+        stores.open_store("https://example.org/ledger")
 
 
 def test_no_data_mask_per_task():

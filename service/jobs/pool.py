@@ -146,7 +146,7 @@ class PoolWorker:
                 model = self.cache.get(plan.model_url)
 
                 def read(i, plan=plan):
-                    return self.readers.get(plan.source).read(plan.blocks.blocks[i].read, plan.mip)
+                    return self.readers.get(plan.source).read(plan.block(i).read, plan.mip)
 
                 counts: dict = {}
                 secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl, read=read,

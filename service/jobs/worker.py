@@ -156,7 +156,7 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
     (``part`` when some source chunks were missing). With
     samples ≥ 2 the marker holds the block's needs-fine-tuning score; the first flagged block a
     worker process restores for a job also becomes a ``needs_finetuning`` job event."""
-    block = plan.blocks.blocks[i]
+    block = plan.block(i)
     if mean is None and plan.kind == "cutout":  # no source under the cutout: all no data
         mean = np.zeros(block.write.shape, dtype=plan.output_dtype)
         std = np.zeros(block.write.shape, dtype=np.float32) if plan.samples > 1 else None
@@ -170,7 +170,7 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
     if plan.kind == "cutout":
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
     else:
-        info["sha256"] = write_block(plan, plan.blocks.blocks[i], mean, std)
+        info["sha256"] = write_block(plan, plan.block(i), mean, std)
         info.update(check_info(res))
         if info.get("needs_finetuning") and job_id not in _flagged_jobs:
             if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
@@ -202,7 +202,7 @@ def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model:
             t0 = time.time()
             if data is None:
                 data = read(i)
-            mean, std, res = restore_block(plan, plan.blocks.blocks[i], model, data)
+            mean, std, res = restore_block(plan, plan.block(i), model, data)
             secs = time.time() - t0
             missing = isinstance(data, Cutout) and bool(data.missing)
             finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs, missing)
@@ -342,7 +342,7 @@ def _training_volume(plan: TrainPlan) -> np.ndarray:
 def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
     """A train job is one block: read the training region, train, save the model."""
     from ..engine.pairs import IsotropicPairs, StackGapPairs
-    from ..engine.tasks import TaskSpec
+    from ..engine.tasks import make_task
     from ..engine.training import TrainConfig, train
     if 0 in ledger.done_blocks(job_id):
         return 0
@@ -351,7 +351,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
         return 0
     try:
         vol = _training_volume(plan)
-        task = TaskSpec("isotropic", plan.factor)
+        task = make_task("isotropic", plan.factor)
         if plan.base_model:
             model = RestorationModel.load(plan.base_model)
             if plan.target:

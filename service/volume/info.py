@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import EmrestoreError
 from .stores import (
     SourceNotFound,
     StoreError,
@@ -182,7 +183,7 @@ def _run_io(fn, url: str, field_name: str):
     INVALID_ARGUMENT a library's ValueError would otherwise be answered with."""
     try:
         return fn()
-    except VolumeError:
+    except EmrestoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated: a store failure, not the user's
         err = translate_store_error(exc, url, field_name)
@@ -245,7 +246,7 @@ def _read_info(url: str, field_name: str) -> tuple[str, dict]:
     try:
         info = _open_cv(url, 0, field_name).info
     except (ValueError, KeyError, IndexError, TypeError) as e:  # bad JSON, cloud-volume's own checks
-        if isinstance(e, VolumeError):
+        if isinstance(e, EmrestoreError):
             raise
         raise VolumeError(field_name, f"the info file at {join_url(url, 'info')[:200]} is not valid: "
                                       f"{' '.join(str(e).split())[:200]}") from None

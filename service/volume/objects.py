@@ -1,6 +1,7 @@
 """Atomic object stores under the ledger: create-if-absent and read-modify-write of small
 objects, over local files, memory://, S3 (conditional writes), GCS (generation preconditions)
-or any fsspec store. Which class serves a URL is decided by its backend in stores.py.
+or any fsspec store. Which class serves a URL is decided by its backend in stores.py
+(``stores.open_store``).
 
 Every back-end implements the same interface (``read``, ``read_many``, ``list``, ``create``,
 ``update``, ``guarantee``) and is tested by one contract test run over all of them.
@@ -39,12 +40,10 @@ import time
 import uuid
 from typing import Callable, Iterable, Protocol
 
-import fsspec
 import fsspec.asyn
 
-from .stores import backend_for
 
-__all__ = ["AtomicStore", "KEEP", "DELETE", "open_store"]
+__all__ = ["AtomicStore", "KEEP", "DELETE"]
 
 
 class AtomicStore(Protocol):
@@ -392,29 +391,3 @@ class _S3Store(_FsStore):
                     raise
             time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
         raise TimeoutError(f"ledger object {key} kept changing under concurrent writers")
-
-
-
-
-def open_store(url: str, storage_options: dict | None = None, settle_s: float = 0.25,
-               conditional: bool | None = None):
-    """The atomic store for a URL (file://, a plain path, memory://, s3://, gs://, an alias, …):
-    the class its backend in stores.py names. With ``storage_options``, fsspec opens ``url``
-    with them (plain s3:// with an endpoint, in a process that has no alias registered)."""
-    backend, url = backend_for(url)
-    if backend.atomic not in ("local", "memory", "s3", "gcs", "fs") or not backend.writable:
-        raise ValueError(f"ledger: {backend.name} cannot hold a ledger (read-only or no object store)")
-    if storage_options is not None:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    else:
-        fs, path = backend.fs(url, False)
-    if backend.atomic == "local":
-        return _LocalStore(path)
-    if backend.atomic == "memory":
-        return _MemoryStore(fs, path, 0.0)
-    if backend.atomic == "s3":
-        return _S3Store(fs, path, settle_s, conditional)
-    if backend.atomic == "gcs":
-        from .gcs import GCSStore
-        return GCSStore(fs, path, settle_s, conditional)
-    return _FsStore(fs, path, settle_s)

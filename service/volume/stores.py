@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import fsspec
 
-from ..errors import EmrestoreError
+from ..errors import EmrestoreError, PermissionDenied
 
 __all__ = [
     "VolumeError",
@@ -40,6 +40,7 @@ __all__ = [
     "Backend",
     "BACKENDS",
     "backend_for",
+    "open_store",
     "supported_schemes",
     "S3Endpoint",
     "register_s3_endpoint",
@@ -75,9 +76,6 @@ class StoreUnreachable(VolumeError):
     code = "UNAVAILABLE"
 
 
-class PermissionDenied(VolumeError):
-    """The store refused the request (bad credentials or no access)."""
-    code = "PERMISSION_DENIED"
 
 
 class StoreError(VolumeError):
@@ -349,6 +347,32 @@ def backend_for(url: str) -> tuple[Backend, str]:
     return backend, url
 
 
+def open_store(url: str, storage_options: dict | None = None, settle_s: float = 0.25,
+               conditional: bool | None = None):
+    """The ledger's atomic store for a URL (objects.py, gcs.py): the class its backend names.
+    With ``storage_options``, fsspec opens ``url`` with them (plain s3:// with an endpoint, in a
+    process that has no alias registered)."""
+    from . import objects
+
+    backend, url = backend_for(url)
+    if backend.atomic not in ("local", "memory", "s3", "gcs", "fs") or not backend.writable:
+        raise ValueError(f"ledger: {backend.name} cannot hold a ledger (read-only or no object store)")
+    if storage_options is not None:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    else:
+        fs, path = backend.fs(url, False)
+    if backend.atomic == "local":
+        return objects._LocalStore(path)
+    if backend.atomic == "memory":
+        return objects._MemoryStore(fs, path, 0.0)
+    if backend.atomic == "s3":
+        return objects._S3Store(fs, path, settle_s, conditional)
+    if backend.atomic == "gcs":
+        from .gcs import GCSStore
+        return GCSStore(fs, path, settle_s, conditional)
+    return objects._FsStore(fs, path, settle_s)
+
+
 def open_fs(url: str, *, fail_fast: bool = False):
     """``(filesystem, path)`` for an fsspec filesystem holding ``url`` (see :data:`BACKENDS`).
     ``fail_fast`` turns off retries so that a probe of an unreachable store returns within seconds."""
@@ -384,9 +408,10 @@ def _client_error_code(exc: BaseException) -> str | None:
     return None
 
 
-def translate_store_error(exc: BaseException, url: str, field: str) -> VolumeError | None:
-    """The VolumeError for a store exception (denied, unreachable, missing), or None."""
-    if isinstance(exc, VolumeError):
+def translate_store_error(exc: BaseException, url: str, field: str) -> EmrestoreError | None:
+    """The error for a store exception (PermissionDenied, StoreUnreachable, SourceNotFound), or
+    None; an EmrestoreError is its own."""
+    if isinstance(exc, EmrestoreError):
         return exc
     chain: list[BaseException] = []
     cur: BaseException | None = exc
