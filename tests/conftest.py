@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #: test modules holding the suite's longest tests (end-to-end jobs, the browser, the demo): they
 #: are handed to the pytest-xdist workers first, so no long test starts last and runs alone
 LONG_FIRST = ("test_jobs.py", "test_connector_neuroglancer.py", "test_api.py", "test_pool.py", "test_demo.py",
-              "test_kube.py", "test_registration.py", "test_cli_engine.py", "test_engine_model.py")
+              "test_kube.py", "test_registration.py", "test_cli_engine.py", "test_engine_model.py", "test_layouts.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,39 +29,33 @@ def lab_stack() -> np.ndarray:
     return phantom.to_uint8(phantom.thick_sections(iso, 3, mode="sample"))
 
 
-def _root(store: str, request, tmp_path) -> str:
-    if store == "file":
-        return f"file://{tmp_path}"
-    if store == "s3":
-        return request.getfixturevalue("s3_endpoint").url(f"lab-{uuid.uuid4().hex[:10]}")
-    return request.getfixturevalue("gcs_endpoint").url(f"lab-{uuid.uuid4().hex[:10]}")
-
-
-@pytest.mark.parametrize("store", ["file", "s3", "gs"])
-def test_lab_layout_restored_end_to_end(store, request, tmp_path, tiny_iso_model, monkeypatch):
-    """Whole-dataset job over a jpeg, sharded, offset, 2-scale layer with chunks absent, source,
-    output and ledger on one store: blocks without tissue are skipped (marked done, nothing
-    written, one summary event per task), the hole's output voxels are 0 (no data), the rest is
-    restored with the source sections passed through."""
+def test_lab_layouts_restored_end_to_end_on_file_s3_and_gs(request, tmp_path, tiny_iso_model, gcs_endpoint,
+                                                             s3_endpoint, monkeypatch):
+    """Three whole-dataset jobs at once, through the gRPC server and local worker processes, over
+    a jpeg, sharded, offset, 2-scale layer with chunks absent — source and output on file://, on
+    S3 (moto) and on gs:// (fake-gcs-server, with the model and an uncertainty layer there too),
+    the ledger on gs://: blocks without tissue are skipped (marked done, nothing written, one
+    summary event per task), the hole's output voxels are 0 (no data), the rest is restored with
+    the source sections passed through."""
     from service.api.client import EmrestoreClient
     from service.api.server import build_server
+    from service.engine.model import RestorationModel
     from service.jobs.executors import LocalExecutor
     from service.jobs.manager import JobManager
 
     monkeypatch.setenv("EMRESTORE_LEASE_TTL", "10")
-    model_url, _ = tiny_iso_model
-    root = _root(store, request, tmp_path)
-    src, out, ledger = f"{root}/em", f"{root}/em_iso", f"{root}/ledger"
-    unc, samples = None, 1
-    if store == "gs":  # everything on gs://: the model and an uncertainty layer too
-        from service.engine.model import RestorationModel
-        model_url = RestorationModel.load(model_url).save(f"{root}/models/iso3")
-        unc, samples = f"{root}/em_unc", 2
+    run = uuid.uuid4().hex[:10]
+    roots = {"file": f"file://{tmp_path}", "s3": s3_endpoint.url(f"lab-{run}"), "gs": gcs_endpoint.url(f"lab-{run}")}
+    ledger = gcs_endpoint.url(f"ledger-{run}")
     stack = lab_stack()
-    write_layer(src, stack, (8, 8, 24), OFFSET_XYZ, CHUNK_XYZ, encoding="jpeg", sharded=True,
-                absent=[OUTSIDE, HOLE], scales=2)
-    source = pc.LayerReader(src).read(Box((3, 24, 40), (12, 88, 136)))  # what the workers see
-    assert {b for b in source.missing} >= {HOLE}
+    source = None
+    for root in roots.values():
+        write_layer(f"{root}/em", stack, (8, 8, 24), OFFSET_XYZ, CHUNK_XYZ, encoding="jpeg", sharded=True,
+                    absent=[OUTSIDE, HOLE], scales=2)
+        cut = pc.LayerReader(f"{root}/em").read(Box((3, 24, 40), (12, 88, 136)))  # what the workers see
+        assert HOLE in cut.missing and (source is None or np.array_equal(cut.data, source.data))
+        source = cut
+    gs_model = RestorationModel.load(tiny_iso_model[0]).save(f"{roots['gs']}/models/iso3")
 
     mgr = JobManager(ledger, LocalExecutor(ledger, default_parallelism=1, log_dir=str(tmp_path / "logs")),
                      poll_interval_s=0.3, block_size_xyz=(64, 64, 0))
@@ -70,41 +64,47 @@ def test_lab_layout_restored_end_to_end(store, request, tmp_path, tiny_iso_model
     mgr.start()
     try:
         with EmrestoreClient(f"127.0.0.1:{port}") as c:
-            job = c.restore_dataset(src, model_url, out, steps=1, uncertainty=unc, samples=samples)
-            final = c.wait(job.job_id, timeout=240)
-        assert final.state == "SUCCEEDED", final.message
-        assert final.blocks_total == 2  # x 40–104 (the tissue) and x 104–136 (none), all of z
-        assert "1 skipped and 1 partly written" in final.message, final.message
-        events = [e for e in final.event_log if e["kind"] == "missing_source"]
-        assert len(events) == 1, events  # one per task (one here), not one per block
-        markers = [mgr.ledger.block_info(job.job_id, i)["info"] for i in range(2)]
-        assert sorted(m.get("source_missing") for m in markers) == ["all", "part"]
+            jobs = {store: c.restore_dataset(f"{root}/em", gs_model if store == "gs" else tiny_iso_model[0],
+                                             f"{root}/em_iso", steps=1, samples=2 if store == "gs" else 1,
+                                             uncertainty=f"{root}/em_unc" if store == "gs" else None)
+                    for store, root in roots.items()}
+            finals = {store: c.wait(job.job_id, timeout=240) for store, job in jobs.items()}
+        for store, final in finals.items():
+            assert final.state == "SUCCEEDED", (store, final.message)
+            assert final.blocks_total == 2  # x 40–104 (the tissue) and x 104–136 (none), all of z
+            assert "1 skipped and 1 partly written" in final.message, final.message
+            events = [e for e in final.event_log if e["kind"] == "missing_source"]
+            assert len(events) == 1, events  # one per task (one here), not one per block
+            markers = [mgr.ledger.block_info(final.job_id, i)["info"] for i in range(2)]
+            assert sorted(m.get("source_missing") for m in markers) == ["all", "part"]
     finally:
         server.stop(grace=1)
         mgr.close()
 
-    info = pc.open_layer(out)
-    assert info.voxel_offset_xyz == (40, 24, 10) and info.size_xyz == (96, 64, 25)
-    reader = pc.LayerReader(out)
-    # nothing was written where there is no tissue: the output's chunks there do not exist either
-    assert reader.read(Box((10, 24, 104), (35, 88, 136))).all_missing
-    got = reader.read(Box((10, 24, 40), (35, 88, 104)))
-    assert not got.missing
     present = source.present
-    # source sections pass through (the decoded jpeg values) where the source exists: section
-    # 3 + i sits at output z 3·(3 + i) + 1, relative index 3·i
-    for i in range(9):
-        keep = present[i, :, :64]
-        np.testing.assert_array_equal(got.data[3 * i][keep], source.data[i, :, :64][keep])
-    # the hole (sections 6–8 = relative 3–5, rows 9–15) and the gaps on both sides (rows 7, 8 and
-    # 16, 17) are no data (0): restoration does not bridge missing sections
-    assert got.data[7:18, 0:32, 32:64].max() == 0
-    assert got.data[6, 0:32, 32:64].min() > 0 and got.data[18, 0:32, 32:64].min() > 0
-    # generated voxels between present sections elsewhere
-    assert got.data[1:3, :, :32].std() > 0 and (got.data[1:3] > 0).mean() > 0.95
-    if unc:  # the uncertainty layer: 0 (no data) over the hole, a spread elsewhere
-        std = pc.LayerReader(unc).read(Box((10, 24, 40), (35, 88, 104))).data
-        assert std[7:18, 0:32, 32:64].max() == 0 and std[1:3].max() > 0
+    for store, root in roots.items():
+        out = f"{root}/em_iso"
+        info = pc.open_layer(out)
+        assert info.voxel_offset_xyz == (40, 24, 10) and info.size_xyz == (96, 64, 25)
+        reader = pc.LayerReader(out)
+        # nothing was written where there is no tissue: the output's chunks there do not exist either
+        assert reader.read(Box((10, 24, 104), (35, 88, 136))).all_missing, store
+        got = reader.read(Box((10, 24, 40), (35, 88, 104)))
+        assert not got.missing
+        # source sections pass through (the decoded jpeg values) where the source exists: section
+        # 3 + i sits at output z 3·(3 + i) + 1, relative index 3·i
+        for i in range(9):
+            keep = present[i, :, :64]
+            np.testing.assert_array_equal(got.data[3 * i][keep], source.data[i, :, :64][keep])
+        # the hole (sections 6–8 = relative 3–5, rows 9–15) and the gaps on both sides (rows 7, 8
+        # and 16, 17) are no data (0): restoration does not bridge missing sections
+        assert got.data[7:18, 0:32, 32:64].max() == 0
+        assert got.data[6, 0:32, 32:64].min() > 0 and got.data[18, 0:32, 32:64].min() > 0
+        # generated voxels between present sections elsewhere
+        assert got.data[1:3, :, :32].std() > 0 and (got.data[1:3] > 0).mean() > 0.95
+    # the uncertainty layer on gs://: 0 (no data) over the hole, a spread elsewhere
+    std = pc.LayerReader(f"{roots['gs']}/em_unc").read(Box((10, 24, 40), (35, 88, 104))).data
+    assert std[7:18, 0:32, 32:64].max() == 0 and std[1:3].max() > 0
 
 
 def test_missing_voxels_do_not_leak_into_restored_tissue(tiny_iso_model):
