@@ -119,7 +119,7 @@ def main(argv=None):
     return 0
 
 
-def picture(path, pics, crop=88):
+def picture(path, pics, crop=72):
     panels = []
     for f, (low, outs, high) in sorted(pics.items()):
         y0, x0 = high.shape[1] // 2 - crop // 2, high.shape[2] // 2 - crop // 2
