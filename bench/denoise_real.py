@@ -35,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--save-model", help="save our denoise model here (the base of finetune_real.py)")
     ap.add_argument("--no-anchors", action="store_true", help="skip CAREamics and BM3D (not installed)")
+    ap.add_argument("--anchors", default="care,n2v,structn2v,bm3d,gaussian",
+                    help="which anchors to run (comma-separated subset)")
+    ap.add_argument("--load-model", help="score this saved model of ours (trained by --save-model) instead of training")
     ap.add_argument("--out", default=E.RESULTS)
     ap.add_argument("--picture", default=os.path.join(E.IMG, "denoise_real.png"))
     a = ap.parse_args(argv)
@@ -50,7 +53,7 @@ def main(argv=None):
     test_clean = vol[z_test]
     if a.quick:
         train_clean, test_clean = train_clean[::6, :96, :96], test_clean[:2, :64, :64]
-    name = "denoise_real_quick" if a.quick else "denoise_real"
+    name = "denoise_real_quick" if a.quick else ("denoise_real" if not a.load_model else "denoise_real_scored")
     rep = E.Report(name, "Denoising on real EM (FlyEM FIB-SEM + calibrated SEM noise)", a.out)
     doses = [noise.dose_for_snr(train_clean, s) for s in snrs]
     native_var = float(noise.variance(test_clean, 1.0).mean())
@@ -87,9 +90,15 @@ def main(argv=None):
     from service.engine.tasks import TaskSpec
     task = TaskSpec("denoise")
     pairs = RegisteredPairs(task, noisy_train, clean_train)
-    model = E.train_ours(task, pairs, steps)
-    model.voxel_size_nm = (10.0, 10.0, 10.0)
-    budget["ours"] = {"steps": steps, "seconds": model.training["wall_seconds"], "parameters": model.num_parameters}
+    if a.load_model:  # the same data and seed: the model a previous run trained
+        from service.engine.model import RestorationModel
+        model = RestorationModel.load(a.load_model)
+        steps = int(model.training.get("steps", steps))
+    else:
+        model = E.train_ours(task, pairs, steps)
+        model.voxel_size_nm = (10.0, 10.0, 10.0)
+    budget["ours"] = {"steps": steps, "seconds": model.training.get("wall_seconds", model.training.get("seconds")),
+                      "parameters": model.num_parameters}
     if a.save_model:
         model.save(a.save_model)
     for i in range(len(doses)):
@@ -100,20 +109,26 @@ def main(argv=None):
     # ---------------------------------------------------------------- anchors
     if anchors:
         from anchors import bm3d_vst, careamics_fit_predict, gaussian_best
+        which = set(a.anchors.split(","))
         for kind, label, target in (("care", "CAREamics CARE (supervised)", clean_train),
                                     ("n2v", "CAREamics N2V (noisy only)", None),
                                     ("structn2v", "CAREamics structN2V (noisy only, horizontal mask)", None)):
+            if kind not in which:
+                continue
             t = time.time()
             preds, info = careamics_fit_predict(kind, noisy_train, target, noisy_test, steps, log=print)
             budget[kind] = info
             for i, p in enumerate(preds):
                 outs[i][label] = (p, (time.time() - t - info["seconds"]) / len(preds))
         for i, d in enumerate(doses):
-            t = time.time()
-            outs[i]["BM3D (GAT variance stabilisation, scan-line PSD)"] = (bm3d_vst(noisy_test[i], noise, d), time.time() - t)
-            t = time.time()
-            g, s = gaussian_best(noisy_test[i], test_clean)
-            outs[i][f"Gaussian filter, best σ = {s} px"] = (g, time.time() - t)
+            if "bm3d" in which:
+                t = time.time()
+                outs[i]["BM3D (GAT variance stabilisation, scan-line PSD)"] = (bm3d_vst(noisy_test[i], noise, d),
+                                                                               time.time() - t)
+            if "gaussian" in which:
+                t = time.time()
+                g, s = gaussian_best(noisy_test[i], test_clean)
+                outs[i][f"Gaussian filter, best σ = {s} px"] = (g, time.time() - t)
     # ---------------------------------------------------------------- tables
     summary = []
     for i, (snr, d) in enumerate(zip(snrs, doses)):
