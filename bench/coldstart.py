@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.common import machine, table, today, write_report  # noqa: E402
 from service.engine import phantom  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
-from service.engine.tasks import TaskSpec  # noqa: E402
+from service.engine.tasks import make_task  # noqa: E402
 from service.jobs.executors import LocalExecutor  # noqa: E402
 from service.jobs.manager import JobManager  # noqa: E402
 from service.jobs.pool_executor import ExecutionRouter, LocalPool, PoolExecutor  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv=None):
     stack = phantom.to_uint8(phantom.thick_sections(iso, k, mode="sample"))
     src = f"file://{tmp}/em"
     pc.create_source_layer(src, stack, (8, 8, 8 * k), (0, 0, 0), (64, 64, 4))
-    model = RestorationModel.create(TaskSpec("isotropic", k), a.preset, seed=0)
+    model = RestorationModel.create(make_task("isotropic", k), a.preset, seed=0)
     urls = []
     for name in ("cold", "pool"):
         model.name = f"coldstart-{a.preset}-{name}"

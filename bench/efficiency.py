@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from service.engine.model import RestorationModel  # noqa: E402
-from service.engine.tasks import TaskSpec  # noqa: E402
+from service.engine.tasks import make_task  # noqa: E402
 
 
 def flops_per_pixel(net, in_ch, size=64, noise=False) -> float:
@@ -50,7 +50,7 @@ def main(argv=None):
     ap.add_argument("--flops-only", action="store_true", help="only the FLOP table (no timing)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = ap.parse_args(argv)
-    task = TaskSpec("isotropic", 5)
+    task = make_task("isotropic", 5)
     lines = [f"CPU efficiency, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; peak taken as {a.peak_gflops:.0f} GFLOP/s fp32. The machine was "
              f"shared with other jobs (load 6–10 on 2 cores), so achieved rates are lower bounds.\n",
@@ -61,7 +61,7 @@ def main(argv=None):
         m = RestorationModel.create(task, p)
         models[p] = m
         fp = flops_per_pixel(m.predictor, 2)
-        fd = flops_per_pixel(m.net, 4, noise=True)
+        fd = flops_per_pixel(m.denoiser, 4, noise=True)
         lines.append(f"| {p} | {fp / 1e3:.1f} k | {fd / 1e3:.1f} k | {2 * fp / 1e3:.0f} k | "
                      f"{2 * (fp + 10 * fd) / 1e6:.2f} M | {2 * (fp + 40 * fd) / 1e6:.2f} M |")
     lines += ["", "Predictor forward (the default estimate), batch × size², seconds per call and achieved rate:", "",

@@ -28,13 +28,13 @@ from service.engine import metrics, phantom  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.pairs import IsotropicPairs  # noqa: E402
 from service.engine.restore import UNCERTAINTY_THRESHOLD, restore  # noqa: E402
-from service.engine.tasks import TaskSpec  # noqa: E402
+from service.engine.tasks import make_task  # noqa: E402
 from service.engine.training import TrainConfig, train  # noqa: E402
 
 
 def train_pair(train_stack, k, steps, preset, seed=0):
     """A diffusion model and a regression UNet, same preset and budget, self-supervised."""
-    task = TaskSpec("isotropic", k)
+    task = make_task("isotropic", k)
     out = {}
     for kind in ("diffusion", "regression"):
         m = RestorationModel.create(task, preset, kind=kind, seed=seed)

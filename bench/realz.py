@@ -37,7 +37,7 @@ from service.engine import metrics  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.pairs import IsotropicPairs  # noqa: E402
 from service.engine.restore import UNCERTAINTY_THRESHOLD, restore  # noqa: E402
-from service.engine.tasks import TaskSpec, linear_rows  # noqa: E402
+from service.engine.tasks import make_task, linear_rows  # noqa: E402
 from service.engine.training import TrainConfig, train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,7 +112,7 @@ def spearman(std, out, truth, k, max_n=2_000_000, seed=0):
 # ----------------------------------------------------------------------------- models
 def train_model(kept, k, steps, voxel_size, kind="diffusion", preset="tiny", seed=0, seconds=None,
                 device="auto", batch=8, patch=64):
-    task = TaskSpec("isotropic", k)
+    task = make_task("isotropic", k)
     pairs = IsotropicPairs(task, kept, self_supervised=True, voxel_size_nm=voxel_size)
     m = RestorationModel.create(task, preset, kind=kind, voxel_size_nm=voxel_size, seed=seed)
     m.input_norm = m.target_norm = pairs.norm

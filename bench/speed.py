@@ -28,7 +28,7 @@ from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.network import UNet, count_parameters, preset_config  # noqa: E402
 from service.engine.restore import restore  # noqa: E402
 from service.engine.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS  # noqa: E402
-from service.engine.tasks import TaskSpec  # noqa: E402
+from service.engine.tasks import make_task  # noqa: E402
 
 REFERENCE_STEPS = 200
 
@@ -93,14 +93,14 @@ def main(argv=None):
     shape = (11, 128, 128) if a.quick else (21, 256, 256)
     iso = phantom.make_phantom(shape, seed=2)
     stack = phantom.to_uint8(phantom.thick_sections(iso, k, mode="sample"))
-    model = RestorationModel.create(TaskSpec("isotropic", k), "base", seed=0)
+    model = RestorationModel.create(make_task("isotropic", k), "base", seed=0)
     model.residual_scale = 3.0
     t0 = time.perf_counter()
     r = restore(model, stack, device=str(dev))
     t_e2e = time.perf_counter() - t0
     vox = (stack.shape[0] - 1) * (k - 1) * stack.shape[1] * stack.shape[2]
     # reference chain per section: measure a few steps of ancestral sampling with one output section
-    ref_model = RestorationModel.create(TaskSpec("isotropic", 2), "base", seed=0)  # 1 section per chain
+    ref_model = RestorationModel.create(make_task("isotropic", 2), "base", seed=0)  # 1 section per chain
     probe = 4
     t0 = time.perf_counter()
     restore(ref_model, stack[:2], sampler="ddpm", steps=probe, device=str(dev))

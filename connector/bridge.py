@@ -41,8 +41,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.errors import EmrestoreError
+
 from .bridge_protocol import (error_response, http_status_for, job_json, parse_restore_request, register_in_for_grpc,
-                              registration_pending, split_field)
+                              registration_pending)
 from .bridge_security import BridgeConfig, SecurityMiddleware
 from .util import ConnectorError
 
@@ -63,11 +65,9 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
         from service.api.client import EmrestoreClient
         client = EmrestoreClient(config.grpc_target, token=config.grpc_token, tls_ca=config.grpc_tls_ca,
                                  timeout=config.grpc_timeout_s)
-    from service.api.client import EmrestoreError
 
-    def grpc_error(e: "EmrestoreError", default_field: str = "") -> JSONResponse:
-        fld, text = split_field(e.message or str(e), default_field)
-        return error_response(http_status_for(e.code_name, e.message or ""), e.code_name, fld, text)
+    def grpc_error(e: EmrestoreError, default_field: str = "") -> JSONResponse:
+        return error_response(http_status_for(e.code, e.message), e.code, e.field or default_field, e.reason)
 
     async def call(fn, *args, default_field: str = "", **kwargs):
         try:
@@ -90,8 +90,8 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
     async def restore_region(request: Request):
         try:
             kw = parse_restore_request(await read_json(request), config.targets)
-        except ConnectorError as e:
-            return error_response(400, "INVALID_ARGUMENT", e.field, e.detail)
+        except EmrestoreError as e:  # the body's shape (ConnectorError) or a field's value (service/jobs/spec.py)
+            return error_response(http_status_for(e.code, e.message), e.code, e.field, e.reason)
         rid = kw.pop("rid")
         job, err = await call(
             client.restore_region, kw["source"], kw["model"], kw["output"], kw["start_xyz"], kw["stop_xyz"],
@@ -124,7 +124,7 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
         try:
             status = await run_in_threadpool(client.health, "", 3.0)
         except EmrestoreError as e:
-            return JSONResponse({"status": "degraded", "grpc": e.code_name, "message": e.message},
+            return JSONResponse({"status": "degraded", "grpc": e.code, "message": e.message},
                                 status_code=503)
         ok = status == "SERVING"
         return JSONResponse({"status": "ok" if ok else "degraded", "grpc": status}, status_code=200 if ok else 503)
@@ -162,9 +162,9 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
                             put(("end", u.job))
                             return
                 except EmrestoreError as e:
-                    if e.code_name == "DEADLINE_EXCEEDED":
+                    if e.code == "DEADLINE_EXCEEDED":
                         continue
-                    if e.code_name == "UNAVAILABLE":
+                    if e.code == "UNAVAILABLE":
                         time.sleep(1.0)
                         continue
                     put(("error", e))
@@ -236,8 +236,9 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
                         return
                     else:
                         e = payload
-                        code = getattr(e, "code_name", "INTERNAL")
-                        fld, text = split_field(getattr(e, "message", str(e)), "job_id")
+                        if not isinstance(e, EmrestoreError):
+                            e = EmrestoreError("job_id", str(e), "INTERNAL")
+                        code, fld, text = e.code, e.field or "job_id", e.reason
                         n += 1
                         yield frame("error", {"error": code, "field": fld, "message": text}, n)
                         return

@@ -1,7 +1,10 @@
 """The bridge's messages: what browsers send and receive, and how gRPC answers map onto HTTP.
 
-- **Requests**: :func:`parse_restore_request` validates a ``POST /v1/restore-region`` body and
-  turns it into keyword arguments for :class:`service.api.client.EmrestoreClient`.
+- **Requests**: :func:`parse_restore_request` checks the HTTP shape of a ``POST /v1/restore-region``
+  body (a JSON object, integers, strings, three-vectors) and the operator's target names, checks
+  its fields with the server's own request checks (service/jobs/spec.py: the same limits and
+  messages, fields renamed to the body's names) and turns it into keyword arguments for
+  :class:`service.api.client.EmrestoreClient`.
 - **Answers**: :func:`job_json` is a job as JSON; :func:`job_event_kinds` and
   :func:`registration_pending` read a job's structured events.
 - **Errors**: :func:`http_status_for` maps gRPC status codes to HTTP statuses,
@@ -31,6 +34,8 @@ from typing import Any, Iterable
 
 from starlette.responses import JSONResponse
 
+from service.errors import EmrestoreError, split_field  # noqa: F401 - split_field: part of this module's API
+
 from .util import ConnectorError, default_output_url, request_id
 
 __all__ = ["GRPC_TO_HTTP", "TERMINAL", "REGISTRATION_KINDS", "job_event_kinds", "registration_pending",
@@ -56,6 +61,8 @@ GRPC_TO_HTTP = {
 }
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+#: request field → the restore body's name for it (how errors of the request checks name them)
+BODY_NAMES = {"uncertainty_output": "uncertainty"}
 #: structured job event kinds that end a target's registration
 REGISTRATION_KINDS = ("registered", "registration_failed")
 
@@ -101,14 +108,6 @@ def http_status_for(code_name: str, message: str = "") -> int:
             return 429
         return 413
     return GRPC_TO_HTTP.get(code_name, 500)
-
-
-def split_field(message: str, default: str = "") -> tuple[str, str]:
-    """("field", "text") of a service message ``"field: text"`` (the field is a dotted name)."""
-    head, sep, tail = message.partition(": ")
-    if sep and head and " " not in head and len(head) <= 64:
-        return head, tail
-    return default, message
 
 
 def error_response(status: int, error: str, field: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -160,12 +159,12 @@ def _int3(value: Any, field: str) -> list[int]:
     return out
 
 
-def _opt_int(body: dict, name: str, lo: int, hi: int) -> int:
+def _opt_int(body: dict, name: str) -> int:
     v = body.get(name, 0)
     if v is None:
         return 0
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ConnectorError(name, f"{v!r} must be an integer in [{lo}, {hi}]")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConnectorError(name, f"{v!r} must be an integer")
     return v
 
 
@@ -199,14 +198,7 @@ def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
         raise ConnectorError("region", "required: {start: [x, y, z], stop: [x, y, z]} in source voxels")
     start = _int3(region["start"], "region.start")
     stop = _int3(region["stop"], "region.stop")
-    if min(start) < 0:
-        raise ConnectorError("region.start", f"{start} must be ≥ 0 on every axis")
-    if any(b <= a for a, b in zip(start, stop)):
-        raise ConnectorError("region", f"start {start} must be < stop {stop} on every axis (stop exclusive)")
-    samples = _opt_int(body, "samples", 0, 64)
-    steps = _opt_int(body, "steps", 0, 1000)
-    seed = _opt_int(body, "seed", 0, 2 ** 62)
-    mip = _opt_int(body, "mip", 0, 16)
+    samples, steps, seed, mip = (_opt_int(body, n) for n in ("samples", "steps", "seed", "mip"))
     sampler = _opt_str(body, "sampler")
     rid = request_id()
     output = _opt_str(body, "output") or default_output_url(source, rid)
@@ -220,13 +212,18 @@ def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
         uncertainty = unc.strip()
     else:
         raise ConnectorError("uncertainty", f"{unc!r}: give true, false or a layer URL")
-    if uncertainty and samples < 2:
-        raise ConnectorError("uncertainty", "needs samples ≥ 2 (the spread of the samples)")
     names = body.get("register_in") or []
     if not isinstance(names, list):
         raise ConnectorError("register_in", "must be a list of configured target names")
     from .targets import resolve_names
     clean_targets = [t.name for t in resolve_names(names, targets or {})]
+    from service.jobs.spec import restore_request
+    try:  # the server's own checks: the same limits and messages
+        restore_request(source=source, model=model, output=output, region=(start, stop),
+                        uncertainty_output=uncertainty or "", samples=samples, steps=steps, seed=seed, mip=mip,
+                        sampler=sampler, register_in=clean_targets)
+    except EmrestoreError as e:
+        raise e.renamed(BODY_NAMES) from None
     return dict(source=source, model=model, output=output, start_xyz=start, stop_xyz=stop,
                 uncertainty=uncertainty, samples=samples, steps=steps, seed=seed, mip=mip, sampler=sampler,
                 register_in=clean_targets, rid=rid)

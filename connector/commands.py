@@ -1,12 +1,15 @@
 """``emrestore`` subcommands of the connectors: ``bridge``, ``view`` and ``ng-state``.
 
-Registered by ``service/cli.py`` with ``connector.commands.register(subparsers)``. Bad input raises
-ValueError (``connector.util.ConnectorError``), which the CLI prints as one line and exits 2.
+A plug-in of the command tree (service/commandline.py): the entry point ``emrestore.commands``
+names :func:`commands`, which returns them. Bad input raises ``connector.util.ConnectorError``
+(an ``EmrestoreError``), which the CLI prints as one line and exits 2.
 """
 
 from __future__ import annotations
 
 import os
+
+from service.commandline import Command
 
 from .util import ConnectorError
 
@@ -64,9 +67,7 @@ def cmd_ng_state(a) -> None:
     print(link)
 
 
-def register(sub) -> None:
-    """Add ``bridge``, ``view`` and ``ng-state`` to the ``emrestore`` subparsers."""
-    p = sub.add_parser("bridge", help="HTTP/JSON + server-sent-events bridge for browsers (webKnossos, CATMAID)")
+def _bridge_arguments(p) -> None:
     p.add_argument("--grpc", default=os.environ.get("EMRESTORE_SERVER", DEFAULT_SERVER),
                    help="HOST:PORT of the gRPC service (default $EMRESTORE_SERVER or %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
@@ -79,9 +80,10 @@ def register(sub) -> None:
     p.add_argument("--targets", metavar="FILE",
                    help="the operator's registration targets (JSON/YAML, the same file as 'emrestore serve "
                         "--targets'); requests may name only these")
-    p.set_defaults(func=cmd_bridge)
 
-    p = sub.add_parser("view", help="Neuroglancer viewer with a restore-region action (shift+R)")
+
+def _view_arguments(p) -> None:
+
     p.add_argument("source", help="precomputed layer URL (file://, gs://, https://, …)")
     p.add_argument("--model", help="model name on the server or URL (default: the server's first model)")
     p.add_argument("--server", default=os.environ.get("EMRESTORE_SERVER", DEFAULT_SERVER),
@@ -96,13 +98,23 @@ def register(sub) -> None:
     p.add_argument("--public-url-map", help="PREFIX=PUBLIC_PREFIX;… for layers the browser cannot read directly "
                                             "(e.g. an aliased S3 endpoint); file:// layers are served automatically")
     p.add_argument("--open", action="store_true", help="open the viewer in the default browser")
-    p.set_defaults(func=cmd_view)
 
-    p = sub.add_parser("ng-state", help="write a Neuroglancer state JSON (and print a link) for restored layers")
+
+def _ng_state_arguments(p) -> None:
     p.add_argument("--source", help="source layer URL")
     p.add_argument("--restored", required=True, help="restored layer URL")
     p.add_argument("--uncertainty", help="uncertainty layer URL")
     p.add_argument("--out", required=True, help="state JSON to write (path, file://, gs://, s3://)")
     p.add_argument("--public-url-map", help="PREFIX=PUBLIC_PREFIX;… for layers not served over http(s)/gs")
     p.add_argument("--replace", action="store_true", help="replace an existing state instead of adding layers")
-    p.set_defaults(func=cmd_ng_state)
+
+
+def commands() -> tuple[Command, ...]:
+    """The connectors' commands (entry point ``emrestore.commands``)."""
+    return (
+        Command("bridge", "HTTP/JSON + server-sent-events bridge for browsers (webKnossos, CATMAID)", cmd_bridge,
+                _bridge_arguments),
+        Command("view", "Neuroglancer viewer with a restore-region action (shift+R)", cmd_view, _view_arguments),
+        Command("ng-state", "write a Neuroglancer state JSON (and print a link) for restored layers", cmd_ng_state,
+                _ng_state_arguments),
+    )

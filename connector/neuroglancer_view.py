@@ -296,7 +296,7 @@ class RestoreViewer:
         return out, unc
 
     def _run_job(self, start: list[int], stop: list[int], how: str) -> None:
-        from service.api.client import EmrestoreError
+        from service.errors import EmrestoreError
         output, unc = self._outputs()
         box = f"{start}–{stop}"
         self.status(f"emrestore: submitting {how} {box} with model {self.model} …")
@@ -306,10 +306,10 @@ class RestoreViewer:
                                               register_in=self.register_in,
                                               labels={"emrestore-origin": "neuroglancer"})
         except EmrestoreError as e:
-            self.status(f"emrestore: {e.code_name}: {e.message}")
+            self.status(f"emrestore: {e.code}: {e.message}")
             with self._lock:
                 self.jobs.append(ViewerJob("", start, stop, str(self.model), output, unc, "FAILED", e.message,
-                                           error=f"{e.code_name}: {e.message}"))
+                                           error=f"{e.code}: {e.message}"))
             return
         job = ViewerJob(info.job_id, start, stop, str(self.model), output, unc, info.state, info.message)
         with self._lock:
@@ -325,7 +325,7 @@ class RestoreViewer:
         try:
             final = self.client.wait(info.job_id, progress=progress)
         except EmrestoreError as e:
-            job.state, job.error = "FAILED", f"{e.code_name}: {e.message}"
+            job.state, job.error = "FAILED", f"{e.code}: {e.message}"
             self.status(f"emrestore: job {short}: {job.error}")
             return
         job.state, job.message = final.state, final.message

@@ -31,7 +31,7 @@ from .targets import Target, resolve_names
 log = logging.getLogger(__name__)
 
 __all__ = ["completion_hook", "register_job", "job_view", "CompletedJobLike", "RegistrationError", "HANDLERS",
-           "PLATFORMS", "register_job_outputs", "check_names"]
+           "PLATFORMS", "check_names"]
 
 
 class CompletedJobLike(Protocol):
@@ -160,18 +160,6 @@ def completion_hook_from_file(path: str) -> Callable[[Any], list[str]]:
     operator's target file here (see :func:`connector.targets.load_targets`)."""
     from .targets import load_targets
     return completion_hook(load_targets(path))
-
-
-def register_job_outputs(job_id: str, spec: dict, targets: list) -> list[str]:
-    """Former entry point that took targets from the request: now refuses them (a request may only
-    name configured targets, handled by :func:`completion_hook`). Kept so an older manager gets a
-    clear message instead of registering anything a request describes."""
-    del job_id, spec
-    if not targets:
-        return []
-    return [f"target {i}: FAILED: registration targets come from the operator's configuration "
-            "(emrestore serve --targets FILE); a request may only name a configured target"
-            for i, _ in enumerate(targets)]
 
 
 def check_names(names: Sequence[Any], targets: Mapping[str, Target]) -> list[str]:

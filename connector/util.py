@@ -21,6 +21,8 @@ import re
 import secrets
 from typing import Any, Iterable, Mapping
 
+from service.errors import EmrestoreError
+
 __all__ = [
     "ConnectorError",
     "parse_prefix_map",
@@ -35,13 +37,13 @@ __all__ = [
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
-class ConnectorError(ValueError):
-    """A connector problem for a person: ``field`` names the option or request field."""
+class ConnectorError(EmrestoreError):
+    """A connector problem for a person (INVALID_ARGUMENT): ``field`` names the option or request
+    field, ``detail`` (``reason``) says why."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
-        self.detail = " ".join(str(message).split())
-        super().__init__(f"{field}: {self.detail}")
+        super().__init__(field, message)
+        self.detail = self.reason
 
 
 def request_id(n: int = 8) -> str:

@@ -1,30 +1,34 @@
-"""The ``emrestore`` command line.
+"""The ``emrestore`` command line: the one command tree (:func:`commands`) and :func:`main`.
 
-Engine commands: synth, train, finetune, restore, models, demo. Service commands (serve, submit,
-jobs, cutout, worker, view) are registered by ``service.api.commands`` when present.
-Bad input prints one line ``emrestore: error: …`` naming the problem, exits 2 and writes nothing.
+The top layer: it imports every layer below and nothing imports it. Engine commands (synth,
+train, finetune, restore, models, demo) are here; ``serve`` (service/api/serving.py), the client
+commands submit, jobs, cutout, remote-models (service/api/commands.py), ``worker``
+(service/jobs/worker_main.py) and the plug-ins of the entry point group ``emrestore.commands``
+(the connectors' bridge, view, ng-state) join them in :func:`commands`. How a command is
+declared and how errors become exit codes: service/commandline.py. Bad input prints one line
+``emrestore: error: CODE: …`` naming the problem, exits 2 and writes nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
-
-class CLIError(Exception):
-    """A one-line error for the user."""
+from .commandline import Command
+from .commandline import build_parser as _build_parser
+from .commandline import main as _main
+from .errors import EmrestoreError
 
 
 def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise CLIError(f"{name}: expected {n} comma-separated integers, got {text!r}") from None
+        raise EmrestoreError(name, f"expected {n} comma-separated integers, got {text!r}") from None
     if len(vals) != n or min(vals) < 1:
-        raise CLIError(f"{name}: expected {n} comma-separated positive integers, got {text!r}")
+        raise EmrestoreError(name, f"expected {n} comma-separated positive integers, got {text!r}")
     return vals
 
 
@@ -32,9 +36,9 @@ def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise CLIError(f"{name}: expected {n} comma-separated numbers, got {text!r}") from None
+        raise EmrestoreError(name, f"expected {n} comma-separated numbers, got {text!r}") from None
     if len(vals) != n or min(vals) <= 0:
-        raise CLIError(f"{name}: expected {n} comma-separated positive numbers (nm), got {text!r}")
+        raise EmrestoreError(name, f"expected {n} comma-separated positive numbers (nm), got {text!r}")
     return vals
 
 
@@ -47,7 +51,7 @@ def _check_writable(path: str, name: str):
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.access(probe, os.W_OK):
-        raise CLIError(f"{name}: cannot write to {parent}")
+        raise EmrestoreError(name, f"cannot write to {parent}")
 
 
 # --------------------------------------------------------------------------- synth
@@ -57,7 +61,7 @@ def cmd_synth(a):
     shape = _ints(a.shape, 3, "--shape")
     vx = _floats(a.voxel_size, 3, "--voxel-size") if a.voxel_size else (8.0, 8.0, 8.0)
     if a.anisotropy < 1 or a.anisotropy > 16:
-        raise CLIError(f"--anisotropy: must be in [1, 16], got {a.anisotropy}")
+        raise EmrestoreError("--anisotropy", f"must be in [1, 16], got {a.anisotropy}")
     _check_writable(a.out, "--out")
     vol = phantom.make_phantom(shape, seed=a.seed)
     truth = vol
@@ -84,7 +88,7 @@ def _voxel_size(a, path):
         return _floats(a.voxel_size, 3, "--voxel-size")
     vs = read_voxel_size(path)
     if vs is None:
-        raise CLIError(f"--voxel-size: not given and {path} carries no voxel size")
+        raise EmrestoreError("--voxel-size", f"not given and {path} carries no voxel size")
     return vs
 
 
@@ -98,7 +102,7 @@ def _train_config(a):
 def cmd_train(a):
     from .engine.model import RestorationModel
     from .engine.pairs import IsotropicPairs, RegisteredPairs
-    from .engine.tasks import TaskSpec
+    from .engine.tasks import make_task
     from .engine.training import train
     from .volume.tiff import read_stack
     vol = read_stack(a.input)
@@ -108,14 +112,14 @@ def cmd_train(a):
         k = a.factor
         if k is None:
             if not a.self_supervised:
-                raise CLIError("--factor: required for supervised isotropic training")
+                raise EmrestoreError("--factor", "required for supervised isotropic training")
             k = max(2, int(round(vs[2] / min(vs[0], vs[1]))))
-        task = TaskSpec("isotropic", k)
+        task = make_task("isotropic", k)
         if a.target:
-            raise CLIError("--target: isotropic training learns from --input alone "
+            raise EmrestoreError("--target", "isotropic training learns from --input alone "
                            "(isotropic volume, or anisotropic with --self-supervised)")
         if a.section_thickness and not a.self_supervised:
-            raise CLIError("--section-thickness: only with --self-supervised")
+            raise EmrestoreError("--section-thickness", "only with --self-supervised")
         if a.self_supervised:
             zoom = lateral_zoom(k, vs)  # refuses a factor far from the physical z/xy ratio
             if zoom != 1.0:
@@ -130,10 +134,10 @@ def cmd_train(a):
         mode = "self-supervised" if a.self_supervised else "supervised-isotropic"
     else:
         if a.self_supervised:
-            raise CLIError(f"--self-supervised: only for --task isotropic, not {a.task}")
+            raise EmrestoreError("--self-supervised", f"only for --task isotropic, not {a.task}")
         if not a.target:
-            raise CLIError(f"--target: {a.task} training needs a registered --target stack")
-        task = TaskSpec(a.task, a.factor or (2 if a.task == "superres" else 1))
+            raise EmrestoreError("--target", f"{a.task} training needs a registered --target stack")
+        task = make_task(a.task, a.factor or (2 if a.task == "superres" else 1))
         pairs = RegisteredPairs(task, vol, read_stack(a.target))
         norm_in, norm_out = pairs.input_norm, pairs.target_norm
         model_vs = vs
@@ -173,7 +177,7 @@ def cmd_finetune(a):
         model.input_norm = model.target_norm = pairs.norm
     else:
         if not a.target:
-            raise CLIError(f"--target: fine-tuning a {task.name} model needs --target")
+            raise EmrestoreError("--target", f"fine-tuning a {task.name} model needs --target")
         pairs = RegisteredPairs(task, low, read_stack(a.target))
         model.input_norm, model.target_norm = pairs.input_norm, pairs.target_norm
     _check_writable(a.out, "--out")
@@ -196,9 +200,9 @@ def cmd_restore(a):
     from .engine.restore import check_voxel_size
     check_voxel_size(model, vs)
     if a.uncertainty and a.samples < 2:
-        raise CLIError("--uncertainty: needs --samples of at least 2")
+        raise EmrestoreError("--uncertainty", "needs --samples of at least 2")
     if os.path.abspath(a.output) == os.path.abspath(a.input):
-        raise CLIError("--output: would overwrite --input")
+        raise EmrestoreError("--output", "would overwrite --input")
     _check_writable(a.output, "--output")
     if a.uncertainty:
         _check_writable(a.uncertainty, "--uncertainty")
@@ -263,14 +267,7 @@ def _add_train_args(p, default_steps):
     p.add_argument("--quiet", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
-    ap = argparse.ArgumentParser(prog="emrestore", description="emrestore: diffusion-model restoration for volume electron microscopy (denoise, super-resolution, isotropic z).")
-    from . import __version__
-    ap.add_argument("--version", action="version", version=f"emrestore {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="write a synthetic EM phantom as a TIFF stack")
+def _synth_arguments(p):
     p.add_argument("--out", required=True)
     p.add_argument("--shape", default="61,192,192", help="Z,Y,X of the isotropic phantom")
     p.add_argument("--anisotropy", type=int, default=1, help="thick-section factor k (1: isotropic)")
@@ -279,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.0, help="photons per unit intensity (0: no noise)")
     p.add_argument("--truth", help="also write the isotropic ground truth here")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train a model")
+
+def _train_arguments(p):
     p.add_argument("--task", required=True, choices=["denoise", "superres", "isotropic"])
     p.add_argument("--self-supervised", action="store_true",
                    help="isotropic: learn from the anisotropic --input itself (lateral axes)")
@@ -299,17 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model URL (a directory: file://, s3://, gs://, memory://)")
     p.add_argument("--resume", action="store_true")
     _add_train_args(p, 2000)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("finetune", help="fine-tune a model from one image pair")
+
+def _finetune_arguments(p):
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--target")
     p.add_argument("--out", required=True)
     _add_train_args(p, 300)
-    p.set_defaults(func=cmd_finetune, lr=2e-4)
+    p.set_defaults(lr=2e-4)
 
-    p = sub.add_parser("restore", help="restore a TIFF stack")
+
+def _restore_arguments(p):
+    from .engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -328,42 +327,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("models", help="list the models in a model directory")
+
+def _models_arguments(p):
     p.add_argument("dir", nargs="?", default=os.environ.get("EMRESTORE_MODELS", "models"))
-    p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="phantom → train tiny model → restore → pictures")
+
+def _demo_arguments(p):
     p.add_argument("--workdir", default="demo-output")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
     p.add_argument("--no-service", action="store_true", help="skip the precomputed/service part")
-    p.set_defaults(func=cmd_demo)
 
-    from .api import commands
-    commands.register(sub)
+
+ENGINE_COMMANDS = (
+    Command("synth", "write a synthetic EM phantom as a TIFF stack", cmd_synth, _synth_arguments),
+    Command("train", "train a model", cmd_train, _train_arguments),
+    Command("finetune", "fine-tune a model from one image pair", cmd_finetune, _finetune_arguments),
+    Command("restore", "restore a TIFF stack", cmd_restore, _restore_arguments),
+    Command("models", "list the models in a model directory", cmd_models, _models_arguments),
+    Command("demo", "phantom → train tiny model → restore → pictures", cmd_demo, _demo_arguments),
+)
+
+
+def commands() -> list[Command]:
+    """The command tree: engine, service, client and worker commands, then the plug-ins (the
+    functions named by the entry points of the group ``emrestore.commands`` return Commands)."""
     from importlib.metadata import entry_points
+
+    from .api.commands import COMMANDS as CLIENT_COMMANDS
+    from .api.serving import SERVE
+    from .jobs.worker_main import WORKER
+    tree = [*ENGINE_COMMANDS, SERVE, *CLIENT_COMMANDS, WORKER]
     for ep in entry_points(group="emrestore.commands"):  # the connectors' commands (pyproject.toml)
-        ep.load()(sub)
-    return ap
+        tree.extend(ep.load()())
+    return tree
+
+
+def build_parser():
+    from . import __version__
+    return _build_parser(commands(), version=__version__,
+                         description="emrestore: diffusion-model restoration for volume electron microscopy "
+                                     "(denoise, super-resolution, isotropic z).")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    try:
-        rc = a.func(a)
-    except CLIError as e:
-        print(f"emrestore: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"emrestore: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("emrestore: interrupted", file=sys.stderr)
-        return 130
-    return rc or 0
+    """``emrestore …``: parse, run the command, one error line and the exit status on failure."""
+    return _main(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     from .engine.model import RestorationModel
     from .engine.pairs import IsotropicPairs
     from .engine.restore import restore
-    from .engine.tasks import TaskSpec
+    from .engine.tasks import make_task
     from .engine.training import TrainConfig, train
     from .viz import heat8, nearest_z, panels_png, to_gray8
     from .volume.tiff import write_stack
@@ -49,7 +49,7 @@ def run_demo(workdir: str = "demo-output", quick: bool = False, with_service: bo
     print(f"[demo] phantom: {aniso.shape[0]} sections of {aniso.shape[1]}×{aniso.shape[2]} at "
           f"8×8×{8 * k} nm (anisotropy {k}); ground truth {truth.shape[0]} sections at 8 nm")
 
-    task = TaskSpec("isotropic", k)
+    task = make_task("isotropic", k)
     model = RestorationModel.create(task, "tiny", voxel_size_nm=vs, seed=0)
     pairs = IsotropicPairs(task, aniso, self_supervised=True, voxel_size_nm=vs)
     model.input_norm = model.target_norm = pairs.norm

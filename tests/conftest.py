@@ -204,7 +204,7 @@ def tiny_iso_model(tmp_path_factory):
     from service.engine import phantom
     from service.engine.model import RestorationModel
     from service.engine.pairs import IsotropicPairs
-    from service.engine.tasks import TaskSpec
+    from service.engine.tasks import make_task
     from service.engine.training import TrainConfig, train
 
     iso = phantom.make_phantom((25, 64, 64), seed=3)
@@ -212,7 +212,7 @@ def tiny_iso_model(tmp_path_factory):
     with built_once(tmp_path_factory, "tiny-iso3") as (root, needs_build):
         url = f"file://{root}/tiny-iso3"
         if needs_build:
-            task = TaskSpec("isotropic", 3)
+            task = make_task("isotropic", 3)
             model = RestorationModel.create(task, "tiny", voxel_size_nm=(8, 8, 24), seed=0)
             pairs = IsotropicPairs(task, stack, self_supervised=True, voxel_size_nm=(8, 8, 24))
             model.learn_gap((8, 8, 24), zoom=pairs.zoom)  # restoring data of another z/xy ratio is refused

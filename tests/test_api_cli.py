@@ -143,7 +143,7 @@ def test_cutout_and_remote_models(srv, capsys, tmp_path):
     (["submit", "SRC", "--whole", "--model", "iso3", "--output", "file:///tmp/o", "--steps", "-1"],
      "INVALID_ARGUMENT", "--steps"),
     (["submit", "SRC", "--whole", "--model", "iso3", "--output", "file:///tmp/o", "--uncertainty", "file:///u"],
-     "INVALID_ARGUMENT", "--uncertainty: needs --samples"),
+     "INVALID_ARGUMENT", "--uncertainty: needs samples"),
     (["submit", "SRC", "--whole", "--model", "nope", "--output", "file:///tmp/o"], "NOT_FOUND", "model:"),
     (["submit", "SRC", "--whole", "--model", "iso3", "--output", "file:///tmp/o", "--sampler", "euler"],
      "INVALID_ARGUMENT", "sampler:"),

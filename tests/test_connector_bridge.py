@@ -28,13 +28,13 @@ def make_source_and_model(root) -> tuple[str, str, np.ndarray]:
     from service.engine import phantom
     from service.engine.model import RestorationModel
     from service.engine.normalize import IntensityNorm
-    from service.engine.tasks import TaskSpec
+    from service.engine.tasks import make_task
     from service.volume import precomputed as pc
 
     vol = phantom.to_uint8(phantom.make_phantom((25, 64, 64), seed=1))[::3]
     src = f"file://{root}/data/src"
     pc.create_source_layer(src, vol, VOXEL_NM, chunk_size_xyz=(32, 32, 3))
-    m = RestorationModel.create(TaskSpec("isotropic", 3), "tiny", voxel_size_nm=VOXEL_NM, seed=0)
+    m = RestorationModel.create(make_task("isotropic", 3), "tiny", voxel_size_nm=VOXEL_NM, seed=0)
     m.name = "iso3"
     m.input_norm = m.target_norm = IntensityNorm.from_volume(vol)
     m.save(f"file://{root}/models/iso3")
@@ -225,13 +225,44 @@ def test_wrong_grpc_token_is_reported(stack):
     assert "invalid bearer token" in r.json()["message"]
 
 
-def _parser():
-    import argparse
+OUT_OF_RANGE = [  # (what the request changes, the field refused, a piece of the limit's text)
+    ({"samples": 65}, "samples", "[0, 64]"),
+    ({"samples": -1}, "samples", "[0, 64]"),
+    ({"steps": 1001}, "steps", "[0, 1000]"),
+    ({"seed": -1}, "seed", f"[0, {2 ** 63 - 1}]"),
+    ({"mip": 17}, "mip", "[0, 16]"),
+    ({"sampler": "euler"}, "sampler", "allowed: ddim, ddpm, dpmpp2m"),
+    ({"start": [-1, 0, 0]}, "region.start", "≥ 0"),
+    ({"start": [8, 0, 0]}, "region", "must be < stop"),
+    ({"register_in": ["../x"]}, "register_in[0]", "not a target name"),
+]
 
-    from connector.commands import register
-    ap = argparse.ArgumentParser(prog="emrestore")
-    register(ap.add_subparsers(dest="command", required=True))
-    return ap
+
+@pytest.mark.parametrize("change, field, limit", OUT_OF_RANGE, ids=[c[1] + str(i) for i, c in enumerate(OUT_OF_RANGE)])
+def test_bridge_and_grpc_refuse_the_same_values_with_the_same_limits(stack, change, field, limit):
+    """Issue 22: one validation of the request fields (service/jobs/spec.py): the bridge and the
+    gRPC server refuse the same out-of-range values with the same field, limit and message."""
+    from service.api.client import EmrestoreClient
+    from service.errors import EmrestoreError
+    req = {"source": stack["src"], "model": "iso3", "start": [0, 0, 0], "stop": [8, 8, 3],
+           "output": f"file://{stack['root']}/data/same_limits", **change}
+    r = httpx.post(f"{stack['bridge'].url}/v1/restore-region", json=req, headers=auth())
+    body = r.json()
+    kw = {k: req[k] for k in ("samples", "steps", "seed", "mip", "sampler", "register_in") if k in req}
+    with EmrestoreClient(stack["svc"].target, token=GRPC_TOKEN) as c, pytest.raises(EmrestoreError) as e:
+        c.restore_region(req["source"], req["model"], req["output"], req["start"], req["stop"], **kw)
+    assert e.value.code == "INVALID_ARGUMENT" and e.value.field == field and limit in e.value.reason, e.value
+    if field == "register_in[0]":  # the bridge refuses names it has not configured first
+        assert r.status_code == 400 and body["field"] == field
+        return
+    assert (r.status_code, body["error"], body["field"]) == (400, "INVALID_ARGUMENT", field), body
+    assert body["message"] == e.value.reason
+
+
+def _parser():
+    from connector.commands import commands
+    from service.commandline import build_parser
+    return build_parser(commands())  # the plug-in's commands alone, as the tree adds them
 
 
 def test_cli_commands_parse_and_validate(stack, tmp_path, monkeypatch):
@@ -282,8 +313,8 @@ def test_cli_bridge_serves(stack, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import argparse, sys; from connector.commands import register; ap = argparse.ArgumentParser(); "
-            "register(ap.add_subparsers(dest='c')); a = ap.parse_args(sys.argv[1:]); a.func(a)")
+    code = ("import sys; from connector.commands import commands; from service.commandline import build_parser, main; "
+            "sys.exit(main(build_parser(commands()), sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "bridge", "--grpc", stack["svc"].target, "--port", str(port),
                              "--token-file", str(tok), "--grpc-token-file", str(gtok), "--allow-origin", ORIGIN],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from connector import catmaid, webknossos
-from connector.registry import RegistrationError, completion_hook, register_job_outputs
+from connector.registry import RegistrationError, completion_hook
 from connector.static_server import StaticFileServer
 from connector.targets import load_targets, parse_targets, resolve_names
 from connector.util import ConnectorError
@@ -91,16 +90,9 @@ def test_targets_are_checked_and_secrets_stay_out_of_the_file(tmp_path):
 
 def test_requests_cannot_name_paths_commands_or_secrets(env, tmp_path):
     """The request-shaped targets of issue 9 (manage_py, token_file/token_env, a file:// state URL)
-    register nothing: the old entry point refuses them, the hook only knows configured names."""
+    register nothing: the hook only knows configured names."""
     victim = tmp_path / "important.conf"
     victim.write_text("keep me")
-    os.environ["EMRESTORE_TEST_SECRET"] = "s3cr3t"
-    msgs = register_job_outputs("j", {"output": env["restored"]}, [
-        {"platform": "neuroglancer", "url": f"file://{victim}"},
-        {"platform": "catmaid", "url": "x", "options": {"manage_py": "-c import os"}},
-        {"platform": "webknossos", "url": "http://127.0.0.1:9", "options": {"token_env": "EMRESTORE_TEST_SECRET"}}])
-    assert len(msgs) == 3 and all("FAILED" in m and "configured target" in m for m in msgs)
-    assert victim.read_text() == "keep me"
     hook = completion_hook(_targets(tmp_path, {"ng": {"platform": "neuroglancer",
                                                       "url": str(tmp_path / "state.json")}}))
     with pytest.raises(ConnectorError) as e:

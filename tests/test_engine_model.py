@@ -12,7 +12,7 @@ from scipy import ndimage
 from service.engine.model import ModelError, RestorationModel, list_models, read_metadata
 from service.engine.pairs import IsotropicPairs, RegisteredPairs, StackGapPairs, lateral_zoom
 from service.engine.restore import check_model_for_task, check_voxel_size, derive_seed, restore
-from service.engine.tasks import TaskSpec, linear_rows
+from service.engine.tasks import make_task, linear_rows
 from service.engine.training import TrainConfig, train
 from service.engine import phantom
 
@@ -63,7 +63,7 @@ def test_checkpoint_is_self_describing_and_safe(iso_model):
     torch.load(os.path.join(path, "weights.pt"), weights_only=True)
     torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     m = RestorationModel.load(url)
-    assert m.task == TaskSpec("isotropic", 3) and m.net is not None
+    assert m.task == make_task("isotropic", 3) and m.denoiser is not None
 
 
 def test_old_checkpoint_refused_with_one_line(tmp_path, iso_model):
@@ -103,7 +103,7 @@ def test_models_on_memory_fs_and_listing(iso_model):
 def test_resume_is_exact(tmp_path):
     """12 steps straight give the same weights as 5 steps, stop, resume to 12."""
     vol = _smooth_volume((16, 40, 40), seed=3)
-    task = TaskSpec("isotropic", 3)
+    task = make_task("isotropic", 3)
 
     def run(url, **kw):
         m = RestorationModel.create(task, "tiny", seed=1)
@@ -205,7 +205,7 @@ def test_error_head_uncertainty_and_models_without_it(iso_model, tmp_path):
     with pytest.raises(ValueError, match="uncertainty_source"):
         restore(m, sub, samples=2, steps=1, uncertainty_source="magic")
     # a model without the head (as saved before it existed)
-    old = RestorationModel.create(TaskSpec("isotropic", 3), "tiny", voxel_size_nm=(8, 8, 24), error_head=False)
+    old = RestorationModel.create(make_task("isotropic", 3), "tiny", voxel_size_nm=(8, 8, 24), error_head=False)
     old.input_norm = old.target_norm = m.input_norm
     old.save(str(tmp_path / "no-head"))
     old = RestorationModel.load(str(tmp_path / "no-head"))
@@ -260,7 +260,7 @@ def test_matched_gap_and_its_errors(iso_model):
     with pytest.raises(ValueError, match="factor: output factor 16 .* ratio 2.00"):
         lateral_zoom(16, (4, 4, 8))
     # the pairs resample the gap axis: rows at the output z spacing
-    t5 = TaskSpec("isotropic", 5)
+    t5 = make_task("isotropic", 5)
     p = IsotropicPairs(t5, _smooth_volume((6, 40, 40)), self_supervised=True, voxel_size_nm=(4, 4, 50))
     assert p.zoom == pytest.approx(0.4) and p.sources[0].shape[1] == 16
     c, t = p.sample(2, 16, np.random.default_rng(0))
@@ -274,7 +274,7 @@ def test_matched_gap_and_its_errors(iso_model):
 
 
 def test_section_thickness_option_averages_known_rows():
-    t = TaskSpec("isotropic", 3)
+    t = make_task("isotropic", 3)
     vol = _smooth_volume((4, 48, 48), seed=4)
     thin = IsotropicPairs(t, vol, self_supervised=True)
     thick = IsotropicPairs(t, vol, self_supervised=True, section_thickness=True)
@@ -343,7 +343,7 @@ def test_denoise_and_superres_train_and_restore():
     clean = _smooth_volume((4, 64, 64), seed=5)
     rng = np.random.default_rng(0)
     noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
-    t = TaskSpec("denoise")
+    t = make_task("denoise")
     m = RestorationModel.create(t, "tiny")
     p = RegisteredPairs(t, noisy, clean)
     m.input_norm, m.target_norm = p.input_norm, p.target_norm
@@ -360,7 +360,7 @@ def test_denoise_and_superres_train_and_restore():
     assert any(not torch.equal(a, b) for a, b in zip(before, m.predictor.parameters()))
 
     low = clean[:, ::2, ::2]
-    t2 = TaskSpec("superres", 2)
+    t2 = make_task("superres", 2)
     m2 = RestorationModel.create(t2, "tiny")
     p2 = RegisteredPairs(t2, low, clean)
     m2.input_norm, m2.target_norm = p2.input_norm, p2.target_norm
@@ -373,12 +373,12 @@ def test_denoise_and_superres_train_and_restore():
 
 def test_regression_baseline_and_gap_pairs():
     vol = _smooth_volume((13, 48, 48), seed=2)
-    t = TaskSpec("isotropic", 3)
+    t = make_task("isotropic", 3)
     m = RestorationModel.create(t, "tiny", kind="regression")
     p = StackGapPairs(t, vol[::3], vol[:13])
     train(m, p, TrainConfig(steps=10, batch_size=2, patch=32, warmup=2), progress=False)
     r = restore(m, vol[::3], samples=1)
-    assert r.mean.shape == (13, 48, 48) and r.evaluations == 1 and m.net is None
+    assert r.mean.shape == (13, 48, 48) and r.evaluations == 1 and m.denoiser is None
     with pytest.raises(ValueError, match="regression model gives only the mean"):
         restore(m, vol[::3], samples=2)
     with pytest.raises(ValueError, match="target"):
@@ -387,10 +387,10 @@ def test_regression_baseline_and_gap_pairs():
 
 def test_task_geometry_and_seeds():
     with pytest.raises(ValueError, match="factor"):
-        TaskSpec("superres", 3)
+        make_task("superres", 3)
     with pytest.raises(ValueError, match="task"):
-        TaskSpec("deblur")
-    t = TaskSpec("isotropic", 5)
+        make_task("deblur")
+    t = make_task("isotropic", 5)
     assert t.output_sections(10) == 46 and t.cond_channels == 2
     vol = np.random.default_rng(0).random((3, 8, 6)).astype(np.float32)
     views = dict(t.images(vol))

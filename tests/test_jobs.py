@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.errors import FailedPrecondition, RequestError, ResourceExhausted, status_of
+from service.errors import EmrestoreError, FailedPrecondition, ResourceExhausted, status_of
 from service.jobs.executors import LocalExecutor
 from service.jobs.manager import JobManager
 from service.jobs.spec import CutoutSpec, RestoreSpec, TrainSpec
@@ -232,7 +232,7 @@ def test_train_job_makes_a_usable_model(manager, phantom_layer, tmp_path):
     from service.engine.model import read_metadata
     meta = read_metadata(out_model)
     assert meta["task"] == "isotropic" and meta["factor"] == 3 and meta["training"]["steps"] == 8
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(EmrestoreError) as e:
         mgr.submit(TrainSpec(source=src, output_model=out_model, steps=0))
     assert e.value.field == "steps"
 
@@ -329,7 +329,7 @@ def test_workers_follow_the_persisted_plan_and_old_jobs_are_refused(phantom_laye
     d["blocks"]["blocks"] = [dict(d["blocks"]["blocks"][1], index=0)]
     path.write_text(json.dumps(d))
     assert run_task(ledger, st.job_id, 0, 1, log=lambda m: None) == 1
-    b1 = plan.blocks.blocks[1]
+    b1 = plan.block(1)
     written = pc.read_zyx(out, out_box.start_zyx, out_box.stop_zyx, fill_missing=True)
     assert written[b1.write.slices(out_box.start_zyx)].std() > 0
     assert np.count_nonzero(written) == np.count_nonzero(written[b1.write.slices(out_box.start_zyx)])

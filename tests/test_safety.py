@@ -94,8 +94,8 @@ def test_train_output_model_never_escapes_the_model_directory(site):
 
 def test_train_into_an_existing_model_of_another_task_is_refused_up_front(site, tmp_path):
     from service.engine.model import RestorationModel
-    from service.engine.tasks import TaskSpec
-    m = RestorationModel.create(TaskSpec("denoise", 1), "tiny", seed=0)
+    from service.engine.tasks import make_task
+    m = RestorationModel.create(make_task("denoise", 1), "tiny", seed=0)
     m.name = "denoiser"
     m.save(os.path.join(site["models"], "denoiser"))
     with client(site) as c:
@@ -323,8 +323,8 @@ def test_broken_source_info_names_the_source(site, info):
 def test_cutout_with_an_even_factor_is_refused_like_jobs(site):
     from service.engine.model import RestorationModel
     from service.engine.normalize import IntensityNorm
-    from service.engine.tasks import TaskSpec
-    m = RestorationModel.create(TaskSpec("isotropic", 2), "tiny", seed=0)
+    from service.engine.tasks import make_task
+    m = RestorationModel.create(make_task("isotropic", 2), "tiny", seed=0)
     m.name = "iso2"
     m.input_norm = m.target_norm = IntensityNorm.from_volume(site["vol"])
     m.save(os.path.join(site["models"], "iso2"))

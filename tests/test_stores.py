@@ -66,8 +66,10 @@ def test_volume_error_hierarchy_and_one_line_message():
     assert isinstance(err, VolumeError) and isinstance(err, ValueError)
     assert err.field == "source"
     assert str(err) == "source: no info file here"
-    for cls in (StoreUnreachable, PermissionDenied):
-        assert issubclass(cls, VolumeError)
+    assert issubclass(StoreUnreachable, VolumeError)
+    from service.errors import EmrestoreError
+    from service.errors import PermissionDenied as the_one
+    assert PermissionDenied is the_one and issubclass(PermissionDenied, EmrestoreError)  # one class
 
 
 # ---------------------------------------------------------------- fsspec

@@ -1,4 +1,5 @@
-"""The shape of the code: data flows one way between packages, no module too large, no
+"""The shape of the code: data flows one way between packages (the command line on top, nothing
+importing it), no import circle between packages or between modules, no module too large, no
 ImportError fallbacks, and the ledger speaks the protobuf's job states."""
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("service.api", "service.jobs", "service.volume", "service.engine", "connector")
+#: the layers, top first: the command line (service/cli.py) imports them all and nothing imports it
+PACKAGES = ("service.cli", "service.api", "service.jobs", "service.volume", "service.engine", "connector")
 GENERATED = os.path.join("service", "api", "gen")  # protoc output (service.api.codegen)
 MAX_LINES = 500
 
@@ -25,6 +27,8 @@ def _modules(top: str):
 
 
 def _imports(mod: str, path: str) -> set[str]:
+    """Every module name ``mod`` imports, at the top or inside a function (``from a import b``
+    gives ``a`` and ``a.b``)."""
     tree = ast.parse(open(path, encoding="utf-8").read())
     out = set()
     pkg = mod.rsplit(".", 1)[0] if not path.endswith("__init__.py") else mod
@@ -43,6 +47,62 @@ def _imports(mod: str, path: str) -> set[str]:
     return out
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """Module → the modules of ``service`` and ``connector`` it imports, at the top or inside a
+    function (a package is its ``__init__``; ``from pkg import mod`` is an edge to ``mod``)."""
+    paths = {}
+    for top in ("service", "connector"):
+        for mod, path in _modules(top):
+            paths[mod[:-len(".__init__")] if mod.endswith(".__init__") else mod] = path
+
+    def module_of(name: str) -> str | None:  # the longest prefix that is a module
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, path in paths.items():
+        pkg = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                edges.update(module_of(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                for a in node.names:
+                    edges.add(f"{base}.{a.name}" if f"{base}.{a.name}" in paths else module_of(base))
+        graph[mod] = {e for e in edges if e and e != mod}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (a → … → a), or None."""
+    seen, stack = set(), []
+
+    def visit(n):
+        if n in stack:
+            return stack[stack.index(n):] + [n]
+        if n in seen:
+            return None
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            found = visit(m)
+            if found:
+                return found
+        stack.pop()
+        seen.add(n)
+        return None
+
+    for n in sorted(graph):
+        found = visit(n)
+        if found:
+            return found
+    return None
+
+
 def _package(name: str) -> str | None:
     for p in PACKAGES:
         if name == p or name.startswith(p + "."):
@@ -56,7 +116,7 @@ def test_service_never_imports_connector():
     assert offenders == []
 
 
-def test_no_import_cycle_between_packages():
+def _package_graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {p: set() for p in PACKAGES}
     for top in ("service", "connector"):
         for mod, path in _modules(top):
@@ -67,22 +127,43 @@ def test_no_import_cycle_between_packages():
                 dst = _package(name)
                 if dst and dst != src:
                     edges[src].add(dst)
-    seen, stack = set(), []
+    return edges
 
-    def visit(n):
-        assert n not in stack, f"import cycle: {' → '.join(stack[stack.index(n):] + [n])}"
-        if n in seen:
-            return
-        stack.append(n)
-        for m in edges[n]:
-            visit(m)
-        stack.pop()
-        seen.add(n)
 
-    for p in PACKAGES:
-        visit(p)
-    # and the direction of the data flow
+def test_no_import_cycle_between_packages():
+    edges = _package_graph()
+    found = _cycle(edges)
+    assert found is None, f"import cycle: {' → '.join(found)}"
+    # the direction of the data flow
     assert "service.api" not in edges["service.jobs"] and "service.jobs" not in edges["service.volume"]
+    # the command line is the top layer: it reaches every layer below it, and nothing imports it
+    assert {"service.api", "service.jobs", "service.engine", "service.volume"} <= edges["service.cli"]
+    assert [p for p in PACKAGES if "service.cli" in edges[p]] == []
+
+
+def test_no_import_cycle_between_modules():
+    """Issue 22: no circle between modules either (e.g. engine.restore ↔ engine.training, or a
+    forked worker's module importing the command line that starts it)."""
+    graph = _module_graph()
+    assert {"service.cli", "service.commandline", "service.jobs.processes", "service.engine.training"} <= set(graph)
+    found = _cycle(graph)
+    assert found is None, f"import cycle: {' → '.join(found)}"
+
+
+def test_cycle_finder_finds_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_torch_where_requests_are_checked():
+    """The request checks (jobs/spec.py) and the command tree import no torch at module level:
+    a client command, the bridge or a worker's argument error stays light."""
+    import subprocess
+    import sys
+    code = ("import sys, service.jobs.spec, service.commandline, service.jobs.worker_main, service.api.commands; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_no_module_over_500_lines_in_service_and_connector():
@@ -154,3 +235,32 @@ def test_status_of_needs_no_imports_and_reads_codes():
     assert status_of(RuntimeError("boom"))[0] == "INTERNAL"
     src = open(os.path.join(ROOT, "service", "errors.py"), encoding="utf-8").read()
     assert "import" not in src.split("def status_of", 1)[1]
+
+
+def test_a_forked_worker_loads_neither_the_client_commands_nor_the_connectors(tmp_path):
+    """Issue 22: a local worker forked from the warm template runs its own entry point
+    (service.jobs.worker_main), not the command line: the modules it has loaded after a task hold
+    no client command, no client, no server and no connector."""
+    import json
+
+    import pytest
+
+    from service.jobs import processes
+    from tests import worker_probe
+    if processes.start_method() != "fork":
+        pytest.skip("no forkserver on this platform")
+    args = ["worker", "--ledger", f"file://{tmp_path}/ledger", "--job", "01arz3ndektsv4rrffq69g5fav", "--task-index", "0"]
+    out = tmp_path / "modules.json"
+    p = processes._forkserver().Process(target=worker_probe.run, daemon=True,
+                                        args=(args, processes.worker_env({}, 1), str(tmp_path / "log"), str(out)))
+    p.start()
+    p.join(120)
+    got = json.loads(out.read_text())
+    log = (tmp_path / "log").read_text()
+    assert got["code"] == 2 and "NOT_FOUND" in log, log  # the task ran: its job does not exist
+    mods = set(got["modules"])
+    assert {"service.jobs.worker_main", "service.jobs.worker", "service.jobs.ledger"} <= mods
+    loaded = sorted(m for m in mods if m == "connector" or m.startswith("connector.")
+                    or m in ("service.cli", "service.api.commands", "service.api.serving", "service.api.client",
+                             "service.api.servicer", "service.api.server"))
+    assert loaded == []

@@ -14,8 +14,9 @@ Example::
         for m in c.models():
             print(m["name"], m["task"], m["factor"])
 
-Every method raises :class:`EmrestoreError` (``.code`` a ``grpc.StatusCode``, ``.code_name``
-its name, ``.message`` the server's message, which names the request field) on failure.
+Every method raises :class:`service.errors.EmrestoreError` on failure: ``.code`` the status code
+name (e.g. "INVALID_ARGUMENT"), ``.message`` the server's message, which names the request field
+(``.field``, ``.reason``).
 Coordinates are absolute source voxels ``(x, y, z)``, start inclusive and stop exclusive;
 arrays come back as numpy ``(z, y, x)``.
 """
@@ -30,6 +31,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from ..errors import EmrestoreError
 from .auth import bearer_metadata
 from .gen import emrestore_pb2 as pb
 from .gen import emrestore_pb2_grpc as pb_grpc
@@ -45,20 +47,11 @@ STATES = tuple(n for n in pb.Job.State.keys() if n != "STATE_UNSPECIFIED")
 TERMINAL_STATES = frozenset(STATES[2:])  # SUCCEEDED, FAILED, CANCELLED: the enum's order
 
 
-class EmrestoreError(Exception):
-    """A failed call: ``code`` (grpc.StatusCode), ``code_name`` (e.g. "INVALID_ARGUMENT"), ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        self.code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        self.message = message
-        super().__init__(f"{self.code_name}: {message}")
-
-    @classmethod
-    def from_rpc(cls, err: grpc.RpcError) -> "EmrestoreError":
-        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-        details = err.details() if hasattr(err, "details") else str(err)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+def _rpc_error(err: grpc.RpcError) -> EmrestoreError:
+    """The EmrestoreError of a failed call (the server's status code and message)."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    return EmrestoreError.from_status(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", details or "")
 
 
 @dataclass
@@ -138,7 +131,7 @@ def _vec3(v: Sequence[int], name: str) -> pb.Vec3:
     try:
         x, y, z = (int(a) for a in v)
     except (TypeError, ValueError):
-        raise EmrestoreError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {v!r} must be three integers (x, y, z)") from None
+        raise EmrestoreError(name, f"{v!r} must be three integers (x, y, z)") from None
     return pb.Vec3(x=x, y=y, z=z)
 
 
@@ -189,8 +182,7 @@ class EmrestoreClient:
                     with open(tls_ca, "rb") as f:
                         root = f.read()
                 except OSError as e:
-                    raise EmrestoreError(grpc.StatusCode.INVALID_ARGUMENT,
-                                         f"tls_ca: cannot read {tls_ca}: {e.strerror or e}") from None
+                    raise EmrestoreError("tls_ca", f"cannot read {tls_ca}: {e.strerror or e}") from None
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root),
                                                options=options)
         self.stub = pb_grpc.RestorationStub(self.channel)
@@ -210,7 +202,7 @@ class EmrestoreClient:
             return getattr(self.stub, method)(request, metadata=self._metadata,
                                               timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as e:
-            raise EmrestoreError.from_rpc(e) from None
+            raise _rpc_error(e) from None
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """Health status name ("SERVING", "NOT_SERVING", …) of ``service`` ("" = the server)."""
@@ -219,7 +211,7 @@ class EmrestoreClient:
             resp = health_pb2_grpc.HealthStub(self.channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
-            raise EmrestoreError.from_rpc(e) from None
+            raise _rpc_error(e) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     # ------------------------------------------------------------------ jobs
@@ -291,8 +283,7 @@ class EmrestoreClient:
         st = 0
         if state:
             if state.upper() not in STATES:
-                raise EmrestoreError(grpc.StatusCode.INVALID_ARGUMENT,
-                                     f"state: unknown job state {state!r}; allowed: {', '.join(STATES)}")
+                raise EmrestoreError("state", f"unknown job state {state!r}; allowed: {', '.join(STATES)}")
             st = pb.Job.State.Value(state.upper())
         token = ""
         while True:
@@ -316,7 +307,7 @@ class EmrestoreClient:
                 yield JobProgress.from_proto(u)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
-                raise EmrestoreError.from_rpc(e) from None
+                raise _rpc_error(e) from None
         finally:
             call.cancel()
 
@@ -329,8 +320,7 @@ class EmrestoreClient:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise EmrestoreError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                     f"timeout: job {job_id} still running after {timeout:g} s")
+                raise EmrestoreError("timeout", f"job {job_id} still running after {timeout:g} s", "DEADLINE_EXCEEDED")
             try:
                 last = None
                 for u in self.watch(job_id, timeout=left):
@@ -340,16 +330,16 @@ class EmrestoreClient:
                 if last is not None and last.done:
                     return last.job
             except EmrestoreError as e:
-                if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise EmrestoreError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"timeout: job {job_id} still running after {timeout:g} s") from None
-                if e.code != grpc.StatusCode.UNAVAILABLE:
+                if e.code == "DEADLINE_EXCEEDED":
+                    raise EmrestoreError("timeout", f"job {job_id} still running after {timeout:g} s",
+                                         "DEADLINE_EXCEEDED") from None
+                if e.code != "UNAVAILABLE":
                     raise
             info = None
             try:
                 info = self.get_job(job_id)
             except EmrestoreError as e:
-                if e.code != grpc.StatusCode.UNAVAILABLE:
+                if e.code != "UNAVAILABLE":
                     raise
             if info is not None and info.done:
                 return info

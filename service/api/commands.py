@@ -1,13 +1,16 @@
-"""Client commands of the ``emrestore`` CLI: submit, jobs, cutout, remote-models (``serve`` is
-built in serving.py, ``worker`` in service/jobs/worker_main.py; both registered from here).
+"""Client commands of the ``emrestore`` CLI: submit, jobs, cutout, remote-models (``COMMANDS``,
+listed in the command tree of service/cli.py with ``serve`` from serving.py and ``worker`` from
+service/jobs/worker_main.py).
 
 Client commands talk to ``--server`` (default ``$EMRESTORE_SERVER`` or 127.0.0.1:50051) with
 the bearer token from ``--token-file`` or ``$EMRESTORE_TOKEN`` (and ``--tls-ca`` /
-``$EMRESTORE_TLS_CA`` for TLS). Errors print one line ``emrestore: error: <CODE>: <message>``
-and exit 2 for bad input (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, …) or 1 for
-server and job failures (UNAVAILABLE, INTERNAL, a FAILED or CANCELLED job).
+``$EMRESTORE_TLS_CA`` for TLS). A request's fields are checked here by the same code as on the
+server (service/jobs/spec.py, fields renamed to the options: ``CLI_NAMES``) before anything is
+sent. Errors print one line ``emrestore: error: <CODE>: <message>`` and exit 2 for bad input
+(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, …) or 1 for server and job failures
+(UNAVAILABLE, INTERNAL, a FAILED or CANCELLED job): service/commandline.py.
 
-Module import stays light (no grpc/torch): ``emrestore worker`` runs in every worker process.
+Module import stays light (no grpc/torch).
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ import os
 import sys
 import time
 
-from .cli_common import (  # noqa: F401 - re-exported for callers of this module
-    BAD_INPUT_CODES, DEFAULT_SERVER, EXIT_BAD_INPUT, EXIT_FAILURE, CommandError, _bad, _exit_code, _fail,
-    _handled,
-)
+from ..commandline import EXIT_FAILURE, Command, error_line
+from ..errors import EmrestoreError
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+#: request field → option of the client commands (how errors of the request checks name them)
+CLI_NAMES = {"region": "--region", "uncertainty_output": "--uncertainty", "model": "--model",
+             "output": "--output", "sampler": "--sampler", "steps": "--steps", "samples": "--samples",
+             "seed": "--seed", "mip": "--mip", "estimate": "--estimate", "parallelism": "--parallelism",
+             "execution": "--execution", "register_in": "--register-in"}
 
 
 # ----------------------------------------------------------------------------- parsing helpers
 def parse_region(text: str, name: str = "--region") -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """``X0,Y0,Z0:X1,Y1,Z1`` → ((x0, y0, z0), (x1, y1, z1)); start inclusive, stop exclusive."""
+    """``X0,Y0,Z0:X1,Y1,Z1`` → ((x0, y0, z0), (x1, y1, z1)); start inclusive, stop exclusive (the
+    values are checked with the request: service/jobs/spec.py)."""
     parts = text.split(":")
     try:
         if len(parts) != 2:
@@ -34,22 +43,23 @@ def parse_region(text: str, name: str = "--region") -> tuple[tuple[int, int, int
         if len(start) != 3 or len(stop) != 3:
             raise ValueError
     except ValueError:
-        raise _bad(f"{name}: expected X0,Y0,Z0:X1,Y1,Z1 (source voxels, stop exclusive), got {text!r}") from None
-    if min(start) < 0:
-        raise _bad(f"{name}: start {list(start)} must be ≥ 0")
-    if any(b <= a for a, b in zip(start, stop)):
-        raise _bad(f"{name}: start {list(start)} must be < stop {list(stop)} on every axis")
+        raise EmrestoreError(name, f"expected X0,Y0,Z0:X1,Y1,Z1 (source voxels, stop exclusive), got {text!r}") from None
     return start, stop  # type: ignore[return-value]
+
+
+def _checked(request, **fields):
+    """``request(**fields)`` of service/jobs/spec.py: the server's own checks, run before sending;
+    errors name the options (``CLI_NAMES``)."""
+    try:
+        return request(**fields)
+    except EmrestoreError as e:
+        raise e.renamed(CLI_NAMES) from None
 
 
 def _read_token(a) -> str | None:
     if getattr(a, "token_file", None):
         from .auth import read_token_file
-        try:
-            tokens = read_token_file(a.token_file)
-        except ValueError as e:
-            raise _bad(str(e)) from None
-        return tokens[0]
+        return read_token_file(a.token_file)[0]  # ValueError naming --token-file: one line
     return os.environ.get("EMRESTORE_TOKEN") or None
 
 
@@ -79,11 +89,8 @@ def _add_sampling_args(p) -> None:
                         "sample-mean (mean of --samples realisations); checked by the server")
 
 
-def _check_sampling(a) -> None:
-    for name in ("steps", "samples", "seed", "mip"):
-        v = getattr(a, name)
-        if v < 0:
-            raise _bad(f"--{name}: must be ≥ 0, got {v}")
+def _sampling(a) -> dict:
+    return dict(sampler=a.sampler, steps=a.steps, samples=a.samples, seed=a.seed, mip=a.mip, estimate=a.estimate)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -176,19 +183,17 @@ def _wait(c, job_id: str, quiet: bool, timeout: float | None = None) -> int:
         for k, v in sorted(final.outputs.items()):
             print(f"  {k}: {v}")
         return 0
-    print(f"emrestore: error: {final.state}: {line}", file=sys.stderr)
+    error_line(line, final.state)
     return EXIT_FAILURE
 
 
 # ----------------------------------------------------------------------------- commands
-@_handled
 def cmd_submit(a):
-    _check_sampling(a)
-    if a.parallelism < 0:
-        raise _bad(f"--parallelism: must be ≥ 0, got {a.parallelism}")
-    if a.uncertainty and a.samples < 2:
-        raise _bad("--uncertainty: needs --samples of at least 2")
     region = parse_region(a.region) if a.region else None
+    from ..jobs.spec import restore_request
+    _checked(restore_request, source=a.source, model=a.model, output=a.output, region=region, whole=region is None,
+             uncertainty_output=a.uncertainty or "", parallelism=a.parallelism, execution=a.execution,
+             register_in=a.register_in or [], **_sampling(a))
     kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
               steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism,
               register_in=a.register_in or [], overwrite=a.overwrite, estimate=a.estimate,
@@ -228,53 +233,59 @@ def _active_job_for(c, source: str, output: str, region):
     return None
 
 
-@_handled
-def cmd_jobs(a):
+def cmd_jobs_ls(a):
+    if a.limit < 0:
+        raise EmrestoreError("--limit", f"must be ≥ 0, got {a.limit}")
     with _client(a) as c:
-        if a.jobs_command == "ls":
-            if a.limit < 0:
-                raise _bad(f"--limit: must be ≥ 0, got {a.limit}")
-            jobs = []
-            for j in c.list_jobs(state=a.state, page_size=min(max(a.limit, 1), 1000) if a.limit else 100):
-                jobs.append(j)
-                if a.limit and len(jobs) >= a.limit:
-                    break
-            if a.json:
-                print(json.dumps([_job_dict(j) for j in jobs], indent=2))
-                return 0
-            if not jobs:
-                print("no jobs" + (f" in state {a.state.upper()}" if a.state else ""))
-                return 0
-            print(f"{'job_id':26}  {'kind':7} {'state':9} {'blocks':>13}  {'created':19}  message")
-            for j in jobs:
-                print(f"{j.job_id:26}  {j.kind:7} {j.state:9} {f'{j.blocks_done}/{j.blocks_total}':>13}  "
-                      f"{_when(j.created):19}  {j.message[:60]}")
-            return 0
-        if a.jobs_command == "get":
-            j = c.get_job(a.job_id)
-            if a.json:
-                print(json.dumps(_job_dict(j), indent=2))
-            else:
-                _print_job(j)
-            return 0
-        if a.jobs_command == "watch":
-            return _wait(c, a.job_id, a.quiet)
-        if a.jobs_command == "cancel":
-            j = c.cancel(a.job_id)
-            print(f"job {j.job_id} {j.state}" + (f": {j.message}" if j.message else ""))
-            return 0
-    raise _bad(f"jobs: unknown subcommand {a.jobs_command!r}")  # pragma: no cover - argparse checks
+        jobs = []
+        for j in c.list_jobs(state=a.state, page_size=min(max(a.limit, 1), 1000) if a.limit else 100):
+            jobs.append(j)
+            if a.limit and len(jobs) >= a.limit:
+                break
+    if a.json:
+        print(json.dumps([_job_dict(j) for j in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("no jobs" + (f" in state {a.state.upper()}" if a.state else ""))
+        return 0
+    print(f"{'job_id':26}  {'kind':7} {'state':9} {'blocks':>13}  {'created':19}  message")
+    for j in jobs:
+        print(f"{j.job_id:26}  {j.kind:7} {j.state:9} {f'{j.blocks_done}/{j.blocks_total}':>13}  "
+              f"{_when(j.created):19}  {j.message[:60]}")
+    return 0
 
 
-@_handled
+def cmd_jobs_get(a):
+    with _client(a) as c:
+        j = c.get_job(a.job_id)
+    if a.json:
+        print(json.dumps(_job_dict(j), indent=2))
+    else:
+        _print_job(j)
+    return 0
+
+
+def cmd_jobs_watch(a):
+    with _client(a) as c:
+        return _wait(c, a.job_id, a.quiet)
+
+
+def cmd_jobs_cancel(a):
+    with _client(a) as c:
+        j = c.cancel(a.job_id)
+    print(f"job {j.job_id} {j.state}" + (f": {j.message}" if j.message else ""))
+    return 0
+
+
 def cmd_cutout(a):
-    _check_sampling(a)
-    if a.uncertainty and a.samples < 2:
-        raise _bad("--uncertainty: needs --samples of at least 2")
     start, stop = parse_region(a.region)
+    from ..jobs.spec import cutout_request
+    _checked(cutout_request, source=a.source, model=a.model, region=(start, stop), **_sampling(a))
+    if a.uncertainty and a.samples < 2:
+        raise EmrestoreError("--uncertainty", "needs --samples of at least 2")
     for name, path in (("--out", a.out), ("--uncertainty", a.uncertainty)):
         if path and not path.lower().endswith((".tif", ".tiff")):
-            raise _bad(f"{name}: {path!r} must be a .tif file")
+            raise EmrestoreError(name, f"{path!r} must be a .tif file")
     from ..volume.tiff import write_stack
     with _client(a) as c:
         mean, std, meta = c.cutout(a.source, a.model, start, stop, mip=a.mip, sampler=a.sampler,
@@ -285,7 +296,7 @@ def cmd_cutout(a):
            f"{'×'.join(f'{r:g}' for r in meta['resolution_nm_xyz'])} nm")
     if a.uncertainty:
         if std is None:
-            raise CommandError("INTERNAL", "the server returned no uncertainty")
+            raise EmrestoreError("--uncertainty", "the server returned no uncertainty", "INTERNAL")
         write_stack(a.uncertainty, std.astype("float32"), voxel_size_nm=meta["resolution_nm_xyz"])
         msg += f"; uncertainty {a.uncertainty}"
     if meta.get("message"):
@@ -294,7 +305,6 @@ def cmd_cutout(a):
     return 0
 
 
-@_handled
 def cmd_remote_models(a):
     with _client(a) as c:
         models = c.models()
@@ -311,13 +321,8 @@ def cmd_remote_models(a):
     return 0
 
 
-# ----------------------------------------------------------------------------- registration
-def register(sub) -> None:
-    """Add the service commands to the ``emrestore`` subparsers."""
-    from . import serving
-    serving.register(sub)
-
-    p = sub.add_parser("submit", help="submit a restoration job to the server")
+# ----------------------------------------------------------------------------- the commands
+def submit_arguments(p) -> None:
     p.add_argument("source", help="source precomputed layer URL")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--region", help="X0,Y0,Z0:X1,Y1,Z1 absolute source voxels (stop exclusive)")
@@ -341,30 +346,28 @@ def register(sub) -> None:
     p.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_client_args(p)
-    p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="list, inspect, watch or cancel jobs on the server")
-    js = p.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
-    q = js.add_parser("ls", help="list jobs, newest first")
+
+def _jobs_ls_arguments(q) -> None:
     from ..jobs.records import STATES
     q.add_argument("--state", type=str.upper, choices=list(STATES))
     q.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default %(default)s)")
     q.add_argument("--json", action="store_true")
     _add_client_args(q)
-    q = js.add_parser("get", help="one job's status")
-    q.add_argument("job_id")
-    q.add_argument("--json", action="store_true")
-    _add_client_args(q)
-    q = js.add_parser("watch", help="progress bar until the job finishes (exit 1 if it fails)")
-    q.add_argument("job_id")
-    q.add_argument("--quiet", action="store_true")
-    _add_client_args(q)
-    q = js.add_parser("cancel", help="cancel a job")
-    q.add_argument("job_id")
-    _add_client_args(q)
-    p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("cutout", help="restore a small region on the server into a TIFF")
+
+def _job_arguments(*flags: str):
+    def arguments(q) -> None:
+        q.add_argument("job_id")
+        if "--json" in flags:
+            q.add_argument("--json", action="store_true")
+        if "--quiet" in flags:
+            q.add_argument("--quiet", action="store_true")
+        _add_client_args(q)
+    return arguments
+
+
+def cutout_arguments(p) -> None:
     p.add_argument("source", help="source precomputed layer URL")
     p.add_argument("--region", required=True, help="X0,Y0,Z0:X1,Y1,Z1 absolute source voxels (stop exclusive)")
     p.add_argument("--model", required=True, help="model name on the server, or model URL")
@@ -372,12 +375,22 @@ def register(sub) -> None:
     p.add_argument("--uncertainty", help="standard deviation of the samples (.tif; needs --samples ≥ 2)")
     _add_sampling_args(p)
     _add_client_args(p)
-    p.set_defaults(func=cmd_cutout)
 
-    p = sub.add_parser("remote-models", help="list the models of the server")
+
+def _remote_models_arguments(p) -> None:
     p.add_argument("--json", action="store_true")
     _add_client_args(p)
-    p.set_defaults(func=cmd_remote_models)
 
-    from ..jobs import worker_main
-    worker_main.register(sub)
+
+COMMANDS = (
+    Command("submit", "submit a restoration job to the server", cmd_submit, submit_arguments),
+    Command("jobs", "list, inspect, watch or cancel jobs on the server", subcommands=(
+        Command("ls", "list jobs, newest first", cmd_jobs_ls, _jobs_ls_arguments),
+        Command("get", "one job's status", cmd_jobs_get, _job_arguments("--json")),
+        Command("watch", "progress bar until the job finishes (exit 1 if it fails)", cmd_jobs_watch,
+                _job_arguments("--quiet")),
+        Command("cancel", "cancel a job", cmd_jobs_cancel, _job_arguments()),
+    )),
+    Command("cutout", "restore a small region on the server into a TIFF", cmd_cutout, cutout_arguments),
+    Command("remote-models", "list the models of the server", cmd_remote_models, _remote_models_arguments),
+)

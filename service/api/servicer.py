@@ -1,8 +1,9 @@
 """gRPC servicer of ``emrestore.v1.Restoration``: requests → spec dataclasses → JobManager.
 
-Each handler first checks the shape of the request itself (required fields, negative numbers,
-start < stop, known enum values and sampler names) and raises ``RequestError`` naming the
-field; the manager then validates everything that needs the data (layer bounds, model/task).
+Each handler reads its request into a spec through the one validation of request fields
+(service/jobs/spec.py: required fields, ranges, start < stop, known names), which raises
+``EmrestoreError`` naming the field; the manager then validates everything that needs the data
+(layer bounds, model/task).
 Every exception is turned into a gRPC status with ``service.errors.status_of`` and
 ``context.abort`` — the message names the request field (``region.start: …``).
 """
@@ -14,14 +15,14 @@ import json
 import logging
 import math
 import threading
-from dataclasses import fields as dc_fields
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from ..errors import PermissionDenied, RequestError, ResourceExhausted, quote, status_of
+from ..errors import EmrestoreError, PermissionDenied, ResourceExhausted, quote, status_of
+from ..jobs import spec
 from ..jobs.records import TERMINAL_STATES
 from . import auth
 from .gen import emrestore_pb2 as pb
@@ -30,8 +31,6 @@ from .gen import emrestore_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "emrestore.v1.Restoration"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _JOB_PREFIX = "jobs/"
 _KIND_TO_PB = {"restore": pb.Job.RESTORE, "train": pb.Job.TRAIN}
 _STATE_NAMES = tuple(n for n in pb.Job.State.keys() if n != "STATE_UNSPECIFIED")
@@ -135,73 +134,20 @@ def _new_events(events: list[str], prev: list[str] | None) -> list[str]:
     return list(events)
 
 
-# ----------------------------------------------------------------------------- request checks
-def _required(value: str, field: str, what: str) -> str:
-    v = value.strip()
-    if not v:
-        raise RequestError(field, f"required: {what}")
-    return v
-
-
-def _nonneg(value: int, field: str) -> int:
-    if value < 0:
-        raise RequestError(field, f"must be ≥ 0, got {value}")
-    return int(value)
-
-
+# ----------------------------------------------------------------------------- requests → specs
+# The fields are checked by service/jobs/spec.py (the one validation, shared with the bridge and
+# the command line); here only the message's shape: which oneof is set, which sub-messages.
 def _region(req, field: str = "region", required: bool = False):
-    """(start_xyz, stop_xyz) of a Box field, or (None, None) when unset and not required."""
+    """(start_xyz, stop_xyz) of a Box field, or None when unset and not required."""
     if not req.HasField(field):
         if required:
-            raise RequestError(field, "required: a box of source voxels (start inclusive, stop exclusive, xyz)")
-        return None, None
+            raise EmrestoreError(field, "required: a box of source voxels (start inclusive, stop exclusive, xyz)")
+        return None
     box = getattr(req, field)
     for part in ("start", "stop"):
         if not box.HasField(part):
-            raise RequestError(f"{field}.{part}", "required (x, y, z source voxels)")
-    start, stop = _vec3(box.start), _vec3(box.stop)
-    if min(start) < 0:
-        raise RequestError(f"{field}.start", f"{list(start)} must be ≥ 0 on every axis")
-    if any(b <= a for a, b in zip(start, stop)):
-        raise RequestError(field, f"start {list(start)} must be < stop {list(stop)} on every axis "
-                                  "(xyz, start inclusive, stop exclusive)")
-    return start, stop
-
-
-def _sampler(name: str) -> str | None:
-    if not name:
-        return None
-    from ..engine.sampler_names import SAMPLER_NAMES
-    if name not in SAMPLER_NAMES:
-        raise RequestError("sampler", f"unknown sampler {quote(name)}; allowed: {', '.join(SAMPLER_NAMES)}")
-    return name
-
-
-def _sampling(req, kw: dict) -> None:
-    """sampler/steps/samples/seed of a restore or cutout request into spec kwargs (0/"" = default)."""
-    s = _sampler(req.sampler)
-    if s:
-        kw["sampler"] = s
-    for name in ("steps", "samples"):
-        v = _nonneg(getattr(req, name), name)
-        if v:
-            kw[name] = v
-    kw["seed"] = _nonneg(req.seed, "seed")
-    kw["mip"] = _nonneg(req.mip, "mip")
-
-
-def _job_id(value: str) -> str:
-    v = value.strip()
-    if v.startswith(_JOB_PREFIX):
-        v = v[len(_JOB_PREFIX):]
-    if not v:
-        raise RequestError("job_id", "required: the id of a job (as returned by CreateRestoreJob/CreateTrainJob)")
-    from ..jobs.ledger import validate_job_id
-    try:
-        validate_job_id(v)
-    except ValueError:
-        raise RequestError("job_id", f"{quote(value)} is not a job id (26 lowercase letters and digits)") from None
-    return v
+            raise EmrestoreError(f"{field}.{part}", "required (x, y, z source voxels)")
+    return _vec3(box.start), _vec3(box.stop)
 
 
 def _job_call(fn, job_id: str, *args, **kwargs):
@@ -214,28 +160,10 @@ def _job_call(fn, job_id: str, *args, **kwargs):
         raise NotFound("job_id", f"no job {job_id!r}") from None
 
 
-def restore_spec_from_request(req: pb.CreateRestoreJobRequest):
-    """The ``RestoreSpec`` of a request (shape checked; the manager validates the rest)."""
-    from ..jobs.spec import RestoreSpec
-    kw: dict[str, Any] = dict(
-        source=_required(req.source, "source", "a precomputed layer URL"),
-        model=_required(req.model, "model", "a model name or URL"),
-        output=_required(req.output, "output", "a layer URL for the restored volume"),
-        incremental=bool(req.incremental),
-        parallelism=_nonneg(req.parallelism, "parallelism"),
-    )
-    if req.uncertainty_output.strip():
-        kw["uncertainty_output"] = req.uncertainty_output.strip()
-    which = req.WhichOneof("extent")
-    if which is None:
-        raise RequestError("region", "required: a region (box of source voxels) or whole = true")
-    if which == "whole":
-        if not req.whole:
-            raise RequestError("whole", "must be true when set (or give a region)")
-    else:
-        kw["region_start_xyz"], kw["region_stop_xyz"] = _region(req, "region", required=True)
-    _sampling(req, kw)
-    targets = []
+def _target_names(req) -> list[str]:
+    """The registration target names of a request: a request names a target configured on the
+    server; platform, address and options are server configuration."""
+    names = []
     for i, t in enumerate(req.register_in):
         for name in ("platform", "url"):
             if getattr(t, name).strip():
@@ -245,65 +173,44 @@ def restore_spec_from_request(req: pb.CreateRestoreJobRequest):
             raise PermissionDenied(f"register_in[{i}].options", "a request names a configured target "
                                    "(register_in[].name); platform, address and options are server configuration")
         if not t.name.strip():
-            raise RequestError(f"register_in[{i}].name", "required: the name of a registration target configured on the server")
-        targets.append(t.name.strip())
-    kw["register_in"] = targets
-    kw["labels"] = dict(req.labels)
-    kw["estimate"] = req.estimate.strip()
-    kw["overwrite"] = bool(req.overwrite)
-    kw["execution"] = req.execution.strip() or "auto"
-    return RestoreSpec(**kw)
+            raise EmrestoreError(f"register_in[{i}].name", "required: the name of a registration target configured on the server")
+        names.append(t.name)
+    return names
+
+
+def restore_spec_from_request(req: pb.CreateRestoreJobRequest):
+    """The validated ``RestoreSpec`` of a request (the manager validates what needs the data)."""
+    which = req.WhichOneof("extent")
+    if which == "whole" and not req.whole:
+        raise EmrestoreError("whole", "must be true when set (or give a region)")
+    return spec.restore_request(
+        source=req.source, model=req.model, output=req.output, uncertainty_output=req.uncertainty_output,
+        region=_region(req, "region", required=True) if which == "region" else None, whole=which == "whole",
+        mip=req.mip, incremental=req.incremental, sampler=req.sampler, steps=req.steps, samples=req.samples,
+        seed=req.seed, parallelism=req.parallelism, register_in=_target_names(req), labels=dict(req.labels),
+        estimate=req.estimate, overwrite=req.overwrite, execution=req.execution)
 
 
 def train_spec_from_request(req: pb.CreateTrainJobRequest):
-    """The ``TrainSpec`` of a request (shape checked; the manager validates the rest)."""
-    from ..jobs.spec import TrainSpec
-    kw: dict[str, Any] = dict(
-        source=_required(req.source, "source", "a precomputed layer URL"),
-        output_model=_required(req.output_model, "output_model", "a model URL or name to write"),
-        seed=_nonneg(req.seed, "seed"),
-        mip=_nonneg(req.mip, "mip"),
-    )
-    for name in ("task", "preset"):
-        v = getattr(req, name).strip()
-        if v:
-            kw[name] = v
-    for name in ("factor", "steps", "batch_size", "patch"):
-        v = _nonneg(getattr(req, name), name)
-        if v:
-            kw[name] = v
-    start, stop = _region(req, "region")
-    if start is not None:
-        kw["region_start_xyz"], kw["region_stop_xyz"] = start, stop
-    if req.base_model.strip():
-        kw["base_model"] = req.base_model.strip()
-    if req.target.strip():
-        if not req.base_model.strip():
-            raise RequestError("target", "a fine-tuning target needs base_model")
-        kw["target"] = req.target.strip()
-    names = {f.name for f in dc_fields(TrainSpec)}
-    if "labels" in names:
-        kw["labels"] = dict(req.labels)
-    return TrainSpec(**kw)
+    """The validated ``TrainSpec`` of a request (the manager validates what needs the data)."""
+    return spec.train_request(
+        source=req.source, output_model=req.output_model, task=req.task, preset=req.preset, factor=req.factor,
+        steps=req.steps, seed=req.seed, mip=req.mip, batch_size=req.batch_size, patch=req.patch,
+        region=_region(req, "region"), base_model=req.base_model, target=req.target, labels=dict(req.labels))
 
 
 def cutout_spec_from_request(req: pb.CutoutRequest, max_voxels: int | None = None):
-    """The ``CutoutSpec`` of a request; RESOURCE_EXHAUSTED when the region exceeds ``max_voxels``."""
-    from ..jobs.spec import CutoutSpec
-    kw: dict[str, Any] = dict(
-        source=_required(req.source, "source", "a precomputed layer URL"),
-        model=_required(req.model, "model", "a model name or URL"),
-    )
-    start, stop = _region(req, "region", required=True)
-    kw["region_start_xyz"], kw["region_stop_xyz"] = start, stop
-    _sampling(req, kw)
-    kw["estimate"] = req.estimate.strip()
+    """The validated ``CutoutSpec`` of a request; RESOURCE_EXHAUSTED when the region exceeds
+    ``max_voxels`` (the server's limit)."""
+    cut = spec.cutout_request(source=req.source, model=req.model, region=_region(req, "region", required=True),
+                              mip=req.mip, sampler=req.sampler, steps=req.steps, samples=req.samples,
+                              seed=req.seed, estimate=req.estimate)
     if max_voxels:
-        n = int(np.prod([b - a for a, b in zip(start, stop)], dtype=np.int64))
+        n = int(np.prod([b - a for a, b in zip(cut.region_start_xyz, cut.region_stop_xyz)], dtype=np.int64))
         if n > max_voxels:
             raise ResourceExhausted("region", f"{n} source voxels exceed the cutout limit of {max_voxels} "
                                               "output voxels; use CreateRestoreJob for larger regions")
-    return CutoutSpec(**kw)
+    return cut
 
 
 def _array_bytes(arr: np.ndarray) -> bytes:
@@ -397,34 +304,28 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_unary
     def GetJob(self, request, context):
-        return job_to_proto(_job_call(self.manager.get, _job_id(request.job_id)))
+        return job_to_proto(_job_call(self.manager.get, spec.check_job_id(request.job_id)))
 
     @_unary
     def ListJobs(self, request, context):
-        size = request.page_size
-        if size < 0:
-            raise RequestError("page_size", f"must be ≥ 0 (0: {DEFAULT_PAGE_SIZE}), got {size}")
-        size = min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        state = None
-        if request.state:
-            if request.state not in pb.Job.State.values():
-                raise RequestError("state", f"unknown job state {request.state}; allowed: "
-                                            f"{', '.join(_STATE_NAMES)} (or unset for all)")
-            state = pb.Job.State.Name(request.state)
-        token = request.page_token.strip() or None
+        if request.state and request.state not in pb.Job.State.values():
+            raise EmrestoreError("state", f"unknown job state {request.state}; allowed: "
+                                          f"{', '.join(_STATE_NAMES)} (or unset for all)")
+        state, size, token = spec.list_request(pb.Job.State.Name(request.state) if request.state else "",
+                                               request.page_size, request.page_token)
         try:
             jobs, next_token = self.manager.list(state=state, page_size=size, page_token=token)
         except (ValueError, KeyError) as exc:
             code, msg = status_of(exc)
             if token is not None and code in ("INVALID_ARGUMENT", "NOT_FOUND") and "page_token" not in msg:
-                raise RequestError("page_token", f"{quote(token)} is not a token returned by ListJobs "
+                raise EmrestoreError("page_token", f"{quote(token)} is not a token returned by ListJobs "
                                                  f"({msg})") from None
             raise
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=next_token or "")
 
     @_unary
     def CancelJob(self, request, context):
-        job_id = _job_id(request.job_id)
+        job_id = spec.check_job_id(request.job_id)
         if self.interceptor is not None:
             user = self._user(context)
             owner = _job_call(self.manager.get, job_id).owner
@@ -435,7 +336,7 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_streaming
     def WatchJob(self, request, context):
-        job_id = _job_id(request.job_id)
+        job_id = spec.check_job_id(request.job_id)
         stop = threading.Event()
         context.add_callback(stop.set)  # client cancelled, deadline passed or server stopping
         sent: list[str] | None = None
@@ -456,14 +357,14 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_unary
     def Cutout(self, request, context):
-        spec = cutout_spec_from_request(request, self.manager.max_cutout_voxels)
+        cut = cutout_spec_from_request(request, self.manager.max_cutout_voxels)
         # bounded: a place in the queue at once or RESOURCE_EXHAUSTED, then a running slot
         if not self._cutout_waiting.acquire(blocking=False):
             raise ResourceExhausted("region", f"the server runs at most {self.max_concurrent_cutouts} cutouts at "
                                               "once and its queue is full; retry later")
         try:
             with self._cutout_slots:
-                return cutout_to_proto(self.manager.cutout(spec))
+                return cutout_to_proto(self.manager.cutout(cut))
         finally:
             self._cutout_waiting.release()
 
@@ -473,5 +374,7 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_unary
     def GetModel(self, request, context):
-        name = _required(request.model, "model", "a model name or URL")
+        name = request.model.strip()
+        if not name:
+            raise EmrestoreError("model", "required: a model name or URL")
         return model_to_proto(self.manager.describe_model(name))

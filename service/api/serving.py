@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import sys
 
-from .cli_common import CommandError, _bad, _handled
+from ..commandline import Command
+from ..errors import EmrestoreError
 
 
-@_handled
 def cmd_serve(a):
     import logging
 
@@ -19,19 +19,19 @@ def cmd_serve(a):
     from .auth import load_tokens
     from .server import serve
     if not 0 <= a.port <= 65535:
-        raise _bad(f"--port: must be in [0, 65535], got {a.port}")
+        raise EmrestoreError("--port", f"must be in [0, 65535], got {a.port}")
     if a.workers < 1:
-        raise _bad(f"--workers: must be ≥ 1, got {a.workers}")
+        raise EmrestoreError("--workers", f"must be ≥ 1, got {a.workers}")
     if a.pool_workers < 0 or a.pool_size < 0:
-        raise _bad("--pool-workers/--pool-size: must be ≥ 0")
+        raise EmrestoreError("--pool-workers/--pool-size", "must be ≥ 0")
     if a.max_batch_gpus is not None and a.max_batch_gpus < 0:
-        raise _bad(f"--max-batch-gpus: must be ≥ 0, got {a.max_batch_gpus}")
+        raise EmrestoreError("--max-batch-gpus", f"must be ≥ 0, got {a.max_batch_gpus}")
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
-        raise _bad(f"--metrics-port: must be in [0, 65535], got {a.metrics_port}")
+        raise EmrestoreError("--metrics-port", f"must be in [0, 65535], got {a.metrics_port}")
     if a.cutout_timeout <= 0:
-        raise _bad(f"--cutout-timeout: must be > 0 seconds, got {a.cutout_timeout}")
+        raise EmrestoreError("--cutout-timeout", f"must be > 0 seconds, got {a.cutout_timeout}")
     if (a.tls_cert is None) != (a.tls_key is None):
-        raise _bad("--tls-cert/--tls-key: give both or neither")
+        raise EmrestoreError("--tls-cert/--tls-key", "give both or neither")
     from ..volume.stores import register_from_env
     register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
     data = os.path.abspath(a.data_dir)
@@ -45,16 +45,13 @@ def cmd_serve(a):
     if "://" not in models:
         models = os.path.abspath(models)
         os.makedirs(models, exist_ok=True)
-    try:
-        tokens = load_tokens(token_file=a.token_file) if a.token_file else load_tokens()
-    except ValueError as e:
-        raise _bad(str(e)) from None
+    tokens = load_tokens(token_file=a.token_file) if a.token_file else load_tokens()  # ValueError: one line
     from ..volume.policy import StorePolicy
     # stores the service may touch: the data and model directories, plus --allow-store prefixes
     policy = StorePolicy([data, models] + list(a.allow_store or []))
     for name in ("max_job_voxels", "max_sample_steps", "max_jobs_per_user", "max_concurrent_cutouts"):
         if getattr(a, name) < 1:
-            raise _bad(f"--{name.replace('_', '-')}: must be ≥ 1, got {getattr(a, name)}")
+            raise EmrestoreError(f"--{name.replace('_', '-')}", f"must be ≥ 1, got {getattr(a, name)}")
     if a.executor == "local":
         from ..jobs.executors import LocalExecutor
         executor = LocalExecutor(ledger, default_parallelism=a.workers, log_dir=os.path.join(data, "logs"),
@@ -78,7 +75,7 @@ def cmd_serve(a):
         try:
             executor = KubernetesExecutor(cfg)
         except Exception as e:  # noqa: BLE001 - no cluster, bad kubeconfig, bad settings
-            raise CommandError("FAILED_PRECONDITION", f"--executor kubernetes: {e}") from None
+            raise EmrestoreError("--executor", f"kubernetes: {e}", "FAILED_PRECONDITION") from None
     pool_size = a.pool_size + a.pool_workers
     local_pool = None
     if pool_size:
@@ -100,11 +97,11 @@ def cmd_serve(a):
             assert len(v) == 3 and min(v) >= 0
             return v
         except (ValueError, AssertionError):
-            raise _bad(f"{name}: expected X,Y,Z non-negative integers, got {text!r}") from None
+            raise EmrestoreError(name, f"expected X,Y,Z non-negative integers, got {text!r}") from None
     block = xyz(a.block_size, "--block-size")
     chunk = xyz(a.output_chunk, "--output-chunk") if a.output_chunk else None
     if chunk is not None and min(chunk) < 1:
-        raise _bad(f"--output-chunk: sizes must be ≥ 1, got {a.output_chunk}")
+        raise EmrestoreError("--output-chunk", f"sizes must be ≥ 1, got {a.output_chunk}")
     hooks = []
     if a.targets:
         # registration is a plug-in (entry point group emrestore.completion_hooks, provided by the
@@ -112,8 +109,8 @@ def cmd_serve(a):
         from importlib.metadata import entry_points
         plugins = list(entry_points(group="emrestore.completion_hooks"))
         if not plugins:
-            raise CommandError("FAILED_PRECONDITION", "--targets: no registration plug-in is installed "
-                                                      "(entry point group emrestore.completion_hooks)")
+            raise EmrestoreError("--targets", "no registration plug-in is installed (entry point group "
+                                              "emrestore.completion_hooks)", "FAILED_PRECONDITION")
         hooks.extend(ep.load()(a.targets) for ep in plugins)
     from ..jobs.manager import WorkLimits
     limits = WorkLimits(max_job_voxels=a.max_job_voxels, max_sample_steps=a.max_sample_steps,
@@ -139,9 +136,7 @@ def cmd_serve(a):
     print("emrestore: server stopped", file=sys.stderr)
 
 
-
-def register(sub) -> None:
-    p = sub.add_parser("serve", help="run the gRPC restoration service")
+def serve_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="port (0: any free port; default %(default)s)")
     p.add_argument("--data-dir", default=os.environ.get("EMRESTORE_DATA", "emrestore-data"),
@@ -194,5 +189,7 @@ def register(sub) -> None:
                    help="seconds a Cutout waits for a pool worker (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve the queue depth at http://HOST:PORT/metrics (Prometheus text; 0: any port)")
-    p.set_defaults(func=cmd_serve)
+
+
+SERVE = Command("serve", "run the gRPC restoration service", cmd_serve, serve_arguments)
 

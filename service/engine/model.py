@@ -22,12 +22,23 @@ from .diffusion import ResidualDiffusion
 from .network import UNet, UNetConfig, count_parameters, preset_config
 from .normalize import IntensityNorm
 from .schedule import NoiseSchedule
-from .tasks import Task, TaskSpec
+from .tasks import Task, make_task
 
 FORMAT = "emrestore-model"
 #: 2: predict-and-refine (predictor + residual denoiser), row-filling isotropic design.
 FORMAT_VERSION = 2
 KINDS = ("diffusion", "regression")
+#: range of the error head's log-variance (normalised units; −12 … 4 is a std of 0.0025 … 7.4)
+LOGVAR_RANGE = (-12.0, 4.0)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested but CUDA is not available")
+    return torch.device(device)
 
 
 def open_fs(url: str):
@@ -51,11 +62,11 @@ class RestorationModel:
     """Predictor (L2 regression → posterior mean, one evaluation) plus, for ``kind="diffusion"``,
     a denoiser that samples the residual around the prediction (``diffusion`` owns the process).
 
-    ``net`` is the residual denoiser (None for ``kind="regression"``).
+    ``denoiser`` is the residual denoiser (None for ``kind="regression"``).
     """
     task: Task
     predictor: UNet
-    net: UNet | None
+    denoiser: UNet | None
     preset: str
     kind: str = "diffusion"
     diffusion: ResidualDiffusion = field(default_factory=ResidualDiffusion)
@@ -64,7 +75,8 @@ class RestorationModel:
     target_norm: IntensityNorm | None = None
     training: dict = field(default_factory=dict)
     name: str = ""
-    #: in-domain spread of the samples, measured after training (see restore.needs_finetuning)
+    #: the error head's calibration on the training data, measured after training (restore.calibrate;
+    #: the needs-fine-tuning check, restore.domain_check, compares against it)
     calibration: dict = field(default_factory=dict)
     #: isotropic: the geometry the model learned (physical z/xy ratio, lateral zoom, thickness)
     gap: dict = field(default_factory=dict)
@@ -95,12 +107,12 @@ class RestorationModel:
         # the predictor starts as the classical estimate (its correction is zero) and improves on it
         torch.nn.init.zeros_(predictor.out[-1].weight)
         torch.nn.init.zeros_(predictor.out[-1].bias)
-        net = None
+        denoiser = None
         if kind == "diffusion":
             dcfg = preset_config(preset, task.out_channels + task.cond_channels + task.out_channels,
                                  task.out_channels, noise_conditioned=True, **unet_overrides)
-            net = UNet(dcfg)
-        return cls(task=task, predictor=predictor, net=net, preset=preset, kind=kind,
+            denoiser = UNet(dcfg)
+        return cls(task=task, predictor=predictor, denoiser=denoiser, preset=preset, kind=kind,
                    voxel_size_nm=tuple(voxel_size_nm) if voxel_size_nm else None)
 
     @property
@@ -117,8 +129,8 @@ class RestorationModel:
     @property
     def networks(self) -> dict[str, UNet]:
         nets = {"predictor": self.predictor}
-        if self.net is not None:
-            nets["denoiser"] = self.net
+        if self.denoiser is not None:
+            nets["denoiser"] = self.denoiser
         return nets
 
     def to(self, device) -> "RestorationModel":
@@ -145,7 +157,7 @@ class RestorationModel:
             "factor": self.task.factor,
             "preset": self.preset,
             "predictor_unet": self.predictor.config.to_dict(),
-            "unet": self.net.config.to_dict() if self.net is not None else None,
+            "unet": self.denoiser.config.to_dict() if self.denoiser is not None else None,
             "num_parameters": self.num_parameters,
             "diffusion": self.diffusion.to_dict(),
             "voxel_size_nm": list(self.voxel_size_nm) if self.voxel_size_nm else None,
@@ -190,14 +202,14 @@ class RestorationModel:
         except Exception as e:  # noqa: BLE001 - any unpickling failure is one line for the user
             raise ModelError(f"model: {url}/weights.pt cannot be read safely ({type(e).__name__})") from None
         predictor = UNet(UNetConfig.from_dict(meta["predictor_unet"]))
-        net = UNet(UNetConfig.from_dict(meta["unet"])) if meta.get("unet") else None
+        denoiser = UNet(UNetConfig.from_dict(meta["unet"])) if meta.get("unet") else None
         try:
             predictor.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("predictor.")})
-            if net is not None:
-                net.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("denoiser.")})
+            if denoiser is not None:
+                denoiser.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("denoiser.")})
         except RuntimeError:
             raise ModelError(f"model: {url}/weights.pt does not match its model.json") from None
-        m = cls(task=TaskSpec(meta["task"], int(meta["factor"])), predictor=predictor, net=net,
+        m = cls(task=make_task(meta["task"], int(meta["factor"])), predictor=predictor, denoiser=denoiser,
                 preset=meta["preset"], kind=meta.get("kind", "diffusion"),
                 diffusion=ResidualDiffusion.from_dict(meta["diffusion"]),
                 voxel_size_nm=tuple(meta["voxel_size_nm"]) if meta.get("voxel_size_nm") else None,

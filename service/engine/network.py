@@ -2,8 +2,9 @@
 
 The network sees the noisy target concatenated with the conditioning images along channels and is
 conditioned (FiLM) on the continuous noise level ``gamma = sqrt(alpha_bar)``, so inference may use
-any schedule. It predicts the noise (epsilon). With ``noise_conditioned=False`` the same body is a
-plain regression UNet (the CARE-style baseline of the benchmarks).
+any schedule. What its output means is the diffusion's choice (diffusion.py: v by default, or the
+noise ε as in the reference). With ``noise_conditioned=False`` the same body is a plain
+regression UNet: the predictor, and the CARE-style baseline of the benchmarks.
 """
 
 from __future__ import annotations

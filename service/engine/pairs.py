@@ -46,7 +46,7 @@ def _crop_or_pad(img: np.ndarray, size_hw: tuple[int, int], y: int, x: int) -> n
 class RegisteredPairs:
     """Registered (low-quality, high-quality) stacks for denoise (same shape) or superres."""
 
-    def __init__(self, task: TaskSpec, low: np.ndarray, high: np.ndarray,
+    def __init__(self, task, low: np.ndarray, high: np.ndarray,
                  input_norm: IntensityNorm | None = None, target_norm: IntensityNorm | None = None):
         if task.name not in ("denoise", "superres"):
             raise ValueError(f"task: registered pairs are for denoise or superres, not {task.name}")

@@ -25,11 +25,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .model import ModelError, RestorationModel, gap_mismatch
+from .model import LOGVAR_RANGE, ModelError, RestorationModel, gap_mismatch, resolve_device
 from .normalize import IntensityNorm
+from .sampler_names import MAX_SAMPLES
 from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, get_sampler
 from .tiling import TiledDenoiser, auto_max_batch
-from .training import LOGVAR_RANGE, resolve_device
 
 ESTIMATES = ("mean", "sample", "sample-mean")
 DEFAULT_ESTIMATE = "mean"
@@ -41,7 +41,6 @@ DEFAULT_ESTIMATE = "mean"
 UNCERTAINTY_THRESHOLD = 1.25
 #: patches of the needs-fine-tuning check (predictor only: one evaluation each)
 CHECK_PATCHES, CHECK_PATCH = 32, 64
-MAX_SAMPLES = 64
 UNCERTAINTY_SOURCES = ("auto", "samples", "head")
 
 
@@ -68,10 +67,6 @@ class RestoreResult:
     std_parts: dict | None = None
     #: the needs-fine-tuning check's measurements (see ``domain_check``); None when not run
     domain_check: dict | None = None
-
-    @property
-    def evaluations_per_image(self) -> int:
-        return self.evaluations
 
 
 def output_norm(model: RestorationModel, input_norm: IntensityNorm) -> IntensityNorm:
@@ -109,7 +104,7 @@ def validate_request(model: RestorationModel, vol: np.ndarray, sampler: str, ste
         raise ValueError(f"samples: must be an integer in [1, {MAX_SAMPLES}], got {samples!r}")
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate: must be one of {', '.join(ESTIMATES)}, got {estimate!r}")
-    if model.net is None and (estimate != "mean" or samples > 1):
+    if model.denoiser is None and (estimate != "mean" or samples > 1):
         raise ValueError(f"estimate: a regression model gives only the mean with 1 sample "
                          f"(got estimate={estimate}, samples={samples})")
 
@@ -153,7 +148,7 @@ class _Estimator:
     def realisations(self, cond: torch.Tensor, mu: torch.Tensor, K: int, gens) -> torch.Tensor:
         """K residual samples around ``mu`` → (N, K, 1, H, W) restored images."""
         m, diff = self.model, self.model.diffusion
-        tiled = self._tiled(m.net, torch.cat([cond, mu], 1), K)
+        tiled = self._tiled(m.denoiser, torch.cat([cond, mu], 1), K)
 
         def den(x, gamma):
             return diff.x0_from_output(tiled(x, gamma), x, gamma)
@@ -248,7 +243,7 @@ def restore(model: RestorationModel, vol: np.ndarray, *, sampler: str = DEFAULT_
     total = sum(len(v) for _, v in view_images)
     H, W = view_images[0][1].shape[-2:]
     tiles_per_image = math.ceil(H / max(1, tile - overlap)) * math.ceil(W / max(1, tile - overlap))
-    width = (model.net or model.predictor).config.base_channels
+    width = (model.denoiser or model.predictor).config.base_channels
     mb = max_batch or auto_max_batch(min(tile, max(H, W)), dev, width)
     group = max(1, mb // max(1, K * tiles_per_image))
     est = _Estimator(model, dev, sampler, steps, spacing, tile, overlap, mb)

@@ -185,7 +185,7 @@ class IsotropicTask(Task):
 _CLASSES = {"denoise": DenoiseTask, "superres": SuperResTask, "isotropic": IsotropicTask}
 
 
-def TaskSpec(name: str, factor: int = 1) -> Task:
+def make_task(name: str, factor: int = 1) -> Task:
     """The task object for a name and factor; ValueError naming the field when out of range."""
     if name not in TASKS:
         raise ValueError(f"task: unknown task {name!r}; choose one of {', '.join(TASKS)}")
@@ -196,8 +196,3 @@ def TaskSpec(name: str, factor: int = 1) -> Task:
     if name == "isotropic" and factor not in ISOTROPIC_FACTORS:
         raise ValueError(f"factor: isotropic takes an integer factor in [2, 16], got {factor}")
     return _CLASSES[name](name, int(factor))
-
-
-def base_prediction(task: Task, cond: torch.Tensor) -> torch.Tensor:
-    """Compatibility wrapper: ``task.base(cond)``."""
-    return task.base(cond)

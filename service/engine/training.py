@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import RestorationModel
+from .model import LOGVAR_RANGE, RestorationModel, resolve_device
 
 
 def estimate_residual_scale(task, pairs, patch: int, seed: int, batches: int = 8) -> float:
@@ -36,10 +36,6 @@ def estimate_residual_scale(task, pairs, patch: int, seed: int, batches: int = 8
     return float(1.0 / max(std, 0.02))
 
 
-#: range of the error head's log-variance (normalised units; −12 … 4 is a std of 0.0025 … 7.4)
-LOGVAR_RANGE = (-12.0, 4.0)
-
-
 def predictor_outputs(model, cond: torch.Tensor, net=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The predictor's mean (base + network correction; known pixels pass through) and, with an
     error head, the log-variance of that mean's error per pixel (else None)."""
@@ -53,11 +49,6 @@ def predictor_outputs(model, cond: torch.Tensor, net=None) -> tuple[torch.Tensor
     if known is not None:
         mu = torch.where(known > 0.5, base, mu)
     return mu, logvar
-
-
-def predict_mean(model, cond: torch.Tensor, net=None) -> torch.Tensor:
-    """The predictor's posterior mean (see :func:`predictor_outputs`)."""
-    return predictor_outputs(model, cond, net)[0]
 
 
 def error_nll(logvar: torch.Tensor, mu: torch.Tensor, target: torch.Tensor,
@@ -100,14 +91,6 @@ class TrainConfig:
             raise ValueError(f"patch: must be in [16, 1024], got {self.patch}")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr: must be in (0, 1), got {self.lr}")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -180,7 +163,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
     """
     cfg.validate()
     device = resolve_device(cfg.device)
-    nets = _Pair(model.predictor, model.net).to(device)
+    nets = _Pair(model.predictor, model.denoiser).to(device)
     nets.train()
     for p in nets.parameters():  # a model trained before in this process holds its (frozen) EMA copy
         p.requires_grad_(True)
@@ -210,7 +193,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             model.diffusion.scale = float(state["scale"])
     if start == 0 and not model.training.get("base"):
         scale = estimate_residual_scale(model.task, pairs, cfg.patch, cfg.seed)
-        if model.net is not None:
+        if model.denoiser is not None:
             model.diffusion.scale = scale
         if model.has_error_head:  # the error head starts at the classical estimate's error
             with torch.no_grad():
@@ -222,7 +205,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
     t0 = time.time()
 
     def use(n: _Pair):
-        model.predictor, model.net = n.predictor, n.denoiser
+        model.predictor, model.denoiser = n.predictor, n.denoiser
 
     def save(step: int):
         if not out_url:
@@ -240,7 +223,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
         use(ema)
         ema.eval()
         model.training = _record(model, cfg, mode, step, history, time.time() - t0)
-        if calibrate and model.net is not None and step >= cfg.steps:
+        if calibrate and model.denoiser is not None and step >= cfg.steps:
             from .restore import calibrate as _calibrate
             model.calibration = _calibrate(model, pairs, cfg.patch, seed=cfg.seed)
             if out_url:

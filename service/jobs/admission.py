@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted, quote
+from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, ResourceExhausted, quote
 from ..volume.policy import StorePolicy, inside
 from .completion import CompletionHook, configured_target_names
 from .spec import RestoreSpec
@@ -50,7 +50,7 @@ def check_restore_stores(policy: StorePolicy, spec: RestoreSpec, resolve_model: 
     if spec.uncertainty_output:
         unc = policy.check(spec.uncertainty_output, "uncertainty_output")
         if inside(unc, out) or inside(out, unc):
-            raise RequestError("uncertainty_output", "must not be the output layer or lie inside it (or it inside)")
+            raise EmrestoreError("uncertainty_output", "must not be the output layer or lie inside it (or it inside)")
         outs.append(("uncertainty_output", unc))
     for name, url in outs:
         for what, root in roots:
@@ -71,5 +71,5 @@ def check_targets(hooks: list[CompletionHook], names: list[str]) -> None:
         return
     for i, n in enumerate(names):
         if n not in known:
-            raise RequestError(f"register_in[{i}]", f"{quote(n)} is not a configured target; "
+            raise EmrestoreError(f"register_in[{i}]", f"{quote(n)} is not a configured target; "
                                                     f"configured: {', '.join(sorted(known)) or 'none'}")

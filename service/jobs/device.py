@@ -14,7 +14,6 @@ loads a model; the service's diagnose() turns exit code 3 into "could not use it
 from __future__ import annotations
 
 import re
-import sys
 
 #: the oldest Linux driver each CUDA major version of torch's wheels runs on (NVIDIA's CUDA
 #: toolkit release notes, "CUDA Toolkit and Minimum Required Driver Version"; minor-version
@@ -27,7 +26,9 @@ _SPEC = re.compile(r"^(auto|cpu|cuda(?::([0-9]+))?)$")
 
 
 class DeviceUnavailable(RuntimeError):
-    """The required device cannot be used; the message says why and what to check."""
+    """The required device cannot be used; the message says why and what to check. A command
+    that raises it exits ``EXIT_DEVICE_UNAVAILABLE`` (service/commandline.py reads ``exit_status``)."""
+    exit_status = EXIT_DEVICE_UNAVAILABLE
 
 
 def _driver_hint(torch) -> str:
@@ -83,5 +84,5 @@ def require_device_or_exit(spec: str | None) -> str:
     try:
         return require_device(spec)
     except (DeviceUnavailable, ValueError) as e:
-        print(f"emrestore: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DEVICE_UNAVAILABLE if isinstance(e, DeviceUnavailable) else 2) from None
+        from ..commandline import exit_status
+        raise SystemExit(exit_status(e)) from None

@@ -296,10 +296,6 @@ class Ledger(PoolQueries):
         return self._store.create(self._k(job_id, "blocks", f"{index:08d}.done"), data,
                                   self._k(job_id, ".lock"))
 
-    def mark_done(self, job_id: str, block_index: int, info: dict | None = None) -> bool:
-        """Pool-worker name of :meth:`mark_block_done`."""
-        return self.mark_block_done(job_id, block_index, info)
-
     def block_info(self, job_id: str, index: int) -> dict | None:
         """The completion marker of a block ({index, done_at, info}) or None."""
         self._check_index(job_id, index)
@@ -392,10 +388,6 @@ class Ledger(PoolQueries):
         if cur is None or not cur["owner"] or self._clock() > cur["expires_at"]:
             return None
         return cur["owner"]
-
-    def lease_block(self, job_id: str, block_index: int, owner: str, ttl: float) -> bool:
-        """Pool-worker name of :meth:`try_acquire_lease`: lease any block of any job."""
-        return self.try_acquire_lease(job_id, block_index, owner, ttl)
 
     def renew_lease(self, job_id: str, index: int, owner: str, ttl_s: float) -> bool:
         """Extend ``owner``'s lease to now + ``ttl_s``; False if ``owner`` no longer holds it.

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, RequestError, ResourceExhausted
+from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, ResourceExhausted
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
@@ -24,11 +24,11 @@ from . import admission
 from .admission import WorkLimits  # noqa: F401 - re-exported (serve, tests)
 from .completion import CompletedJob, CompletionHook, failure_messages
 from .executors import Executor
-from .ledger import CANCELLED, FAILED, PENDING, RUNNING, STATES, SUCCEEDED, TERMINAL_STATES, Ledger
+from .ledger import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL_STATES, Ledger
 from .models import ModelRegistry
 from .planning import Planner, dataset_norm, existing_chunks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
-from .spec import CutoutSpec, RestoreSpec, TrainSpec
+from .spec import CutoutSpec, RestoreSpec, TrainSpec, list_request
 from .worker import check_info, load_cutout_result, restore_block
 
 MAX_RELAUNCHES = 2
@@ -184,7 +184,7 @@ class JobManager:
             spec.validate()
             admission.check_owner_quota(self.ledger, self.limits, owner)
             return self._submit_train(spec, owner)
-        raise RequestError("spec", f"unknown job kind {type(spec).__name__}")
+        raise EmrestoreError("spec", f"unknown job kind {type(spec).__name__}")
 
     def _num_tasks(self, spec_parallelism: int, n: int) -> int:
         return max(1, min(n, spec_parallelism or self.executor.default_parallelism))
@@ -306,14 +306,11 @@ class JobManager:
                          owner=rec.owner)
 
     def list(self, state: str | None = None, page_size: int = 50, page_token: str | None = None):
-        if state is not None and state not in STATES:
-            raise RequestError("state", f"{state!r:.200}; allowed: {', '.join(STATES)}")
-        if not isinstance(page_size, int) or not 1 <= page_size <= 1000:
-            raise RequestError("page_size", f"{page_size!r:.200} must be in [1, 1000]")
+        state, page_size, page_token = list_request(state or "", page_size, page_token or "")
         try:
             recs, token = self.ledger.list_jobs(state, page_size, page_token or None)
         except ValueError:
-            raise RequestError("page_token", f"{page_token!r:.200} is not a token returned by a previous list") from None
+            raise EmrestoreError("page_token", f"{page_token!r:.200} is not a token returned by a previous list") from None
         return [self.get(r.job_id) for r in recs], token or ""
 
     def cancel(self, job_id: str) -> JobStatus:

@@ -7,7 +7,7 @@ import re
 import threading
 
 from ..engine.model import ModelError, RestorationModel, list_models, read_metadata
-from ..errors import RequestError, quote
+from ..errors import EmrestoreError, quote
 from ..volume.stores import translate_store_error
 
 #: A model name: one directory below the model directory (no '/', no '..').
@@ -25,14 +25,14 @@ class ModelRegistry:
         directory; names never escape it). URLs are checked against the store policy by the
         manager."""
         if not isinstance(name_or_url, str) or not name_or_url.strip():
-            raise RequestError(field, "required: a model name or URL")
+            raise EmrestoreError(field, "required: a model name or URL")
         if "://" in name_or_url or name_or_url.startswith("/"):
             return name_or_url
         if not _NAME_RE.match(name_or_url) or ".." in name_or_url:
-            raise RequestError(field, f"{quote(name_or_url)} is not a model name (letters, digits and '_.-', "
+            raise EmrestoreError(field, f"{quote(name_or_url)} is not a model name (letters, digits and '_.-', "
                                       "at most 128, no '/' or '..') nor a URL")
         if self.models_dir is None:
-            raise RequestError(field, f"{quote(name_or_url)} is not a URL and the server has no model directory")
+            raise EmrestoreError(field, f"{quote(name_or_url)} is not a URL and the server has no model directory")
         return self.models_dir.rstrip("/") + "/" + name_or_url
 
     def list(self) -> list[dict]:

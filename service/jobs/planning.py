@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine.model import gap_mismatch
 from ..engine.normalize import IntensityNorm
-from ..errors import FailedPrecondition, RequestError, ResourceExhausted
+from ..errors import EmrestoreError, FailedPrecondition, ResourceExhausted
 from ..volume import precomputed as pc
 from ..volume.blocks import Block, Plan, plan_blocks
 from ..volume.geometry import Box
@@ -139,7 +139,7 @@ class Planner:
         url = self.models.resolve(name)
         meta = self.models.metadata(url)
         if meta.get("kind", "diffusion") != "diffusion" and samples > 1:
-            raise RequestError("samples", "a regression model gives one output; use samples = 1")
+            raise EmrestoreError("samples", "a regression model gives one output; use samples = 1")
         return url, meta
 
     # ------------------------------------------------------------------ restore
@@ -189,11 +189,11 @@ class Planner:
         region = Box.from_xyz(spec.region_start_xyz, spec.region_stop_xyz)
         bounds = Box(src.start_zyx, src.stop_zyx)
         if not bounds.contains(region):
-            raise RequestError("region", f"{list(region.start_xyz)}–{list(region.stop_xyz)} (xyz) lies outside "
+            raise EmrestoreError("region", f"{list(region.start_xyz)}–{list(region.stop_xyz)} (xyz) lies outside "
                                          f"the source bounds {src.describe_bounds()} (zyx)")
         fx, _, k = scale
         if k > 1 and k % 2 == 0:
-            raise RequestError("model", f"an isotropic model by an even factor ({k}) would put sections half a "
+            raise EmrestoreError("model", f"an isotropic model by an even factor ({k}) would put sections half a "
                                         "voxel off the output grid; refused for cutouts as for layers")
         h = (k - 1) // 2
         (z0, y0, x0), (z1, y1, x1) = region.start, region.stop
@@ -202,7 +202,7 @@ class Planner:
             raise ResourceExhausted("region", f"cutout would produce {write.size} voxels; the limit is "
                                               f"{self.max_cutout_voxels} output voxels — submit a region job instead")
         if k > 1 and z1 - z0 < 2:
-            raise RequestError("region", "an isotropic cutout needs at least 2 sections (z size ≥ 2)")
+            raise EmrestoreError("region", "an isotropic cutout needs at least 2 sections (z size ≥ 2)")
         lateral = region.grow((0, LATERAL_CONTEXT, LATERAL_CONTEXT)).intersect(bounds)
         block = Block(index=0, read=lateral, write=write, sections=(z0, z1 - 1) if k > 1 else None)
         norm = self.norm(spec.source, spec.mip)
@@ -225,7 +225,7 @@ class Planner:
         rx, ry, rz = src.resolution_nm_xyz
         factor = spec.factor or int(round(rz / rx))
         if factor < 2:
-            raise RequestError("factor", f"the layer's voxel size {list(src.resolution_nm_xyz)} nm is not "
+            raise EmrestoreError("factor", f"the layer's voxel size {list(src.resolution_nm_xyz)} nm is not "
                                          "anisotropic; give a factor in [2, 16]")
         if spec.base_model:
             spec.base_model = self.models.resolve(spec.base_model, "base_model")
@@ -238,7 +238,7 @@ class Planner:
         if spec.region_start_xyz is not None:
             read = Box.from_xyz(spec.region_start_xyz, spec.region_stop_xyz)
             if not bounds.contains(read):
-                raise RequestError("region", f"lies outside the source bounds {src.describe_bounds()}")
+                raise EmrestoreError("region", f"lies outside the source bounds {src.describe_bounds()}")
         lo, hi = list(read.start), list(read.stop)
         shape = [b - a for a, b in zip(lo, hi)]
         message = ""
@@ -251,14 +251,14 @@ class Planner:
             message = f"training region capped to {MAX_TRAIN_VOXELS} voxels: z,y,x {lo}–{hi}"
         read = Box(tuple(lo), tuple(hi))
         if shape[1] <= factor or shape[2] <= factor:
-            raise RequestError("region", f"lateral size {shape[2]}×{shape[1]} too small for factor {factor}")
+            raise EmrestoreError("region", f"lateral size {shape[2]}×{shape[1]} too small for factor {factor}")
         target_box = None
         if spec.target:
             tgt = pc.open_source(spec.target, spec.mip)
             k = factor
             target_box = Box((lo[0] * k, lo[1], lo[2]), ((hi[0] - 1) * k + 1, hi[1], hi[2]))
             if tgt.size_xyz[2] < target_box.stop[0]:
-                raise RequestError("target", f"has {tgt.size_xyz[2]} sections; needs {target_box.stop[0]}")
+                raise EmrestoreError("target", f"has {tgt.size_xyz[2]} sections; needs {target_box.stop[0]}")
         return TrainPlan(source=spec.source, mip=spec.mip, output_model=spec.output_model, factor=factor,
                          read=read, voxel_size_nm=tuple(src.resolution_nm_xyz), preset=spec.preset,
                          steps=spec.steps, seed=spec.seed, batch_size=spec.batch_size, patch=spec.patch,

@@ -8,7 +8,7 @@ is one block: the training region and the training settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..volume.blocks import Block, Plan
@@ -129,10 +129,3 @@ def plan_from_dict(d: dict[str, Any] | None, job_id: str = "") -> JobPlan:
     if kind == "train":
         return TrainPlan.from_dict(d)
     raise PlanMissing(f"job {job_id}: unknown plan kind {kind!r}")
-
-
-@dataclass
-class Planned:
-    """A plan and the notes made while planning (events to record with the job)."""
-    plan: JobPlan
-    notes: list[str] = field(default_factory=list)

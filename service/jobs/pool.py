@@ -145,7 +145,7 @@ class PoolWorker:
                 model = self.cache.get(plan.model_url)
 
                 def read(i, plan=plan):
-                    b = plan.blocks.blocks[i]
+                    b = plan.block(i)
                     return pc.read_zyx(plan.source, b.read.start, b.read.stop, plan.mip)
 
                 secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl, read=read)

@@ -4,15 +4,17 @@ An ``emrestore worker`` process spends ~4.5 s of CPU importing torch and ~4 s im
 storage clients before it reads its first block (~1.3 s when forked from the template); on a
 laptop that is most of a small viewer restore. The local executors (``LocalExecutor``, ``LocalPool``) therefore start workers through
 multiprocessing's *forkserver*: one template process per service imports the heavy, environment-
-free libraries once (``PRELOAD``), and each worker is a fork of it that runs the same entry point as
-the command line (``service.cli.main(["worker", ...])``) with the same exit codes (docs/CONTRACTS.md).
+free libraries once (``PRELOAD``), and each worker is a fork of it that runs the worker's own entry
+point (``service.jobs.worker_main.main(["worker", ...])``: the ``emrestore worker`` command with its
+own small parser, so a worker never loads the client commands or the connectors) with the same
+exit codes (docs/CONTRACTS.md).
 
 What a fork would otherwise inherit wrongly is set per worker: the environment (the template's is
 the service's at the time it started — cloud-volume's secrets modules read it at import, so they are
 *not* preloaded), the working directory, stdout/stderr (the task's log file) and torch's thread count
 (OpenMP read ``OMP_NUM_THREADS`` when the template loaded it). Where forkserver does not exist
-(Windows) or ``EMRESTORE_WORKER_START=exec``, workers are plain ``python -m service.cli worker``
-subprocesses as before. Kubernetes pods always run the command (kube/manifest.py).
+(Windows) or ``EMRESTORE_WORKER_START=exec``, workers are plain
+``python -m service.jobs.worker_main worker …`` subprocesses. Kubernetes pods always run the command (kube/manifest.py).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def start_method() -> str:
 
 def _run_worker(args: list[str], env: dict, log_path: str | None) -> None:
     """The forked worker: the environment, directory, output and threads of a fresh process, then
-    the command-line entry point."""
+    the worker's entry point."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(ROOT)
@@ -79,7 +81,7 @@ def _run_worker(args: list[str], env: dict, log_path: str | None) -> None:
     if threads.isdigit() and int(threads) > 0:
         import torch
         torch.set_num_threads(int(threads))
-    from ..cli import main
+    from .worker_main import main
     code = main(args)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -141,7 +143,7 @@ def start_worker(args: list[str], env: dict, log_path: str | None = None):
         return WorkerProcess(args, env, log_path)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "service.jobs.worker_main", *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=ROOT)
     finally:
         if log_path:

@@ -1,8 +1,28 @@
-"""Job specifications: what a request asks for, validated before anything is written.
+"""Job specifications and the one validation of every request field.
 
-A spec is plain data (JSON in the ledger). The request limits live here, once (``LIMITS``): the
-servicer, the bridge and the CLI validate through these specs. The manager turns a valid spec
-into a typed plan (planning.py) that it records in the ledger for the workers.
+A spec is plain data (JSON in the ledger): ``RestoreSpec``, ``TrainSpec``, ``CutoutSpec``; its
+``validate()`` checks every field against the request limits (``LIMITS``, once). The manager
+validates every spec it is given and turns it into a typed plan (planning.py).
+
+**Entry points.** Every way in checks a request with the same functions, on the values as they
+arrive (0 and "" mean "the default", as in proto3):
+
+- :func:`restore_request`, :func:`train_request`, :func:`cutout_request`: the fields of a
+  CreateRestoreJob / CreateTrainJob / Cutout request → a validated spec, or ``EmrestoreError``
+  naming the request field (``region.start``, ``steps``, ``register_in[1]``, …) and the range;
+- :func:`check_job_id` (GetJob, CancelJob, WatchJob), :func:`list_request` (ListJobs).
+
+The gRPC servicer (service/api/servicer.py) reads the protobuf message (and only checks its
+shape: which oneof, which sub-message is set) and calls them; the HTTP bridge
+(connector/bridge_protocol.py) checks the JSON shape and calls them, renaming fields to its JSON
+names; the client commands (service/api/commands.py) call them before sending, renaming fields
+to their options (``--steps``) with ``EmrestoreError.renamed``. So all three refuse the same values
+with the same limits and messages.
+
+**A new request field**: add it to the spec dataclass (with its default), check it in the spec's
+``validate()`` (``_check_int``, ``_check_choice``, ``_check_url``, … below; a new limit goes into
+``Limits``), take it in the request function (``…_request(..., new_field=...)``, mapping the
+wire's empty value to the default), and pass it from the servicer, the bridge and the CLI.
 """
 
 from __future__ import annotations
@@ -11,9 +31,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..engine.restore import MAX_SAMPLES
-from ..engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
-from ..errors import RequestError, quote
+from ..engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SAMPLES, SAMPLER_NAMES
+from ..errors import EmrestoreError, quote
 
 Vec3 = tuple[int, int, int]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -39,45 +58,44 @@ class Limits:
 LIMITS = Limits()
 MAX_TRAIN_STEPS = LIMITS.max_train_steps
 ESTIMATES = ("", "mean", "sample", "sample-mean")
+EXECUTIONS = ("auto", "pool", "batch")
 
 
 def _vec3(v, name: str, allow_none=True) -> Vec3 | None:
     if v is None:
         if allow_none:
             return None
-        raise RequestError(name, "required (x, y, z)")
+        raise EmrestoreError(name, "required (x, y, z)")
     try:
         t = tuple(int(a) for a in v)
     except (TypeError, ValueError):
-        raise RequestError(name, f"{quote(v)} must be three integers (x, y, z)") from None
+        raise EmrestoreError(name, f"{quote(v)} must be three integers (x, y, z)") from None
     if len(t) != 3 or any(int(a) != a for a in v):
-        raise RequestError(name, f"{quote(v)} must be three integers (x, y, z)")
+        raise EmrestoreError(name, f"{quote(v)} must be three integers (x, y, z)")
     return t  # type: ignore[return-value]
 
 
 def _check_int(value, name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RequestError(name, f"{quote(value)} must be an integer in [{lo}, {hi}]")
+        raise EmrestoreError(name, f"{quote(value)} must be an integer in [{lo}, {hi}]")
     return value
 
 
-def _check_url(value, name: str) -> str:
+def _check_url(value, name: str, what: str = "a layer URL (file://, gs://, s3://, or an alias://)") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise RequestError(name, "required: a layer URL (file://, gs://, s3://, or an alias://)")
+        raise EmrestoreError(name, f"required: {what}")
     if len(value) > LIMITS.max_url_chars:
-        raise RequestError(name, f"{quote(value)} is longer than {LIMITS.max_url_chars} characters")
+        raise EmrestoreError(name, f"{quote(value)} is longer than {LIMITS.max_url_chars} characters")
     return value.strip()
 
 
 def _check_sampling(spec) -> None:
-    if spec.sampler not in SAMPLER_NAMES:
-        raise RequestError("sampler", f"{quote(spec.sampler)}; allowed: {', '.join(SAMPLER_NAMES)}")
+    _check_choice(spec.sampler, "sampler", SAMPLER_NAMES)
     _check_int(spec.steps, "steps", 1, LIMITS.max_steps)
     _check_int(spec.samples, "samples", 1, LIMITS.max_samples)
     _check_int(spec.seed, "seed", 0, 2 ** 63 - 1)
     _check_int(spec.mip, "mip", 0, LIMITS.max_mip)
-    if spec.estimate not in ESTIMATES:
-        raise RequestError("estimate", f"{quote(spec.estimate)}; allowed: {', '.join(e or '(empty)' for e in ESTIMATES)}")
+    _check_choice(spec.estimate, "estimate", ESTIMATES)
 
 
 def _check_region(start, stop) -> tuple[Vec3, Vec3] | None:
@@ -86,12 +104,33 @@ def _check_region(start, stop) -> tuple[Vec3, Vec3] | None:
     if s is None and e is None:
         return None
     if s is None or e is None:
-        raise RequestError("region", "give both start and stop, or neither for the whole dataset")
-    if any(b <= a for a, b in zip(s, e)):
-        raise RequestError("region", f"start {list(s)} must be < stop {list(e)} on every axis (xyz, stop exclusive)")
+        raise EmrestoreError("region", "give both start and stop, or neither for the whole dataset")
     if min(s) < 0:
-        raise RequestError("region", f"start {list(s)} must be ≥ 0")
+        raise EmrestoreError("region.start", f"{list(s)} must be ≥ 0 on every axis")
+    if any(b <= a for a, b in zip(s, e)):
+        raise EmrestoreError("region", f"start {list(s)} must be < stop {list(e)} on every axis (xyz, stop exclusive)")
     return s, e
+
+
+def _check_choice(value, name: str, allowed) -> str:
+    if value not in allowed:
+        raise EmrestoreError(name, f"{quote(value)}; allowed: {', '.join(a or '(empty)' for a in allowed)}")
+    return value
+
+
+def _wire_int(value, name: str, hi: int, zero: str) -> int:
+    """A request integer as it arrives: 0 … hi, 0 meaning ``zero`` (the default)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        raise EmrestoreError(name, f"{quote(value)} must be an integer in [0, {hi}] (0: {zero})")
+    return value
+
+
+def _wire_str(value, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise EmrestoreError(name, f"{quote(value)} must be a string")
+    return value.strip()
 
 
 @dataclass
@@ -125,28 +164,27 @@ class RestoreSpec:
         if self.uncertainty_output:
             self.uncertainty_output = _check_url(self.uncertainty_output, "uncertainty_output")
             if self.samples < 2:
-                raise RequestError("uncertainty_output", "needs samples ≥ 2 (the spread of the samples)")
+                raise EmrestoreError("uncertainty_output", "needs samples ≥ 2 (the spread of the samples)")
             if self.uncertainty_output in (self.output, self.source):
-                raise RequestError("uncertainty_output", "must differ from source and output")
+                raise EmrestoreError("uncertainty_output", "must differ from source and output")
         if self.output.rstrip("/") == self.source.rstrip("/"):
-            raise RequestError("output", "would overwrite the source layer; choose another URL")
+            raise EmrestoreError("output", "would overwrite the source layer; choose another URL")
         r = _check_region(self.region_start_xyz, self.region_stop_xyz)
         self.region_start_xyz, self.region_stop_xyz = (r if r else (None, None))
         _check_sampling(self)
         _check_int(self.parallelism, "parallelism", 0, LIMITS.max_parallelism)
         if not isinstance(self.register_in, list) or not all(isinstance(t, str) for t in self.register_in):
-            raise RequestError("register_in", "must be a list of configured target names; a request "
+            raise EmrestoreError("register_in", "must be a list of configured target names; a request "
                                               "may not name a platform address, command or credential")
         if len(self.register_in) > LIMITS.max_register_targets:
-            raise RequestError("register_in", f"at most {LIMITS.max_register_targets} targets")
+            raise EmrestoreError("register_in", f"at most {LIMITS.max_register_targets} targets")
         for i, t in enumerate(self.register_in):
             if not _NAME_RE.match(t):
-                raise RequestError(f"register_in[{i}]", f"{quote(t)} is not a target name "
+                raise EmrestoreError(f"register_in[{i}]", f"{quote(t)} is not a target name "
                                                         "(letters, digits, '_.-', at most 64)")
         if not isinstance(self.overwrite, bool):
-            raise RequestError("overwrite", "must be true or false")
-        if self.execution not in ("auto", "pool", "batch"):
-            raise RequestError("execution", f"{quote(self.execution)}; allowed: auto, pool, batch")
+            raise EmrestoreError("overwrite", "must be true or false")
+        _check_choice(self.execution, "execution", EXECUTIONS)
         return self
 
     def to_dict(self) -> dict:
@@ -177,12 +215,11 @@ class TrainSpec:
         self.source = _check_url(self.source, "source")
         self.output_model = _check_url(self.output_model, "output_model")
         if self.task != "isotropic":
-            raise RequestError("task", f"{quote(self.task)}; training on a layer supports: isotropic "
+            raise EmrestoreError("task", f"{quote(self.task)}; training on a layer supports: isotropic "
                                        "(use the CLI's train command for denoise/superres pairs)")
         if self.factor:
             _check_int(self.factor, "factor", 2, 16)
-        if self.preset not in PRESETS:
-            raise RequestError("preset", f"{quote(self.preset)}; allowed: {', '.join(PRESETS)}")
+        _check_choice(self.preset, "preset", tuple(PRESETS))
         _check_int(self.steps, "steps", 1, MAX_TRAIN_STEPS)
         _check_int(self.seed, "seed", 0, 2 ** 63 - 1)
         _check_int(self.mip, "mip", 0, LIMITS.max_mip)
@@ -191,7 +228,7 @@ class TrainSpec:
         r = _check_region(self.region_start_xyz, self.region_stop_xyz)
         self.region_start_xyz, self.region_stop_xyz = (r if r else (None, None))
         if self.target and not self.base_model:
-            raise RequestError("target", "a fine-tuning target needs base_model")
+            raise EmrestoreError("target", "a fine-tuning target needs base_model")
         return self
 
     def to_dict(self) -> dict:
@@ -216,7 +253,7 @@ class CutoutSpec:
         self.model = _check_url(self.model, "model")
         r = _check_region(self.region_start_xyz, self.region_stop_xyz)
         if r is None:
-            raise RequestError("region", "a cutout needs a region (start and stop, xyz)")
+            raise EmrestoreError("region", "a cutout needs a region (start and stop, xyz)")
         self.region_start_xyz, self.region_stop_xyz = r
         _check_sampling(self)
         return self
@@ -226,10 +263,118 @@ def spec_from_dict(d: dict[str, Any]) -> RestoreSpec | TrainSpec:
     kind = d.get("kind", "restore")
     cls = {"restore": RestoreSpec, "train": TrainSpec}.get(kind)
     if cls is None:
-        raise RequestError("kind", f"{quote(kind)}; allowed: restore, train")
+        raise EmrestoreError("kind", f"{quote(kind)}; allowed: restore, train")
     names = {f.name for f in fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}
     for key in ("region_start_xyz", "region_stop_xyz"):
         if kw.get(key) is not None:
             kw[key] = tuple(kw[key])
     return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- requests as they arrive
+def _sampling_request(sampler, steps, samples, seed, mip, estimate) -> dict:
+    """The sampling fields of a restore or cutout request (0 / "": the defaults)."""
+    return dict(sampler=_wire_str(sampler, "sampler") or DEFAULT_SAMPLER,
+                steps=_wire_int(steps, "steps", LIMITS.max_steps, f"the default, {DEFAULT_STEPS}") or DEFAULT_STEPS,
+                samples=_wire_int(samples, "samples", LIMITS.max_samples, "1") or 1,
+                seed=_wire_int(seed, "seed", 2 ** 63 - 1, "seed 0"),
+                mip=_wire_int(mip, "mip", LIMITS.max_mip, "full resolution"),
+                estimate=_wire_str(estimate, "estimate"))
+
+
+def _names(register_in) -> list[str]:
+    if register_in is None:
+        return []
+    if not isinstance(register_in, (list, tuple)):
+        raise EmrestoreError("register_in", "must be a list of configured target names")
+    return [t.strip() if isinstance(t, str) else t for t in register_in]
+
+
+def restore_request(*, source: str, model: str, output: str, region: tuple | None = None, whole: bool = False,
+                    uncertainty_output: str = "", mip: int = 0, incremental: bool = False, sampler: str = "",
+                    steps: int = 0, samples: int = 0, seed: int = 0, parallelism: int = 0, register_in=(),
+                    labels: dict | None = None, estimate: str = "", overwrite: bool = False,
+                    execution: str = "") -> RestoreSpec:
+    """The validated ``RestoreSpec`` of a CreateRestoreJob request's fields (0 / "" / None: the
+    defaults). ``region``: (start_xyz, stop_xyz) source voxels, or None with ``whole``."""
+    if region is None and not whole:
+        raise EmrestoreError("region", "required: a region (box of source voxels) or whole = true")
+    if region is not None and whole:
+        raise EmrestoreError("whole", "give a region or whole = true, not both")
+    start, stop = region if region is not None else (None, None)
+    if region is not None and (start is None or stop is None):
+        raise EmrestoreError("region", "required: start and stop (x, y, z source voxels, stop exclusive)")
+    spec = RestoreSpec(
+        source=_check_url(source, "source", "a precomputed layer URL"),
+        model=_check_url(model, "model", "a model name or URL"),
+        output=_check_url(output, "output", "a layer URL for the restored volume"),
+        uncertainty_output=_wire_str(uncertainty_output, "uncertainty_output") or None,
+        region_start_xyz=start, region_stop_xyz=stop, incremental=bool(incremental),
+        **_sampling_request(sampler, steps, samples, seed, mip, estimate),
+        parallelism=_wire_int(parallelism, "parallelism", LIMITS.max_parallelism, "the server's default"),
+        register_in=_names(register_in), labels=dict(labels or {}), overwrite=overwrite,
+        execution=_wire_str(execution, "execution") or "auto")
+    return spec.validate()
+
+
+def cutout_request(*, source: str, model: str, region: tuple | None, mip: int = 0, sampler: str = "",
+                   steps: int = 0, samples: int = 0, seed: int = 0, estimate: str = "") -> CutoutSpec:
+    """The validated ``CutoutSpec`` of a Cutout request's fields (0 / "": the defaults)."""
+    start, stop = region if region is not None else (None, None)
+    spec = CutoutSpec(source=_check_url(source, "source", "a precomputed layer URL"),
+                      model=_check_url(model, "model", "a model name or URL"),
+                      region_start_xyz=start, region_stop_xyz=stop,
+                      **_sampling_request(sampler, steps, samples, seed, mip, estimate))
+    return spec.validate()
+
+
+def train_request(*, source: str, output_model: str, task: str = "", preset: str = "", factor: int = 0,
+                  steps: int = 0, seed: int = 0, mip: int = 0, batch_size: int = 0, patch: int = 0,
+                  region: tuple | None = None, base_model: str = "", target: str = "",
+                  labels: dict | None = None) -> TrainSpec:
+    """The validated ``TrainSpec`` of a CreateTrainJob request's fields (0 / "": the defaults)."""
+    start, stop = region if region is not None else (None, None)
+    kw: dict[str, Any] = dict(
+        source=_check_url(source, "source", "a precomputed layer URL"),
+        output_model=_check_url(output_model, "output_model", "a model URL or name to write"),
+        seed=_wire_int(seed, "seed", 2 ** 63 - 1, "seed 0"), mip=_wire_int(mip, "mip", LIMITS.max_mip, "full resolution"),
+        factor=_wire_int(factor, "factor", 16, "from the layer's voxel size"),
+        region_start_xyz=start, region_stop_xyz=stop, labels=dict(labels or {}),
+        base_model=_wire_str(base_model, "base_model") or None, target=_wire_str(target, "target") or None)
+    kw["task"] = _wire_str(task, "task") or "isotropic"
+    kw["preset"] = _wire_str(preset, "preset") or "tiny"
+    for name, value, hi, default in (("steps", steps, MAX_TRAIN_STEPS, 1000), ("batch_size", batch_size, 256, 8),
+                                     ("patch", patch, 1024, 64)):
+        kw[name] = _wire_int(value, name, hi, f"the default, {default}") or default
+    return TrainSpec(**kw).validate()
+
+
+def check_job_id(value: str) -> str:
+    """The job id of a GetJob / CancelJob / WatchJob request (``jobs/ID`` or ``ID``)."""
+    v = _wire_str(value, "job_id")
+    if v.startswith("jobs/"):
+        v = v[len("jobs/"):]
+    if not v:
+        raise EmrestoreError("job_id", "required: the id of a job (as returned by CreateRestoreJob/CreateTrainJob)")
+    from .records import validate_job_id
+    try:
+        return validate_job_id(v)
+    except ValueError:
+        raise EmrestoreError("job_id", f"{quote(value)} is not a job id (26 lowercase letters and digits)") from None
+
+
+#: ListJobs: a page holds this many jobs when the request says 0 (at most records.MAX_PAGE_SIZE)
+DEFAULT_PAGE_SIZE = 50
+
+
+def list_request(state: str = "", page_size: int = 0, page_token: str = "") -> tuple[str | None, int, str | None]:
+    """(state or None for all, page size, page token or None) of a ListJobs request; a page
+    size of 0 is ``DEFAULT_PAGE_SIZE``, one above ``MAX_PAGE_SIZE`` is cut to it."""
+    from .records import MAX_PAGE_SIZE, STATES
+    state = _wire_str(state, "state").upper()
+    if state and state not in STATES:
+        raise EmrestoreError("state", f"unknown job state {quote(state)}; allowed: {', '.join(STATES)} (or unset for all)")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
+        raise EmrestoreError("page_size", f"must be ≥ 0 (0: {DEFAULT_PAGE_SIZE}), got {quote(page_size)}")
+    return state or None, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), _wire_str(page_token, "page_token") or None

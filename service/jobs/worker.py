@@ -137,7 +137,7 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
     if plan.kind == "cutout":
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
     else:
-        info["sha256"] = write_block(plan, plan.blocks.blocks[i], mean, std)
+        info["sha256"] = write_block(plan, plan.block(i), mean, std)
         info.update(check_info(res))
         if info.get("needs_finetuning") and job_id not in _flagged_jobs:
             if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
@@ -167,7 +167,7 @@ def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model:
             t0 = time.time()
             if data is None:
                 data = read(i)
-            mean, std, res = restore_block(plan, plan.blocks.blocks[i], model, data)
+            mean, std, res = restore_block(plan, plan.block(i), model, data)
             secs = time.time() - t0
             finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs)
         return max(secs, 1e-6)
@@ -265,7 +265,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
 def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
     """A train job is one block: read the training region, train, save the model."""
     from ..engine.pairs import IsotropicPairs, StackGapPairs
-    from ..engine.tasks import TaskSpec
+    from ..engine.tasks import make_task
     from ..engine.training import TrainConfig, train
     if 0 in ledger.done_blocks(job_id):
         return 0
@@ -274,7 +274,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
         return 0
     try:
         vol = pc.read_zyx(plan.source, plan.read.start, plan.read.stop, plan.mip)
-        task = TaskSpec("isotropic", plan.factor)
+        task = make_task("isotropic", plan.factor)
         if plan.base_model:
             model = RestorationModel.load(plan.base_model)
             if plan.target:

@@ -4,8 +4,14 @@ point run by the local executor's processes and by Kubernetes Indexed Job pods; 
 (pool.py). Both check the device first (``$EMRESTORE_DEVICE``; exit 3 when CUDA is required and
 unusable).
 
-Exit 0 when this task's blocks are done, 2 for bad input, 1 otherwise; errors are one line
-``emrestore: error: CODE: message``. Module import stays light (no torch until a task runs).
+``WORKER`` is the command in the ``emrestore`` tree (service/cli.py); :func:`main` is the same
+command with its own small parser, what forked local workers run (service/jobs/processes.py) and
+``python -m service.jobs.worker_main worker …``: a worker never loads the client commands or
+the connectors' plug-ins.
+
+Exit 0 when this task's blocks are done, 2 for bad input (``WORKER_BAD_INPUT_CODES``: what another
+attempt cannot fix), 1 otherwise; errors are one line ``emrestore: error: CODE: message``
+(service/commandline.py). Module import stays light (no torch until a task runs).
 """
 
 from __future__ import annotations
@@ -13,40 +19,31 @@ from __future__ import annotations
 import os
 import sys
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-_BAD = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED")
-
-
-def _fail(code: str, message: str) -> None:
-    print(f"emrestore: error: {code}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_BAD_INPUT if code in _BAD else EXIT_FAILURE)
+from ..commandline import WORKER_BAD_INPUT_CODES, Command, build_parser
+from ..commandline import main as run_command_line
+from ..errors import EmrestoreError
 
 
 def _require_device() -> None:
     """CUDA-required start-up check (service/jobs/device.py) before any model loads: exit 3 with
     one line when $EMRESTORE_DEVICE names a device this container cannot use."""
-    from .device import require_device_or_exit
-    require_device_or_exit(os.environ.get("EMRESTORE_DEVICE", "auto"))
+    from .device import require_device
+    require_device(os.environ.get("EMRESTORE_DEVICE", "auto"))
 
 
 def cmd_pool(a):
     if a.max_models < 1:
-        _fail("INVALID_ARGUMENT", f"--max-models: must be ≥ 1, got {a.max_models}")
+        raise EmrestoreError("--max-models", f"must be ≥ 1, got {a.max_models}")
     if a.idle_exit is not None and a.idle_exit < 0:
-        _fail("INVALID_ARGUMENT", f"--idle-exit: must be ≥ 0 seconds, got {a.idle_exit}")
+        raise EmrestoreError("--idle-exit", f"must be ≥ 0 seconds, got {a.idle_exit}")
     if a.job is not None or a.task_index is not None or a.num_tasks is not None:
-        _fail("INVALID_ARGUMENT", "--pool: leases blocks of any job; do not give --job, --task-index or --num-tasks")
+        raise EmrestoreError("--pool", "leases blocks of any job; do not give --job, --task-index or --num-tasks")
     _require_device()
     import signal
 
-    from ..errors import status_of
     from .pool import PoolWorker
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        worker = PoolWorker(a.ledger, max_models=a.max_models, log=log)
-    except Exception as e:  # noqa: BLE001 - bad ledger URL etc.: one line
-        _fail(*status_of(e))
+    worker = PoolWorker(a.ledger, max_models=a.max_models, log=log)
     # SIGTERM (scale-down, drain): finish the current block, then stop
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     log(f"[pool {worker.owner}] leasing blocks from {a.ledger} (max {a.max_models} model(s) cached)")
@@ -59,37 +56,27 @@ def cmd_worker(a):
     if a.pool:
         return cmd_pool(a)
     if a.job is None:
-        _fail("INVALID_ARGUMENT", "--job: required (or --pool to lease blocks of any job)")
+        raise EmrestoreError("--job", "required (or --pool to lease blocks of any job)")
     task_index = a.task_index
     if task_index is None:
         env = os.environ.get("JOB_COMPLETION_INDEX")
         if env is None:
-            _fail("INVALID_ARGUMENT", "--task-index: not given and $JOB_COMPLETION_INDEX is unset")
+            raise EmrestoreError("--task-index", "not given and $JOB_COMPLETION_INDEX is unset")
         try:
             task_index = int(env)
         except ValueError:
-            _fail("INVALID_ARGUMENT", f"--task-index: $JOB_COMPLETION_INDEX={env[:200]!r} is not an integer")
+            raise EmrestoreError("--task-index", f"$JOB_COMPLETION_INDEX={env[:200]!r} is not an integer") from None
     if task_index < 0:
-        _fail("INVALID_ARGUMENT", f"--task-index: must be ≥ 0, got {task_index}")
+        raise EmrestoreError("--task-index", f"must be ≥ 0, got {task_index}")
     if a.num_tasks is not None and a.num_tasks < 1:
-        _fail("INVALID_ARGUMENT", f"--num-tasks: must be ≥ 1, got {a.num_tasks}")
+        raise EmrestoreError("--num-tasks", f"must be ≥ 1, got {a.num_tasks}")
     _require_device()
-    from ..errors import status_of
     from .worker import run_task
-    try:
-        n = run_task(a.ledger, a.job, task_index, a.num_tasks,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    except Exception as e:  # noqa: BLE001 - every failure is one line and an exit code
-        code, msg = status_of(e)
-        if code not in _BAD:
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-        _fail(code, msg)
+    n = run_task(a.ledger, a.job, task_index, a.num_tasks, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"[worker {task_index}] finished: {n} block(s) done by this task", file=sys.stderr, flush=True)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("worker", help="run one task of a job (used by the executors), or a pool worker")
+def worker_arguments(p) -> None:
     p.add_argument("--ledger", required=True, help="job ledger URL")
     p.add_argument("--job", default=None, help="job id (not with --pool)")
     p.add_argument("--pool", action="store_true",
@@ -99,4 +86,16 @@ def register(sub) -> None:
                    help="--pool: exit after this many seconds without work (default: never)")
     p.add_argument("--task-index", type=int, default=None, help="task I (default $JOB_COMPLETION_INDEX)")
     p.add_argument("--num-tasks", type=int, default=None, help="tasks T (default: from the job's plan)")
-    p.set_defaults(func=cmd_worker)
+
+
+WORKER = Command("worker", "run one task of a job (used by the executors), or a pool worker",
+                 run=cmd_worker, arguments=worker_arguments, bad_input=WORKER_BAD_INPUT_CODES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``emrestore worker …`` with only the worker command: ``argv`` starts with ``worker``."""
+    return run_command_line(build_parser([WORKER]), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

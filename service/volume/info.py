@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import EmrestoreError
 from .stores import (
     SourceNotFound,
     VolumeError,
@@ -177,7 +178,7 @@ def _open_cv(url: str, mip: int, field_name: str, **kwargs):
 def _run_io(fn, url: str, field_name: str):
     try:
         return fn()
-    except VolumeError:
+    except EmrestoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated when it is a store failure
         err = translate_store_error(exc, url, field_name)
@@ -238,7 +239,7 @@ def _read_info(url: str, field_name: str) -> tuple[str, dict]:
     try:
         info = _open_cv(url, 0, field_name).info
     except (ValueError, KeyError, IndexError, TypeError) as e:  # bad JSON, cloud-volume's own checks
-        if isinstance(e, VolumeError):
+        if isinstance(e, EmrestoreError):
             raise
         raise VolumeError(field_name, f"the info file at {join_url(url, 'info')[:200]} is not valid: "
                                       f"{' '.join(str(e).split())[:200]}") from None

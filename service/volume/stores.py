@@ -26,7 +26,7 @@ from typing import Any
 
 import fsspec
 
-from ..errors import EmrestoreError
+from ..errors import EmrestoreError, PermissionDenied
 
 __all__ = [
     "VolumeError",
@@ -67,9 +67,6 @@ class StoreUnreachable(VolumeError):
     code = "UNAVAILABLE"
 
 
-class PermissionDenied(VolumeError):
-    """The store refused the request (bad credentials or no access)."""
-    code = "PERMISSION_DENIED"
 
 
 # --------------------------------------------------------------------------------------
@@ -318,9 +315,10 @@ def _client_error_code(exc: BaseException) -> str | None:
     return None
 
 
-def translate_store_error(exc: BaseException, url: str, field: str) -> VolumeError | None:
-    """The VolumeError for a store exception (denied, unreachable, missing), or None."""
-    if isinstance(exc, VolumeError):
+def translate_store_error(exc: BaseException, url: str, field: str) -> EmrestoreError | None:
+    """The error for a store exception (PermissionDenied, StoreUnreachable, SourceNotFound), or
+    None; an EmrestoreError is its own."""
+    if isinstance(exc, EmrestoreError):
         return exc
     chain: list[BaseException] = []
     cur: BaseException | None = exc

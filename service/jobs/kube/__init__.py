@@ -11,10 +11,10 @@ The CUDA-required check that GPU workers run at start-up is ``service/jobs/devic
 
 from __future__ import annotations
 
-from .api import ApiError, ClientApi, KubeApi, load_api_client
+from .api import ApiError, ClientApi, KubeApi, KubernetesExecutorError, load_api_client
 from .config import GPU_TOLERATIONS, KubeConfig
 from .diagnose import diagnose, pod_messages, ranges
-from .executor import KubernetesExecutor, KubernetesExecutorError
+from .executor import KubernetesExecutor
 from .manifest import (
     ANNOTATION_JOB_ID,
     COMPLETION_INDEX_KEY,

@@ -12,6 +12,10 @@ import json
 from typing import Any, Protocol
 
 
+class KubernetesExecutorError(RuntimeError):
+    """The cluster refused or failed an operation; the message says why in plain words."""
+
+
 class ApiError(Exception):
     """The API server refused a call: HTTP ``status``, the Status ``reason`` and its message."""
 
@@ -42,8 +46,6 @@ class KubeApi(Protocol):
 def load_api_client(kubeconfig: str | None = None, context: str | None = None, prefer_incluster: bool = True):
     """An official ``ApiClient`` from the in-cluster service account, else a kubeconfig file."""
     from kubernetes import client, config
-
-    from .executor import KubernetesExecutorError
 
     configuration = client.Configuration()
     if prefer_incluster and kubeconfig is None:

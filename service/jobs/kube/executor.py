@@ -16,16 +16,12 @@ import time
 from typing import Any
 
 from ..executors import ExecutorStatus
-from .api import ApiError, ClientApi, KubeApi
+from .api import ApiError, ClientApi, KubeApi, KubernetesExecutorError
 from .config import KubeConfig
 from .diagnose import diagnose, finished_condition, index_of
 from .manifest import ANNOTATION_JOB_ID, LABEL_JOB_ID, MANAGED_BY, build_job_manifest, job_label_value, job_name
 
 log = logging.getLogger(__name__)
-
-
-class KubernetesExecutorError(RuntimeError):
-    """The cluster refused or failed an operation; the message says why in plain words."""
 
 
 def _why(e: ApiError) -> str:
