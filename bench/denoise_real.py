@@ -87,8 +87,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- ours
     from service.engine.pairs import RegisteredPairs
     from service.engine.restore import restore
-    from service.engine.tasks import TaskSpec
-    task = TaskSpec("denoise")
+    from service.engine.tasks import make_task
+    task = make_task("denoise")
     pairs = RegisteredPairs(task, noisy_train, clean_train)
     if a.load_model:  # the same data and seed: the model a previous run trained
         from service.engine.model import RestorationModel

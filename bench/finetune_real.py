@@ -48,7 +48,7 @@ def main(argv=None):
     from service.engine.noise import denoise_pairs
     from service.engine.pairs import RegisteredPairs
     from service.engine.restore import restore
-    from service.engine.tasks import TaskSpec
+    from service.engine.tasks import make_task
     from service.engine.training import TrainConfig, train
     vol = E.flyem()
     noise, _ = E.noise_model(vol)
@@ -61,7 +61,7 @@ def main(argv=None):
     dose = noise.dose_for_snr(pair_clean, a.snr)
     pair_noisy = noise.simulate(pair_clean, dose, seed=5)
     test_noisy = noise.simulate(test_clean, dose, seed=6)
-    task = TaskSpec("denoise")
+    task = make_task("denoise")
     if a.base:
         base = RestorationModel.load(a.base)
         base_src = a.base

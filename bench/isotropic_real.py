@@ -61,8 +61,8 @@ def main(argv=None):
              f"for each model; torch threads {threads}.")
     from service.engine.pairs import IsotropicPairs
     from service.engine.restore import restore
-    from service.engine.tasks import TaskSpec
-    task = TaskSpec("isotropic", k)
+    from service.engine.tasks import make_task
+    task = make_task("isotropic", k)
     outs = {}
     t = time.time()
     outs["linear interpolation"] = (realz.linear(kept, k), time.time() - t, 0)

@@ -67,7 +67,7 @@ def main(argv=None):
              dose=dose, noise_model=noise.to_dict())
     from service.engine.pairs import RegisteredPairs
     from service.engine.restore import restore
-    from service.engine.tasks import TaskSpec
+    from service.engine.tasks import make_task
     pics, summary = {}, {}
     for f in [int(v) for v in a.factors.split(",")]:
         low_tr, high_tr = superres_pairs(noise, train_clean, f, dose, seed=10 + f)
@@ -75,7 +75,7 @@ def main(argv=None):
         outs, budget = {}, {}
         t = time.time()
         outs["bicubic"] = (bicubic(low_te, f), time.time() - t)
-        task = TaskSpec("superres", f)
+        task = make_task("superres", f)
         model = E.train_ours(task, RegisteredPairs(task, low_tr, high_tr), steps)
         budget["ours"] = {"steps": steps, "seconds": model.training["wall_seconds"], "parameters": model.num_parameters}
         for label, kw in (("ours: mean (default)", {}), ("ours: one sample", {"estimate": "sample", "seed": 1})):
