@@ -132,32 +132,29 @@ class PoolWorker:
     def step(self) -> bool:
         """Lease and run one block of the highest-priority job that has a free one; True if a
         block was done by this worker."""
-        from .worker import process_block, report_missing
+        from .worker import Cancelled, free_tasks, layer_read, process_block, report_missing
         self.stats.polls += 1
         self._current = None
         for job_id, plan in self.candidates():
-            done = self.ledger.done_blocks(job_id)
-            busy = self.ledger.leased_blocks(job_id)
-            free = [i for i in range(len(plan.blocks.blocks)) if i not in done and i not in busy]
-            for i in free:
+            for i in free_tasks(self.ledger, job_id, plan):
                 if self._stopped or self.ledger.cancel_requested(job_id):
                     break
                 self._current = job_id
                 model = self.cache.get(plan.model_url)
-
-                def read(i, plan=plan):
-                    return self.readers.get(plan.source).read(plan.block(i).read, plan.mip)
-
                 counts: dict = {}
-                secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl, read=read,
-                                     counts=counts)
-                # pool jobs are interactive (a few blocks): one summary event per block with missing source
-                report_missing(self.ledger, job_id, counts, f"pool worker {self.owner}, block {i}")
+                reader = self.readers.get(plan.source)
+                try:
+                    secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl,
+                                         layer_read(reader), counts, lambda b: reader.shard_key(b.read, plan.mip))
+                except Cancelled:
+                    break
+                finally:  # pool jobs are interactive (a few tasks): one summary event per task with missing source
+                    report_missing(self.ledger, job_id, counts, f"pool worker {self.owner}, task {i}")
                 if secs is None or secs == 0.0:
                     continue  # leased or finished by another worker meanwhile
                 self.stats.blocks += 1
                 self.stats.order.append((job_id, i))
-                self.log(f"[pool {self.owner}] job {job_id} ({plan.priority}) block {i} done in {secs:.1f} s")
+                self.log(f"[pool {self.owner}] job {job_id} ({plan.priority}) task {i} done in {secs:.1f} s")
                 return True
         return False
 
