@@ -37,6 +37,33 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+class InProcessExecutor:
+    """Starts no worker: whoever submitted the job runs its tasks in its own process
+    (``worker.run_task``, a ``pool.PoolWorker`` thread) — tests and benchmarks that run or time the
+    worker code path without processes. ``launched`` lists the jobs it was asked to start; each is
+    reported active (so the supervisor neither relaunches nor fails it) until the ledger says done."""
+    name = "in-process"
+    default_parallelism = 1
+
+    def __init__(self):
+        self.launched: list[str] = []
+
+    def launch(self, job_id: str, num_tasks: int, parallelism: int) -> None:
+        self.launched.append(job_id)
+
+    def status(self, job_id: str) -> ExecutorStatus:
+        return ExecutorStatus(active=1)
+
+    def known(self, job_id: str) -> bool:
+        return True
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 def worker_args(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int) -> list[str]:
     """The ``emrestore`` arguments of one task (the worker contract)."""
     args = ["worker", "--ledger", ledger_url, "--job", job_id, "--num-tasks", str(num_tasks)]
