@@ -13,7 +13,7 @@ from connector.bridge import BridgeServer, create_app
 from connector.bridge_protocol import http_status_for, iter_sse, parse_restore_request
 from connector.bridge_security import BridgeConfig
 from connector.util import ConnectorError
-from tests.platform_doubles import RunningService
+from tests.service_helpers import RunningService
 
 pytestmark = pytest.mark.timeout(180)
 
