@@ -1,9 +1,10 @@
 """Neuroglancer states: the layers, shaders and boxes that show a restored region.
 
 :func:`viewer_state` builds a typed ``neuroglancer.ViewerState`` (the Python package's own
-state classes, as the interactive viewer uses them); :func:`state_for_layers`, :func:`write_state`
-and :func:`state_link` write its JSON to a state file or link showing a source, a restored and an uncertainty layer (used by the demo and by
-the ``neuroglancer`` register target, :func:`register_state_target`). The restored layer is
+state classes, as the interactive viewer uses them) showing a source, a restored and an
+uncertainty layer; :func:`state_for_layers`, :func:`write_state` and :func:`state_link` give its
+JSON, a state file or a link (used by the demo and by the ``neuroglancer`` register target,
+:func:`register_state_target`). The restored layer is
 grey with the source's contrast (:func:`contrast_from_source`) and transparent where nothing was
 written (:func:`restored_shader`); the uncertainty layer is an orange overlay whose alpha is the
 value (:func:`uncertainty_shader`); the region actually written (:func:`restored_box`) is a box
@@ -23,8 +24,8 @@ from .util import ConnectorError, public_url, read_json_url, write_json_url
 
 log = logging.getLogger(__name__)
 
-__all__ = ["viewer_state", "state_for_layers", "write_state", "state_link", "register_state_target", "UNCERTAINTY_SHADER",
-           "RESULT_LAYER", "DEFAULT_NG_LINK_PREFIX", "restored_shader", "uncertainty_shader", "restored_box",
+__all__ = ["viewer_state", "state_for_layers", "write_state", "state_link", "register_state_target",
+           "UNCERTAINTY_SHADER", "RESULT_LAYER", "DEFAULT_NG_LINK_PREFIX", "restored_shader", "uncertainty_shader", "restored_box",
            "box_to_units", "contrast_from_source"]
 
 DEFAULT_NG_LINK_PREFIX = "https://neuroglancer-demo.appspot.com"
