@@ -97,9 +97,12 @@ def create_app(config: BridgeConfig, client=None) -> Starlette:
             client.restore_region, kw["source"], kw["model"], kw["output"], kw["start_xyz"], kw["stop_xyz"],
             uncertainty=kw["uncertainty"], samples=kw["samples"], steps=kw["steps"], seed=kw["seed"],
             mip=kw["mip"], sampler=kw["sampler"], register_in=register_in_for_grpc(kw["register_in"]),
-            labels={"emrestore-origin": "bridge", "emrestore-request": rid})
+            labels={"emrestore-origin": "bridge", "emrestore-request": rid}, output_encoding=kw["output_encoding"],
+            jpeg_quality=kw["jpeg_quality"], output_sharding=kw["output_sharding"], dry_run=kw["dry_run"])
         if err is not None:
             return err
+        if job.dry_run is not None:  # nothing written: what the job would do
+            return JSONResponse({"dry_run": job.dry_run, "request_id": rid}, status_code=200)
         body = {"job": job_json(job), "output": kw["output"], "uncertainty_output": kw["uncertainty"],
                 "request_id": rid,
                 "links": {"self": f"/v1/jobs/{job.job_id}", "events": f"/v1/jobs/{job.job_id}/events"}}

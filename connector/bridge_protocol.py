@@ -200,6 +200,11 @@ def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
     stop = _int3(region["stop"], "region.stop")
     samples, steps, seed, mip = (_opt_int(body, n) for n in ("samples", "steps", "seed", "mip"))
     sampler = _opt_str(body, "sampler")
+    fmt = dict(output_encoding=_opt_str(body, "output_encoding"), jpeg_quality=_opt_int(body, "jpeg_quality"),
+               output_sharding=_opt_str(body, "output_sharding"))
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise ConnectorError("dry_run", f"{dry_run!r:.80}: give true or false")
     rid = request_id()
     output = _opt_str(body, "output") or default_output_url(source, rid)
     unc = body.get("uncertainty")
@@ -221,12 +226,12 @@ def parse_restore_request(body: Any, targets: dict | None = None) -> dict:
     try:  # the server's own checks: the same limits and messages
         restore_request(source=source, model=model, output=output, region=(start, stop),
                         uncertainty_output=uncertainty or "", samples=samples, steps=steps, seed=seed, mip=mip,
-                        sampler=sampler, register_in=clean_targets)
+                        sampler=sampler, register_in=clean_targets, dry_run=dry_run, **fmt)
     except EmrestoreError as e:
         raise e.renamed(BODY_NAMES) from None
     return dict(source=source, model=model, output=output, start_xyz=start, stop_xyz=stop,
                 uncertainty=uncertainty, samples=samples, steps=steps, seed=seed, mip=mip, sampler=sampler,
-                register_in=clean_targets, rid=rid)
+                register_in=clean_targets, rid=rid, dry_run=dry_run, **fmt)
 
 
 # ----------------------------------------------------------------------------- server-sent events

@@ -91,8 +91,11 @@ def contrast_from_source(url: str, geom: dict | None = None, max_xy: int = 256) 
 
 def restored_box(output_url: str) -> tuple[list[int], list[int]] | None:
     """The region actually written to ``output_url`` (mip 0, output voxels, stop exclusive): the
-    union of its chunk files. None when nothing is written yet or the store cannot be listed."""
+    union of its chunk files, or of its shard files (a sharded layer). None when nothing is
+    written yet or the store cannot be listed."""
     import re as _re
+
+    from service.volume.sharding import shard_box_of
 
     from .util import layer_geometry, local_path
     try:
@@ -106,15 +109,20 @@ def restored_box(output_url: str) -> tuple[list[int], list[int]] | None:
         else:
             from cloudfiles import CloudFiles
             names = [n.rsplit("/", 1)[-1] for n in CloudFiles(output_url.rstrip("/") + "/" + key).list()]
+        sharding = g.get("sharding")
     except Exception:  # noqa: BLE001
         return None
     lo, hi = None, None
     for n in names:
         m = _re.match(r"^(\d+)-(\d+)_(\d+)-(\d+)_(\d+)-(\d+)(\.gz|\.br)?$", n)
-        if not m:
+        box = shard_box_of(sharding, n, g["size_xyz"], g["chunk_size_xyz"], g["voxel_offset_xyz"]) if sharding else None
+        if not m and box is None:
             continue
-        v = [int(x) for x in m.groups()[:6]]
-        a, b = [v[0], v[2], v[4]], [v[1], v[3], v[5]]
+        if box is not None:
+            a, b = list(box[0]), list(box[1])
+        else:
+            v = [int(x) for x in m.groups()[:6]]
+            a, b = [v[0], v[2], v[4]], [v[1], v[3], v[5]]
         lo = a if lo is None else [min(x, y) for x, y in zip(lo, a)]
         hi = b if hi is None else [max(x, y) for x, y in zip(hi, b)]
     return (lo, hi) if lo is not None else None

@@ -88,8 +88,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self._send_error(404, "not found")
             return
-        self.send_response(200)
+        rng = self._range(len(data)) if not gz else None
+        if rng == "bad":
+            self._send_error(416, "range not satisfiable")
+            return
+        self.send_response(206 if rng else 200)
         self._cors()
+        if rng:  # sharded layers: Neuroglancer reads shard indexes and chunks by byte range
+            self.send_header("Content-Range", f"bytes {rng[0]}-{rng[1] - 1}/{len(data)}")
+            data = data[rng[0]:rng[1]]
         name = full[:-3] if gz else full
         ctype = "application/json" if os.path.basename(name) in ("info", "provenance") else (
             mimetypes.guess_type(name)[0] or "application/octet-stream")
@@ -103,6 +110,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_HEAD = do_GET  # noqa: N815
+
+    def _range(self, size: int):
+        """(start, stop) of a single ``Range: bytes=a-b`` (or ``bytes=-n``), None without one,
+        "bad" when it lies outside the file."""
+        h = self.headers.get("Range", "")
+        if not h.startswith("bytes=") or "," in h:
+            return None
+        a, _, b = h[6:].strip().partition("-")
+        try:
+            if a == "":
+                start, stop = max(0, size - int(b)), size
+            else:
+                start, stop = int(a), (int(b) + 1 if b else size)
+        except ValueError:
+            return None
+        stop = min(stop, size)
+        return (start, stop) if 0 <= start < stop else "bad"
 
 
 class StaticFileServer:

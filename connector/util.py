@@ -145,6 +145,7 @@ def layer_geometry(url: str) -> dict:
         "dtype": info.dtype,
         "num_scales": max(1, len(scales)),
         "scale_keys": [s.get("key") for s in scales],
+        "sharding": scales[0].get("sharding") if scales else None,
         "downsample_factors_xyz": [list(f) for f in info.downsample_factors_xyz],
     }
 

@@ -12,7 +12,7 @@ class RunningService:
     LocalExecutor runs ``emrestore worker`` subprocesses. ``models_dir``: model directory URL."""
 
     def __init__(self, tmp_path, models_dir: str | None, token: str | None = None,
-                 block_xyz=(64, 64, 0), max_cutout_voxels: int = 4_194_304):
+                 block_xyz=(64, 64, 0), max_cutout_voxels: int = 4_194_304, shard_bytes: int | None = None):
         from service.api.server import build_server
         from service.jobs.executors import LocalExecutor
         from service.jobs.manager import JobManager
@@ -23,7 +23,7 @@ class RunningService:
                                                         log_dir=str(tmp_path / "worker-logs"),
                                                         env={"OMP_NUM_THREADS": "1"}),
                                   models_dir=models_dir, poll_interval_s=0.2, block_size_xyz=block_xyz,
-                                  max_cutout_voxels=max_cutout_voxels)
+                                  max_cutout_voxels=max_cutout_voxels, shard_bytes=shard_bytes)
         self.manager.start()
         self.server, self.port = build_server(self.manager, "127.0.0.1", 0, token=token)
         self.server.start()

@@ -523,7 +523,9 @@ def real(tmp_path_factory, tiny_iso_model):
     shutil.copytree(tiny_iso_model[0][len("file://"):], os.path.join(models, "iso3"))
     ledger = f"file://{root}/ledger"
     ex = LocalExecutor(ledger, default_parallelism=2, log_dir=str(root / "logs"))
-    mgr = JobManager(ledger, ex, models_dir=models, poll_interval_s=0.2, block_size_xyz=(32, 32, 0))
+    # 16-px chunks: 32-px blocks then write mip 1 too, so a 64-px region is several tasks
+    mgr = JobManager(ledger, ex, models_dir=models, poll_interval_s=0.2, block_size_xyz=(32, 32, 0),
+                     output_chunk_xyz=(16, 16, 15))
     mgr.start()
     server, port = start_server(mgr)
     client = EmrestoreClient(f"127.0.0.1:{port}", timeout=60)

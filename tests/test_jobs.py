@@ -69,8 +69,13 @@ def test_region_job_writes_restored_layer(manager, phantom_layer, tiny_iso_model
     np.testing.assert_array_equal(written[9, 0:64, 0:64], stack[sec, 0:64, 0:64])
     assert written[10, 0:64, 0:64].std() > 0
     assert written[:, 64:, 64:].max() == 0  # outside the snapped region nothing was written
-    mip1 = pc.read_zyx(out, (1, 0, 0), (16, 32, 32), mip=1)  # the snapped box at the lower scale
-    assert mip1.shape == (15, 32, 32) and mip1.std() > 0
+    # the full pyramid: halving x, y and z (8 nm isotropic) down to a chunk-sized top (24×20)
+    assert info.downsample_factors_xyz == ((2, 2, 2), (4, 4, 4))
+    mip1 = pc.read_zyx(out, (0, 0, 0), (8, 32, 32), mip=1)  # the snapped box at the lower scale
+    assert mip1.std() > 0
+    top = pc.read_zyx(out, (0, 0, 0), (4, 16, 16), mip=2)
+    np.testing.assert_allclose(top.astype(float), mip1.astype(float).reshape(4, 2, 16, 2, 16, 2).mean((1, 3, 5)),
+                               atol=0.51)
 
 
 def test_whole_job_is_deterministic_and_incremental(manager, phantom_layer, tiny_iso_model, tmp_path):
@@ -87,22 +92,45 @@ def test_whole_job_is_deterministic_and_incremental(manager, phantom_layer, tiny
     va, vb = read_all(a), read_all(b)
     np.testing.assert_array_equal(va, vb)  # 2 workers vs 1 worker: the same bytes
     np.testing.assert_array_equal(va[::3], stack)  # every source section at its centre
-    unc = read_all(ua)
-    assert unc.dtype == np.float32 and np.all(unc[::3] == 0) and unc[1::3].mean() > 0
+    unc = read_all(ua)  # uint8, its full scale (the std 255 stands for) in the layer's info
+    assert unc.dtype == np.uint8 and np.all(unc[::3] == 0) and unc[1::3].mean() > 0
+    import json
+    assert json.loads((tmp_path / "ua" / "info").read_text())["emrestore_uncertainty"]["uint8_full_scale"] == 63.75
     # each block's needs-fine-tuning score is in its marker; none of this in-domain job is flagged
-    scores = [mgr.ledger.block_info(ja.job_id, i)["info"]["score"] for i in range(ja.blocks_total)]
+    restoring = mgr.plan_of(ja.job_id).blocks.stage_tasks(0)  # later stages build the pyramid
+    scores = [mgr.ledger.block_info(ja.job_id, i)["info"]["score"] for i in restoring]
     assert all(s > 0 for s in scores) and "NEEDS FINE-TUNING" not in mgr.get(ja.job_id).message, scores
-    # incremental: nothing missing → nothing to do; after deleting chunks, only those blocks run
-    again = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=1))
-    assert again.state == "SUCCEEDED" and again.blocks_total == 0
+    # incremental: the layer's provenance names the jobs of this method, their done bitmaps say
+    # what is done → nothing to do (no chunk is listed)
+    again = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=1,
+                                   uncertainty_output=ua))
+    assert again.state == "SUCCEEDED" and again.blocks_done == again.blocks_total == ja.blocks_total
+    # a job that stopped before its second task: the incremental run redoes that task and the
+    # scales built from it, nothing else, and writes the same bytes
+    import shutil
+    from service.jobs.markers import GROUP
+    n = ja.blocks_total
+    shutil.rmtree(tmp_path / "ledger" / "jobs" / again.job_id / "done")
+    shutil.rmtree(tmp_path / "ledger" / "jobs" / ja.job_id / "done")
+    mgr.ledger._full_groups.clear()
+    mgr.ledger.mark_grouped(ja.job_id, [i for i in range(n) if i != 1])
+    assert n < GROUP and mgr.ledger.done_count(ja.job_id) == n - 1
+    plan = mgr.plan_of(ja.job_id)
+    redo = plan.blocks.task(1).box
     key = "_".join(f"{r:g}" for r in pc.open_layer(a).resolution_nm_xyz)
-    chunk_dir = tmp_path / "a" / key
-    victim = sorted(os.listdir(chunk_dir))[0]
-    os.remove(chunk_dir / victim)
-    inc = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=1))
-    assert inc.blocks_total == 1
+    info = pc.open_layer(a)
+    from service.volume.geometry import Box
+    for name in redo.chunk_names(info.chunk_zyx, Box(info.start_zyx, info.stop_zyx)):
+        os.remove(tmp_path / "a" / key / (name + ".gz") if (tmp_path / "a" / key / (name + ".gz")).exists()
+                  else tmp_path / "a" / key / name)
+    inc = mgr.submit(RestoreSpec(source=src, model=model_url, output=a, incremental=True, samples=2, steps=1,
+                                 uncertainty_output=ua))
+    later = n - plan.blocks.stages[0].num_tasks  # tasks of the pyramid's later stages
+    assert inc.blocks_total == n and n - 1 - later <= inc.blocks_done < n - 1
+    assert any(f"of {n} task(s)" in e and "kept" in e for e in inc.events), inc.events
     assert wait_state(mgr, inc.job_id).state == "SUCCEEDED"
     np.testing.assert_array_equal(read_all(a), vb)
+    np.testing.assert_array_equal(read_all(ua), unc)
 
 
 def test_job_on_data_the_model_does_not_fit_says_it_needs_finetuning(manager, tiny_iso_model, tmp_path):
@@ -296,15 +324,17 @@ def test_workers_follow_the_persisted_plan_and_old_jobs_are_refused(phantom_laye
     out = f"file://{tmp_path}/out"
     st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, steps=1))
     plan = load_plan(mgr.ledger, st.job_id)
-    assert isinstance(plan, RestorePlan) and len(plan.blocks.blocks) == st.blocks_total > 2
-    assert st.spec["plan"]["num_blocks_planned"] == st.blocks_total
+    assert isinstance(plan, RestorePlan) and len(plan.blocks.blocks) == plan.blocks.num_blocks > 2
+    assert st.spec["plan"]["num_blocks_planned"] == st.blocks_total == plan.blocks.num_tasks
+    assert len(path_text := json.dumps(plan.to_dict())) < 4000, len(path_text)  # grids, not lists
     out_box = pc.open_layer(out)
     for b in plan.blocks:
         assert b.write.start[0] >= out_box.start_zyx[0] and b.read.stop[0] <= stack.shape[0]
     # the worker does what the persisted plan says, nothing else: keep only block 1 in plan.json
     path = tmp_path / "ledger" / "jobs" / st.job_id / "plan.json"
     d = json.loads(path.read_text())
-    d["blocks"]["blocks"] = [dict(d["blocks"]["blocks"][1], index=0)]
+    d["blocks"]["stages"] = []
+    d["blocks"]["explicit"] = [dict(plan.blocks.blocks[1].to_dict(), index=0)]
     path.write_text(json.dumps(d))
     assert run_task(ledger, st.job_id, 0, 1, log=lambda m: None) == 1
     b1 = plan.block(1)

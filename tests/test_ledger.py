@@ -243,40 +243,45 @@ def test_cutout_result_written_once_and_taken_once(backend):
         led.take_result("../x")
 
 
-def test_done_blocks_is_one_listing(durable, request):
-    """Markers written straight into the layout (as a bulk writer would) are all
-    found with one listing and no reads, past S3's 1000-key page size."""
+def test_done_counts_read_group_bitmaps_never_markers(durable):
+    """Progress of a job is read from its done groups (one bitmap per 4096 blocks), never from
+    a listing of its markers; a full group is read once and then remembered; a marker whose bit
+    was lost (a worker killed between the two writes) is repaired by ``is_done``."""
+    from service.jobs.markers import GROUP
     led = durable.make()
-    n = 2100
+    n = GROUP + 50
     job = led.create_job({}, n).job_id
-    done = set(range(0, n, 2)) | {n - 1}
+    for i in (0, 7, GROUP - 1, GROUP, n - 1):
+        led.mark_block_done(job, i, {"w": 1})
+    led.mark_grouped(job, range(0, GROUP))  # an incremental job inheriting a whole group
     store = led._store
-    files = {store.path(f"jobs/{job}/blocks/{i:08d}.done"): b'{"index":0}' for i in done}
-    if durable.name == "file":
-        for path, data in files.items():
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-    else:
-        request.getfixturevalue("s3_endpoint").put_objects(files)
-
-    calls = {"list": 0}
-    real_list = store.list
+    calls = {"list": [], "read": 0}
+    real_list, real_read_many = store.list, store.read_many
 
     def counting_list(key):
-        calls["list"] += 1
+        calls["list"].append(key)
         return real_list(key)
 
-    def no_reads(*a, **k):
-        raise AssertionError("done_blocks must not read markers")
+    def counting_read_many(keys):
+        keys = list(keys)
+        calls["read"] += len(keys)
+        return real_read_many(keys)
 
-    store.list, store.read, store.read_many = counting_list, no_reads, no_reads
+    store.list, store.read_many = counting_list, counting_read_many
     try:
-        assert led.done_blocks(job) == done
+        assert led.done_count(job) == GROUP + 2
+        assert not any("/blocks" in k for k in calls["list"])  # markers are never listed
+        first = calls["read"]
+        assert led.done_count(job, 0, GROUP) == GROUP and led.done_count(job, GROUP, n) == 2
+        assert calls["read"] - first == 1  # the full group came from memory
+        assert led.progress(job) == (GROUP + 2, n)
     finally:
-        del store.list, store.read, store.read_many
-    assert calls["list"] == 1
-    assert led.progress(job) == (len(done), n)
+        del store.list, store.read_many
+    # a marker without its bit (killed in between): repaired on sight
+    store.create(f"jobs/{job}/blocks/{GROUP + 5:08d}.done", b'{"index": 5}', f"jobs/{job}/.lock")
+    assert led.done_count(job, GROUP, n) == 2
+    assert led.is_done(job, GROUP + 5) and led.done_count(job, GROUP, n) == 3
+    assert not led.is_done(job, GROUP + 6)
 
 
 def test_supervisor_tick_and_idle_pool_poll_read_only_live_jobs(backend):

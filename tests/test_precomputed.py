@@ -226,9 +226,6 @@ def test_downsample_factors():
     assert P.downsample_factors((4, 4, 4), 2) == ((2, 2, 2), (4, 4, 4))
     assert P.downsample_factors((4, 4, 8), 3) == ((2, 2, 1), (4, 4, 2), (8, 8, 4))
     assert P.downsample_factors((4, 4, 40 / 3), 3) == ((2, 2, 1), (4, 4, 1), (8, 8, 2))
-    # z is not halved where the z offset would not stay on the coarser grid
-    assert P.downsample_factors((4, 4, 4), 2, (0, 0, 7)) == ((2, 2, 1), (4, 4, 1))
-    assert P.downsample_factors((4, 4, 4), 2, (0, 0, 2)) == ((2, 2, 2), (4, 4, 2))
 
 
 # ---------------------------------------------------------------- output layers
@@ -308,13 +305,23 @@ def test_existing_output_resume_and_conflict(tmp_path, ramp_volume):
     assert (tmp_path / "out" / "info").read_text() == info_before
 
 
-def test_downsampling_needs_divisible_offset(tmp_path, ramp_volume):
+def test_lower_scales_of_any_offset_hold_every_window(tmp_path, ramp_volume):
+    """Scales are absolute (voxel a of factor f covers mip-0 voxels [a·f, (a+1)·f)): with an odd
+    offset a lower scale starts at floor(offset/f) and ends at ceil(stop/f), and a window cut by
+    the data's edge averages the voxels it holds (no half-voxel shift, no refused offset)."""
     src = make_source(f"file://{tmp_path}", ramp_volume, offset=(3, 0, 0))
-    geo = P.output_geometry(src, (1, 1, 3))
-    with pytest.raises(VolumeError) as e:
-        P.create_output_layer(f"file://{tmp_path}/out", geo, (16, 16, 6), "uint8", {}, num_downsample_scales=1)
-    assert e.value.field == "num_downsample_scales"
-    P.create_output_layer(f"file://{tmp_path}/out", geo, (16, 16, 6), "uint8", {}, num_downsample_scales=0)
+    geo = P.output_geometry(src, (1, 1, 1))
+    out = P.create_output_layer(f"file://{tmp_path}/out", geo, (16, 16, 2), "uint8", {}, num_downsample_scales=1)
+    info = json.loads((tmp_path / "out" / "info").read_text())
+    assert info["scales"][1]["voxel_offset"] == [1, 0, 0] and info["scales"][1]["size"] == [25, 20, 5]
+    vol = ramp_volume(5, 40, 48)
+    P.write_scales(out.url, out.start_zyx, vol, 0, 1)
+    got = P.read_zyx(out.url, (0, 0, 1), (5, 20, 26), mip=1)
+    padded = np.full((5, 40, 50), np.nan)
+    padded[:, :, 1:49] = vol  # absolute x 3..50 sits at 1..48 of windows from x = 2
+    expected = np.rint(np.nanmean(padded.reshape(5, 20, 2, 25, 2), axis=(2, 4)))
+    np.testing.assert_array_equal(got, expected.astype(np.uint8))
+    assert got[0, 0, 0] == vol[0, 0:2, 0].mean().round()  # the first window holds only x = 3
 
 
 def test_bad_output_dtype_and_provenance(tmp_path, ramp_volume):
@@ -405,7 +412,7 @@ def test_uncertainty_layer(tmp_path, ramp_volume):
     np.testing.assert_array_equal(P.read_zyx(u8.url, (1, 0, 0), (14, 40, 48)), enc)
     prov = json.loads((tmp_path / "unc8" / "provenance").read_text())
     assert prov["processing"][-1]["method"]["uncertainty"]["uint8_full_scale"] == 0.1
-    f32 = P.create_uncertainty_layer(f"file://{tmp_path}/unc32", geo, (16, 16, 6), {})
+    f32 = P.create_uncertainty_layer(f"file://{tmp_path}/unc32", geo, (16, 16, 6), {}, dtype="float32")
     P.write_zyx(f32.url, (1, 0, 0), P.encode_uncertainty(std))
     np.testing.assert_allclose(P.read_zyx(f32.url, (1, 0, 0), (14, 40, 48)), std.astype(np.float32))
     with pytest.raises(VolumeError):

@@ -272,31 +272,32 @@ def test_two_servers_on_one_ledger_never_double_the_workers(tmp_path):
 
 
 # ---------------------------------------------------------------- incremental means complete
-def test_incremental_redoes_blocks_missing_a_lower_scale_or_uncertainty_chunk(tmp_path):
-    from service.jobs.worker import run_task
+def test_incremental_keeps_only_what_earlier_jobs_of_the_method_finished(tmp_path):
+    """Incremental runs work from the output layer's provenance (the jobs of this method that
+    wrote it) and those jobs' done bitmaps: a job stopped after one task leaves exactly the other
+    tasks to do (the pyramid's later stages included); another method inherits nothing."""
+    from service.engine.model import RestorationModel
+    from service.jobs.worker import process_block, run_task
     src, vol = make_source(str(tmp_path))
     models = str(tmp_path / "models")
     make_model(models, "iso3", vol)
     ledger = f"file://{tmp_path}/ledger"
-    mgr = JobManager(ledger, NullExecutor(), models_dir=models, block_size_xyz=(32, 32, 0))
+    mgr = JobManager(ledger, NullExecutor(), models_dir=models, block_size_xyz=(32, 32, 0),
+                     output_chunk_xyz=(16, 16, 15))
     out, unc = f"file://{tmp_path}/out", f"file://{tmp_path}/unc"
     spec = dict(source=src, model="iso3", output=out, uncertainty_output=unc, samples=2, steps=1)
     job = mgr.submit(RestoreSpec(**spec))
-    assert run_task(ledger, job.job_id, 0, 1, log=lambda m: None) == job.blocks_total
-    assert mgr.submit(RestoreSpec(**spec, incremental=True)).blocks_total == 0
-    info = pc.open_layer(out)
-    assert len(info.downsample_factors_xyz) >= 1
-    key1 = "_".join(f"{r * f:g}" for r, f in zip(info.resolution_nm_xyz, info.downsample_factors_xyz[0]))
-    victim = sorted(os.listdir(tmp_path / "out" / key1))[0]
-    os.remove(tmp_path / "out" / key1 / victim)  # a mip-1 chunk
-    redo = mgr.submit(RestoreSpec(**spec, incremental=True))
-    assert redo.blocks_total == 1
-    assert run_task(ledger, redo.job_id, 0, 1, log=lambda m: None) == 1
-    assert os.path.exists(tmp_path / "out" / key1 / victim)  # the missing chunk is back
-    assert mgr.submit(RestoreSpec(**spec, incremental=True)).blocks_total == 0
-    key0 = "_".join(f"{r:g}" for r in info.resolution_nm_xyz)
-    os.remove(tmp_path / "unc" / key0 / sorted(os.listdir(tmp_path / "unc" / key0))[0])  # an uncertainty chunk
-    assert mgr.submit(RestoreSpec(**spec, incremental=True)).blocks_total == 1
+    plan = mgr.plan_of(job.job_id)
+    assert plan.blocks.stages[0].num_tasks >= 2 and len(plan.blocks.stages) >= 2
+    model = RestorationModel.load(plan.model_url)
+    assert process_block(mgr.ledger, job.job_id, plan, 0, model, owner="crashed", ttl=10) > 0  # then it stopped
+    inc = mgr.submit(RestoreSpec(**spec, incremental=True))
+    assert inc.blocks_total == job.blocks_total and inc.blocks_done == 1
+    assert run_task(ledger, inc.job_id, 0, 1, log=lambda m: None) == inc.blocks_total - 1
+    done = mgr.submit(RestoreSpec(**spec, incremental=True))
+    assert done.state == "SUCCEEDED" and done.blocks_done == done.blocks_total
+    other = mgr.submit(RestoreSpec(**{**spec, "steps": 2}, incremental=True, overwrite=True))
+    assert other.blocks_done == 0  # another method's tasks are not this one's
     assert np.isfinite(vol).all()
 
 

@@ -73,6 +73,7 @@ class JobInfo:
     events: list = field(default_factory=list)
     event_log: list = field(default_factory=list)   # [{kind, message, time}]
     owner: str = ""
+    dry_run: dict | None = None  # a dry run's estimate (CreateRestoreJob with dry_run): no job then
 
     @classmethod
     def from_proto(cls, j: pb.Job) -> "JobInfo":
@@ -84,6 +85,7 @@ class JobInfo:
                    updated=j.update_time.ToNanoseconds() / 1e9 if j.HasField("update_time") else 0.0,
                    spec=_ints(json_format.MessageToDict(j.spec)) if j.HasField("spec") else {},
                    outputs=dict(j.outputs), events=list(j.events),
+                   dry_run=_ints(json_format.MessageToDict(j.dry_run)) if j.HasField("dry_run") else None,
                    event_log=[{"kind": e.kind, "message": e.message,
                                "time": e.time.ToNanoseconds() / 1e9 if e.HasField("time") else 0.0}
                               for e in j.event_log],
@@ -217,12 +219,15 @@ class EmrestoreClient:
     # ------------------------------------------------------------------ jobs
     def _restore(self, source, model, output, *, region=None, whole=False, uncertainty=None, mip=0,
                  incremental=False, sampler="", steps=0, samples=0, seed=0, parallelism=0,
-                 register_in=None, labels=None, estimate="", overwrite=False, execution="") -> JobInfo:
+                 register_in=None, labels=None, estimate="", overwrite=False, execution="",
+                 output_encoding="", jpeg_quality=0, output_sharding="", dry_run=False) -> JobInfo:
         req = pb.CreateRestoreJobRequest(
             source=source, model=model, output=output, uncertainty_output=uncertainty or "", mip=mip,
             incremental=incremental, sampler=sampler or "", steps=steps, samples=samples, seed=seed,
             parallelism=parallelism, register_in=_targets(register_in), labels=labels or {},
-            estimate=estimate or "", overwrite=bool(overwrite), execution=execution or "")
+            estimate=estimate or "", overwrite=bool(overwrite), execution=execution or "",
+            output_encoding=output_encoding or "", jpeg_quality=jpeg_quality, output_sharding=output_sharding or "",
+            dry_run=bool(dry_run))
         if region is not None:
             req.region.CopyFrom(region)
         elif whole:
@@ -234,30 +239,33 @@ class EmrestoreClient:
                        incremental: bool = False, sampler: str = "", steps: int = 0, samples: int = 0,
                        seed: int = 0, parallelism: int = 0, register_in: list[str] | None = None,
                        labels: dict | None = None, estimate: str = "", overwrite: bool = False,
-                       execution: str = "") -> JobInfo:
+                       execution: str = "", **fmt) -> JobInfo:
         """Start restoring the box start_xyz..stop_xyz (absolute source voxels) of ``source``.
 
         ``model``: a name in the server's model directory or a URL. ``uncertainty``: layer URL
         for the per-voxel standard deviation (needs samples ≥ 2). 0/"" mean server defaults.
         ``register_in``: names of registration targets configured on the server. ``overwrite``:
         replace an existing emrestore output of another job. ``execution``: "pool", "batch" or
-        "" (auto: the warm pool for small regions when the server has one).
+        "" (auto: the warm pool for small regions when the server has one). ``fmt``:
+        ``output_encoding`` (raw, png, jpeg), ``jpeg_quality``, ``output_sharding`` (auto, sharded,
+        unsharded), ``dry_run`` (the job's price in ``JobInfo.dry_run``; nothing written).
         """
         return self._restore(source, model, output, region=_box(start_xyz, stop_xyz), uncertainty=uncertainty,
                              mip=mip, incremental=incremental, sampler=sampler, steps=steps, samples=samples,
                              seed=seed, parallelism=parallelism, register_in=register_in, labels=labels,
-                             estimate=estimate, overwrite=overwrite, execution=execution)
+                             estimate=estimate, overwrite=overwrite, execution=execution, **fmt)
 
     def restore_dataset(self, source: str, model: str, output: str, *, incremental: bool = False,
                         uncertainty: str | None = None, mip: int = 0, sampler: str = "", steps: int = 0,
                         samples: int = 0, seed: int = 0, parallelism: int = 0,
                         register_in: list[str] | None = None, labels: dict | None = None,
-                        estimate: str = "", overwrite: bool = False, execution: str = "") -> JobInfo:
-        """Start restoring the whole of ``source``; ``incremental``: only blocks not yet written."""
+                        estimate: str = "", overwrite: bool = False, execution: str = "", **fmt) -> JobInfo:
+        """Start restoring the whole of ``source``; ``incremental``: keep the tasks earlier jobs
+        of this method finished. ``fmt``: as :meth:`restore_region`."""
         return self._restore(source, model, output, whole=True, uncertainty=uncertainty, mip=mip,
                              incremental=incremental, sampler=sampler, steps=steps, samples=samples,
                              seed=seed, parallelism=parallelism, register_in=register_in, labels=labels,
-                             estimate=estimate, overwrite=overwrite, execution=execution)
+                             estimate=estimate, overwrite=overwrite, execution=execution, **fmt)
 
     def train(self, source: str, output_model: str, *, factor: int = 0, preset: str = "", steps: int = 0,
               seed: int = 0, mip: int = 0, start_xyz: Sequence[int] | None = None,

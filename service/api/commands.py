@@ -28,7 +28,8 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 CLI_NAMES = {"region": "--region", "uncertainty_output": "--uncertainty", "model": "--model",
              "output": "--output", "sampler": "--sampler", "steps": "--steps", "samples": "--samples",
              "seed": "--seed", "mip": "--mip", "estimate": "--estimate", "parallelism": "--parallelism",
-             "execution": "--execution", "register_in": "--register-in"}
+             "execution": "--execution", "register_in": "--register-in", "output_encoding": "--output-encoding",
+             "jpeg_quality": "--jpeg-quality", "output_sharding": "--output-sharding", "dry_run": "--dry-run"}
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -194,11 +195,13 @@ def cmd_submit(a):
     from ..jobs.spec import restore_request
     _checked(restore_request, source=a.source, model=a.model, output=a.output, region=region, whole=region is None,
              uncertainty_output=a.uncertainty or "", parallelism=a.parallelism, execution=a.execution,
-             register_in=a.register_in or [], **_sampling(a))
+             register_in=a.register_in or [], output_encoding=a.output_encoding, jpeg_quality=a.jpeg_quality,
+             output_sharding=a.output_sharding, dry_run=a.dry_run, **_sampling(a))
     kw = dict(uncertainty=a.uncertainty, mip=a.mip, incremental=a.incremental, sampler=a.sampler,
               steps=a.steps, samples=a.samples, seed=a.seed, parallelism=a.parallelism,
               register_in=a.register_in or [], overwrite=a.overwrite, estimate=a.estimate,
-              execution=a.execution)
+              execution=a.execution, output_encoding=a.output_encoding, jpeg_quality=a.jpeg_quality,
+              output_sharding=a.output_sharding, dry_run=a.dry_run)
     with _client(a) as c:
         if getattr(a, "reuse_active", False):
             active = _active_job_for(c, a.source, a.output, region)
@@ -212,6 +215,10 @@ def cmd_submit(a):
             job = c.restore_region(a.source, a.model, a.output, region[0], region[1], **kw)
         else:
             job = c.restore_dataset(a.source, a.model, a.output, **kw)
+        if job.dry_run is not None:  # nothing was written: print what the job would do
+            from ..jobs.estimate import format_estimate
+            print(format_estimate(job.dry_run), flush=True)
+            return 0
         print(job.job_id, flush=True)
         print(f"submitted restore job {job.job_id}: {job.blocks_total} block(s), {job.state}"
               + (f" ({job.message})" if job.message else ""), file=sys.stderr, flush=True)
@@ -344,6 +351,14 @@ def submit_arguments(p) -> None:
                    help="a registration target configured on the server (repeatable)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output written by emrestore for another job")
+    p.add_argument("--output-encoding", default="", metavar="ENC",
+                   help="raw, png or jpeg (uint8); default: as the existing output, else as the source")
+    p.add_argument("--jpeg-quality", type=int, default=0, metavar="Q",
+                   help="jpeg quality 1-100 (default: the existing output's, the source's, else 90)")
+    p.add_argument("--output-sharding", default="", metavar="HOW",
+                   help="sharded, unsharded or auto (default: as the existing output, else as the source)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the job would do (tasks, objects, bytes, GPU-hours) and write nothing")
     p.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_client_args(p)

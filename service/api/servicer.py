@@ -188,7 +188,9 @@ def restore_spec_from_request(req: pb.CreateRestoreJobRequest):
         region=_region(req, "region", required=True) if which == "region" else None, whole=which == "whole",
         mip=req.mip, incremental=req.incremental, sampler=req.sampler, steps=req.steps, samples=req.samples,
         seed=req.seed, parallelism=req.parallelism, register_in=_target_names(req), labels=dict(req.labels),
-        estimate=req.estimate, overwrite=req.overwrite, execution=req.execution)
+        estimate=req.estimate, overwrite=req.overwrite, execution=req.execution,
+        output_encoding=req.output_encoding, jpeg_quality=req.jpeg_quality, output_sharding=req.output_sharding,
+        dry_run=req.dry_run)
 
 
 def train_spec_from_request(req: pb.CreateTrainJobRequest):
@@ -296,7 +298,12 @@ class RestorationServicer(pb_grpc.RestorationServicer):
 
     @_unary
     def CreateRestoreJob(self, request, context):
-        return job_to_proto(self.manager.submit(restore_spec_from_request(request), owner=self._user(context)))
+        got = self.manager.submit(restore_spec_from_request(request), owner=self._user(context))
+        if isinstance(got, dict):  # a dry run: its estimate, and no job
+            job = pb.Job(message="dry run: nothing written")
+            job.dry_run.CopyFrom(_struct(got))
+            return job
+        return job_to_proto(got)
 
     @_unary
     def CreateTrainJob(self, request, context):

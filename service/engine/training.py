@@ -165,6 +165,8 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
     device = resolve_device(cfg.device)
     nets = _Pair(model.predictor, model.denoiser).to(device)
     nets.train()
+    for p in nets.parameters():  # a model trained before in this process holds its (frozen) EMA copy
+        p.requires_grad_(True)
     ema = copy.deepcopy(nets).eval()
     for p in ema.parameters():
         p.requires_grad_(False)

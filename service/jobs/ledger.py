@@ -5,7 +5,9 @@ Layout under the ledger root URL::
     jobs/{job_id}/spec.json                  immutable job spec (JSON object)
     jobs/{job_id}/plan.json                  immutable typed plan (plans.py), written with the job
     jobs/{job_id}/state.json                 state, message, times, counters
-    jobs/{job_id}/blocks/{index:08d}.done    completion marker of one block
+    jobs/{job_id}/blocks/{index:08d}.done    completion marker of one block (task)
+    jobs/{job_id}/done/{group:08d}.json      bitmap of the done blocks of one group of 4096
+                                             (markers.py: progress without listing markers)
     jobs/{job_id}/leases/{index:08d}.json    lease on one block (owner, expiry)
     jobs/{job_id}/supervisor.json            lease of the server that supervises the job
     jobs/{job_id}/events/{ns:020d}-{writer}-{n:08d}.json   one object per event
@@ -24,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from .ledger_pool import PoolQueries
+from .markers import MARKERS_VERSION, DoneGroups
 from .store import DELETE, KEEP, open_store
 
 __all__ = [
@@ -52,7 +55,7 @@ def _dumps(obj: Any, what: str) -> bytes:
 
 # ----------------------------------------------------------------- ledger
 
-class Ledger(PoolQueries):
+class Ledger(PoolQueries, DoneGroups):
     """Durable record of jobs, block completion, block leases and events.
 
     ``url``: ledger root (``file://``, a plain path, ``memory://``, ``s3://``
@@ -78,6 +81,7 @@ class Ledger(PoolQueries):
         self._event_lock = threading.Lock()
         self._event_n = 0
         self._event_last_ns = 0
+        self._groups_init()
 
     def __repr__(self) -> str:
         return f"Ledger({self.url!r})"
@@ -114,11 +118,12 @@ class Ledger(PoolQueries):
         state = {
             "job_id": job_id, "state": PENDING, "message": "", "created": now,
             "updated": now, "num_blocks": num_blocks, "cancel_requested": False,
-            "blocks_done": None, "owner": owner,
+            "blocks_done": None, "owner": owner, "markers": MARKERS_VERSION,
         }
         if not self._store.create(self._k(job_id, "state.json"), _dumps(state, "state"), lock):
             raise JobExists(f"job_id {job_id!r} already exists in ledger {self.url}")
         self._num_blocks[job_id] = num_blocks
+        self._grouped[job_id] = True
         self.add_event(job_id, "created", f"job created with {num_blocks} blocks",
                        num_blocks=num_blocks)
         return self._record(state, json.loads(spec_bytes), blocks_done=0)
@@ -145,7 +150,7 @@ class Ledger(PoolQueries):
             if st["state"] in TERMINAL_STATES and st.get("blocks_done") is not None:
                 blocks_done = st["blocks_done"]
             else:
-                blocks_done = len(self._done_set(st["job_id"]))
+                blocks_done = self.done_count(st["job_id"])
         return JobRecord(
             job_id=st["job_id"], spec=spec, state=st["state"], message=st["message"],
             created=st["created"], updated=st["updated"], num_blocks=st["num_blocks"],
@@ -219,7 +224,7 @@ class Ledger(PoolQueries):
             raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
         if not isinstance(message, str):
             raise ValueError(f"message must be a string, got {type(message).__name__}")
-        count = len(self.done_blocks(job_id)) if state in TERMINAL_STATES else None
+        count = self.done_count(job_id) if state in TERMINAL_STATES else None
         changed = []
 
         def change(st: dict):
@@ -249,7 +254,7 @@ class Ledger(PoolQueries):
         A RUNNING job stays RUNNING with ``cancel_requested`` set until the
         service sets CANCELLED; finished jobs are left unchanged.
         """
-        count = len(self.done_blocks(job_id))
+        count = self.done_count(job_id)
         changed = []
 
         def change(st: dict):
@@ -293,8 +298,11 @@ class Ledger(PoolQueries):
         if not isinstance(info, dict):
             raise ValueError(f"info must be a dict, got {type(info).__name__}")
         data = _dumps({"index": index, "done_at": self._clock(), "info": info}, "info")
-        return self._store.create(self._k(job_id, "blocks", f"{index:08d}.done"), data,
-                                  self._k(job_id, ".lock"))
+        new = self._store.create(self._k(job_id, "blocks", f"{index:08d}.done"), data,
+                                 self._k(job_id, ".lock"))
+        if self._is_grouped(job_id):
+            self._set_bit(job_id, index)  # after the marker: a lost bit is repaired by is_done
+        return new
 
     def block_info(self, job_id: str, index: int) -> dict | None:
         """The completion marker of a block ({index, done_at, info}) or None."""
@@ -311,14 +319,16 @@ class Ledger(PoolQueries):
         return out
 
     def done_blocks(self, job_id: str) -> set[int]:
-        """Indices of completed blocks, from one listing of the markers."""
+        """Indices of completed blocks (small jobs; large ones use ``done_mask``/``done_count``)."""
         self.num_blocks(validate_job_id(job_id))  # JobNotFound for unknown jobs
-        return self._done_set(job_id)
+        if not self._is_grouped(job_id):
+            return self._done_set(job_id)
+        return {int(i) for i in self.done_mask(job_id).nonzero()[0]}
 
     def progress(self, job_id: str) -> tuple[int, int]:
         """(blocks done, blocks in total)."""
         total = self.num_blocks(validate_job_id(job_id))
-        return len(self._done_set(job_id)), total
+        return self.done_count(job_id), total
 
     # -- leases
     def _lease_key(self, job_id: str, index: int) -> str:

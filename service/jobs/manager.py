@@ -23,13 +23,14 @@ from ..volume.policy import StorePolicy, inside
 from . import admission
 from .admission import WorkLimits  # noqa: F401 - re-exported (serve, tests)
 from .completion import CompletedJob, CompletionHook, failure_messages
+from .cutouts import CutoutResult, Cutouts  # noqa: F401 - CutoutResult re-exported
 from .executors import Executor
-from .ledger import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL_STATES, Ledger
+from .ledger import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL_STATES, Ledger, new_job_id
 from .models import ModelRegistry
-from .planning import Planner, dataset_norm, existing_chunks, scale_for  # noqa: F401 - re-exported
+from .estimate import estimate, uncertainty_format
+from .planning import Planner, dataset_norm, inherited_tasks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
-from .spec import CutoutSpec, RestoreSpec, TrainSpec, list_request
-from .worker import check_info, load_cutout_result, restore_block
+from .spec import RestoreSpec, TrainSpec, list_request
 
 MAX_RELAUNCHES = 2
 #: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
@@ -56,42 +57,36 @@ class JobStatus:
     owner: str = ""
 
 
-@dataclass
-class CutoutResult:
-    mean_zyx: np.ndarray
-    std_zyx: np.ndarray | None
-    output_start_xyz: tuple
-    resolution_nm_xyz: tuple
-    dtype: str
-    message: str
-
-
 def _plan_summary(plan) -> dict:
     """The part of a plan shown with the job (GetJob's spec.plan); the block list is left out."""
     if isinstance(plan, RestorePlan):
         return {"model_url": plan.model_url, "task": plan.task, "factor": plan.factor,
                 "scale_xyz": list(plan.scale_xyz), "block_size_xyz": list(plan.blocks.block_size_xyz),
                 "num_blocks_planned": plan.num_blocks_planned, "num_tasks": plan.num_tasks,
+                "stages": [[s.base_mip, s.top_mip, s.num_tasks] for s in plan.blocks.stages],
+                "output_format": plan.output_format, "uncertainty_full_scale": plan.uncertainty_full_scale,
                 "output_resolution_nm_xyz": list(plan.output_resolution_nm_xyz),
                 "write_box_zyx": plan.blocks.write_box.to_list(), "region_message": plan.blocks.message}
     return {"factor": plan.factor, "read_box_zyx": plan.read.to_list(), "num_tasks": 1,
             "voxel_size_nm": list(plan.voxel_size_nm)}
 
 
-class JobManager:
+class JobManager(Cutouts):
     def __init__(self, ledger_url: str, executor: Executor, models_dir: str | None = None,
                  max_cutout_voxels: int = 4_194_304, poll_interval_s: float = 0.5,
                  block_size_xyz: tuple[int, int, int] = (256, 256, 0), tile: int = 256,
                  overlap: int = 32, output_chunk_xyz: tuple[int, int, int] | None = None,
                  completion_hooks: list[CompletionHook] | None = None, store_policy: StorePolicy | None = None,
                  limits: WorkLimits | None = None, allow_foreign_overwrite: bool = False,
-                 interactive_max_blocks: int = INTERACTIVE_MAX_BLOCKS, cutout_timeout_s: float = 120.0):
+                 interactive_max_blocks: int = INTERACTIVE_MAX_BLOCKS, cutout_timeout_s: float = 120.0,
+                 shard_bytes: int | None = None):
         self.ledger = Ledger(ledger_url)
         self.ledger_url = ledger_url
         self.executor = executor
         self.models = ModelRegistry(models_dir)
         self.models_dir = models_dir
-        self.planner = Planner(self.models, block_size_xyz, tile, overlap, output_chunk_xyz, max_cutout_voxels)
+        self.planner = Planner(self.models, block_size_xyz, tile, overlap, output_chunk_xyz, max_cutout_voxels,
+                               **({"shard_bytes": shard_bytes} if shard_bytes else {}))
         self.poll_interval_s = poll_interval_s
         self.completion_hooks = list(completion_hooks or [])
         self.policy = store_policy or StorePolicy(None)
@@ -173,13 +168,24 @@ class JobManager:
         return self.models.describe(name_or_url)
 
     # ------------------------------------------------------------------ submit
-    def submit(self, spec: RestoreSpec | TrainSpec, owner: str = "") -> JobStatus:
+    def submit(self, spec: RestoreSpec | TrainSpec, owner: str = "", *, output_encoding: str = "",
+               jpeg_quality: int = 0, output_sharding: str = "auto", dry_run: bool = False):
         """Validate, check the store policy and the limits, plan, write the layers, record the
-        job and its plan, launch. Nothing is written before every check has passed."""
+        job and its plan, launch. Nothing is written before every check has passed.
+
+        Restore jobs: ``output_encoding`` (raw, png, jpeg; empty: as the source or the existing
+        layer), ``jpeg_quality`` (1–100; 0: default), ``output_sharding`` (auto, sharded,
+        unsharded). ``dry_run``: every check and the whole plan, nothing written — returns the
+        estimate (estimate.py) instead of a job."""
         if isinstance(spec, RestoreSpec):
             spec.validate()
-            admission.check_owner_quota(self.ledger, self.limits, owner)
-            return self._submit_restore(spec, owner)
+            output_encoding = output_encoding or spec.output_encoding
+            jpeg_quality = jpeg_quality or spec.jpeg_quality
+            output_sharding = output_sharding if output_sharding != "auto" else spec.output_sharding
+            dry_run = dry_run or spec.dry_run
+            if not dry_run:
+                admission.check_owner_quota(self.ledger, self.limits, owner)
+            return self._submit_restore(spec, owner, output_encoding, jpeg_quality, output_sharding, dry_run)
         if isinstance(spec, TrainSpec):
             spec.validate()
             admission.check_owner_quota(self.ledger, self.limits, owner)
@@ -189,36 +195,51 @@ class JobManager:
     def _num_tasks(self, spec_parallelism: int, n: int) -> int:
         return max(1, min(n, spec_parallelism or self.executor.default_parallelism))
 
-    def _submit_restore(self, spec: RestoreSpec, owner: str) -> JobStatus:
+    def _submit_restore(self, spec: RestoreSpec, owner: str, output_encoding: str = "", jpeg_quality: int = 0,
+                        output_sharding: str = "auto", dry_run: bool = False):
         admission.check_targets(self.completion_hooks, list(spec.register_in or []))
         admission.check_restore_stores(self.policy, spec, self.resolve_model, self.models_dir)
         admission.check_sampling_work(self.limits, spec.samples, spec.steps)
-        p = self.planner.restore(spec)
-        n = len(p.plan.blocks.blocks)
+        p = self.planner.restore(spec, output_encoding, jpeg_quality, output_sharding)
+        n = p.plan.blocks.num_tasks
         if p.plan.blocks.write_box.size > self.limits.max_job_voxels:
             raise ResourceExhausted("region", f"the job would write {p.plan.blocks.write_box.size} output voxels; "
                                               f"the limit is {self.limits.max_job_voxels} per job")
-        priority, execution = self._placement(spec, n)
-        plan = replace(p.plan, num_tasks=self._num_tasks(spec.parallelism, n), priority=priority,
+        priority, execution = self._placement(spec, p.plan.blocks.num_blocks)
+        first_stage = p.plan.blocks.stages[0].num_tasks if p.plan.blocks.stages else n
+        plan = replace(p.plan, num_tasks=self._num_tasks(spec.parallelism, first_stage), priority=priority,
                        execution=execution)
+        job_id = new_job_id(time.time())
         geom = p.geometry
-        layers = [(pc.create_output_layer, spec.output, geom.dtype)]
+        common = dict(num_downsample_scales=p.num_downsample_scales, overwrite_check_source_url=spec.source,
+                      overwrite=spec.overwrite, allow_foreign=self.allow_foreign_overwrite, job_id=job_id)
+        layers = [lambda check: pc.create_output_layer(spec.output, geom, geom.chunk_size_xyz, geom.dtype, p.provenance,
+                                                       fmt=p.fmt, check_only=check, **common)]
         if spec.uncertainty_output:
-            layers.append((pc.create_uncertainty_layer, spec.uncertainty_output, None))
-        for check_only in (True, False):  # every check on both layers first, then write
-            for create, url, dtype in layers:
-                args = (url, geom, geom.chunk_size_xyz) + ((dtype,) if dtype else ()) + (p.provenance,)
-                create(*args, num_downsample_scales=len(geom.downsample_factors_xyz),
-                       overwrite_check_source_url=spec.source, overwrite=spec.overwrite,
-                       allow_foreign=self.allow_foreign_overwrite, check_only=check_only)
-        rec = self.ledger.create_job(spec.to_dict(), n, plan=plan.to_dict(), owner=owner)
+            ufmt = uncertainty_format(p.fmt, np.dtype(geom.dtype).itemsize)
+            layers.append(lambda check: pc.create_uncertainty_layer(
+                spec.uncertainty_output, geom, geom.chunk_size_xyz, p.provenance, dtype="uint8",
+                uint8_full_scale=plan.uncertainty_full_scale, fmt=ufmt, check_only=check, **common))
+        for create in layers:  # every check on both layers first
+            create(True)
+        if dry_run:
+            meta = self.models.metadata(plan.model_url)
+            return estimate(replace(p, plan=plan), meta.get("preset"))
+        for create in layers:
+            create(False)
+        rec = self.ledger.create_job(spec.to_dict(), n, job_id=job_id, plan=plan.to_dict(), owner=owner)
         self._supervise_lease(rec.job_id)
         if plan.blocks.message:
             self.ledger.add_event(rec.job_id, "planned", plan.blocks.message)
-        if n == 0:
+        inherited = inherited_tasks(self.ledger, plan.blocks, list(p.previous_jobs)) if p.previous_jobs else []
+        if len(inherited):
+            self.ledger.mark_grouped(rec.job_id, inherited)
+            self.ledger.add_event(rec.job_id, "incremental", f"{len(inherited)} of {n} task(s) were done by earlier "
+                                  f"job(s) {', '.join(p.previous_jobs)[:300]} of this method; they are kept")
+        if n == 0 or len(inherited) >= n:
             self.ledger.set_state(rec.job_id, RUNNING, "nothing to do")
             self._complete(rec.job_id, plan, owner)
-            self.ledger.set_state(rec.job_id, SUCCEEDED, "incremental: every block's output already exists")
+            self.ledger.set_state(rec.job_id, SUCCEEDED, "incremental: every task was done by an earlier job")
         else:
             self._launch(rec.job_id, plan.num_tasks)
         return self.get(rec.job_id)
@@ -283,9 +304,8 @@ class JobManager:
         try:
             plan = self.plan_of(job_id)
             spec["plan"] = _plan_summary(plan)
-            if isinstance(plan, RestorePlan):
-                bx, by, bz = plan.blocks.block_size_xyz
-                block_voxels = bx * by * bz
+            if isinstance(plan, RestorePlan):  # voxels per task (stage 0 holds the restoration)
+                block_voxels = plan.blocks.write_box.size // max(1, plan.blocks.num_tasks)
         except PlanMissing:
             pass  # a job of an older emrestore: shown without its plan
         with self._lock:
@@ -339,60 +359,6 @@ class JobManager:
             if (t_end is not None and time.time() > t_end) or (stop is not None and stop.is_set()):
                 return
             time.sleep(self.poll_interval_s)
-
-    # ------------------------------------------------------------------ cutout
-    def cutout(self, spec: CutoutSpec) -> CutoutResult:
-        """Plan one block over the region and restore it with the workers' code; nothing written."""
-        spec.validate()
-        self.policy.check(spec.source, "source")
-        self.policy.check(self.resolve_model(spec.model), "model")
-        admission.check_sampling_work(self.limits, spec.samples, spec.steps)
-        plan, block, src = self.planner.cutout(spec)
-        if self.has_pool:
-            return self._cutout_on_pool(spec, plan, block)
-        data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
-        model = self.models.load(plan.model_url)
-        mean, std, res = restore_block(plan, block, model, data)
-        info = {}
-        if res is not None:
-            info = {"restore_seconds": res.seconds, **check_info(res)}
-        return self._cutout_result(plan, block, mean, std, info)
-
-    def _cutout_result(self, plan, block, mean, std, info: dict) -> CutoutResult:
-        mean = np.ascontiguousarray(mean)
-        std = np.ascontiguousarray(std) if std is not None else None
-        msg = f"restored {mean.shape[0]} sections of {mean.shape[1]}×{mean.shape[2]}"
-        if "restore_seconds" in info:
-            msg += f" in {info['restore_seconds']:.1f} s"
-            if info.get("score") is not None:
-                msg += f"; needs-fine-tuning score {info['score']:.2f}" + (" (needs fine-tuning)" if info.get("needs_finetuning") else "")
-        return CutoutResult(mean, std, block.write.start_xyz, plan.output_resolution_nm_xyz, str(mean.dtype), msg)
-
-    def _cutout_on_pool(self, spec: CutoutSpec, plan: RestorePlan, block) -> CutoutResult:
-        """A cutout as a one-block interactive job that a pool worker runs (its arrays come back
-        through the ledger); waits at most ``cutout_timeout_s``, then cancels it (UNAVAILABLE)."""
-        from dataclasses import asdict
-        plan = replace(plan, kind="cutout", priority="interactive", execution="pool")
-        spec_d = dict(asdict(spec), kind="cutout")
-        rec = self.ledger.create_job(spec_d, 1, plan=plan.to_dict())
-        self._launch(rec.job_id, 1)
-        deadline = time.monotonic() + self.cutout_timeout_s
-        delay = 0.02
-        while True:
-            marker = self.ledger.block_info(rec.job_id, 0)
-            if marker is not None:
-                break
-            if self.ledger.cancel_requested(rec.job_id):
-                raise EmrestoreError("region", f"cutout job {rec.job_id} was cancelled or failed", code="UNAVAILABLE")
-            if time.monotonic() > deadline:
-                self.ledger.request_cancel(rec.job_id)
-                raise EmrestoreError("region", f"no pool worker restored the cutout within "
-                                               f"{self.cutout_timeout_s:g} s (job {rec.job_id}); "
-                                               "is the worker pool running?", code="UNAVAILABLE")
-            time.sleep(delay)
-            delay = min(0.2, delay * 1.5)
-        mean, std = load_cutout_result(self.ledger, rec.job_id)
-        return self._cutout_result(plan, block, mean, std, marker.get("info", {}))
 
     # ------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:

@@ -5,7 +5,6 @@ missing) and the training region are decided here, once; workers load the result
 
 from __future__ import annotations
 
-import posixpath
 import threading
 from dataclasses import dataclass, replace
 
@@ -13,12 +12,18 @@ import numpy as np
 
 from ..engine.model import gap_mismatch
 from ..engine.normalize import IntensityNorm
-from ..errors import EmrestoreError, FailedPrecondition, ResourceExhausted
+from ..errors import EmrestoreError, FailedPrecondition, ResourceExhausted, quote
 from ..volume import precomputed as pc
-from ..volume.blocks import Block, Plan, plan_blocks
+from ..volume.blocks import Block, Plan, plan_blocks, write_grid
 from ..volume.geometry import Box
+from ..volume.layers import check_format, layer_jobs
+from ..volume.sharding import check_spec
+from ..volume.pyramid import (
+    DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_BYTES, ENCODINGS, SHARDINGS, LayerFormat, layer_scales, pyramid_factors,
+    scales_from_info,
+)
 from .models import ModelRegistry
-from .plans import RestorePlan, TrainPlan
+from .plans import PlanMissing, RestorePlan, TrainPlan, plan_from_dict
 from .spec import LATERAL_CONTEXT, CutoutSpec, RestoreSpec, TrainSpec
 
 #: Training reads at most this many source voxels (a centred region when the layer is larger).
@@ -52,61 +57,129 @@ def dataset_norm(url: str, mip: int = 0, max_sections: int = 8, max_side: int = 
     return IntensityNorm.from_volume(np.concatenate([p.reshape(-1) for p in parts]))
 
 
-def existing_chunks(url: str, key: str) -> set[str]:
-    """Names of the chunk files present at one scale of a layer (one listing)."""
-    from cloudfiles import CloudFiles
+def source_format(url: str, mip: int = 0) -> dict:
+    """How the source scale is stored: ``{"encoding", "sharded", "jpeg_quality"}``."""
+    from ..volume.info import _read_info
+    _, info = _read_info(url, "source")
+    s = info["scales"][min(int(mip), len(info["scales"]) - 1)]
+    return {"encoding": str(s.get("encoding", "raw")), "sharded": bool(s.get("sharding")),
+            "jpeg_quality": s.get("jpeg_quality")}
+
+
+def existing_layer(url: str, field: str) -> dict | None:
+    """The info of an existing layer at ``url`` (None when there is none)."""
+    from ..volume.info import _info_exists, _read_info
+    if not _info_exists(pc.normalize_url(url), field):
+        return None
+    return _read_info(url, field)[1]
+
+
+def output_format(src_dtype: str, src_fmt: dict, existing: dict | None, encoding: str = "",
+                  jpeg_quality: int = 0, sharding: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES) -> LayerFormat:
+    """The output layer's format: what was asked for; else the existing layer's (a resume keeps
+    its layer as it is); else the source's (a jpeg, sharded source gets jpeg, sharded outputs).
+    Refusals name the request field (output_encoding, jpeg_quality, output_sharding)."""
+    if encoding and encoding not in ENCODINGS:
+        raise EmrestoreError("output_encoding", f"{quote(encoding)}; allowed: {', '.join(ENCODINGS)} (or empty: as the source)")
+    if sharding not in SHARDINGS:
+        raise EmrestoreError("output_sharding", f"{quote(sharding)}; allowed: {', '.join(SHARDINGS)}")
+    if jpeg_quality and not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
+        raise EmrestoreError("jpeg_quality", f"{quote(jpeg_quality)}; allowed: 1..100 (0: the default)")
+    s0 = existing["scales"][0] if existing else None
+    enc = encoding or (s0.get("encoding", "raw") if s0 else src_fmt.get("encoding", "raw"))
+    if enc not in ENCODINGS:
+        enc = "raw"  # e.g. a compressed_segmentation or jxl source: restored images are stored raw
+    if not encoding and enc == "jpeg" and src_dtype != "uint8":
+        enc = "raw"
+    if enc == "png" and src_dtype not in ("uint8", "uint16") and not encoding:
+        enc = "raw"
+    q = jpeg_quality or (s0.get("jpeg_quality") if s0 else None) or src_fmt.get("jpeg_quality") or DEFAULT_JPEG_QUALITY
+    if sharding == "auto":
+        sharded = bool(s0.get("sharding")) if s0 else bool(src_fmt.get("sharded"))
+    else:
+        sharded = sharding == "sharded"
+    fmt = LayerFormat(encoding=enc, jpeg_quality=int(q), sharded=sharded, shard_bytes=int(shard_bytes))
     try:
-        cf = CloudFiles(url)
-        return {posixpath.basename(p) for p in cf.list(prefix=key + "/")}
-    except Exception:  # noqa: BLE001 - an unreadable listing means nothing is known to exist
-        return set()
+        check_format(fmt, src_dtype)
+    except pc.VolumeError as e:
+        raise EmrestoreError(e.field, str(e).split(": ", 1)[-1]) from None
+    return fmt
 
 
-def scale_keys(geom: pc.VolumeInfo) -> list[tuple[str, tuple[int, int, int], Box]]:
-    """(key, factor zyx, bounds) of every scale of an output layer: mip 0 and its downsamplings."""
-    out = []
-    rx, ry, rz = geom.resolution_nm_xyz
-    base = Box(geom.start_zyx, geom.stop_zyx)
-    for fx, fy, fz in [(1, 1, 1)] + [tuple(f) for f in geom.downsample_factors_xyz]:
-        key = "_".join(f"{r:g}" for r in (rx * fx, ry * fy, rz * fz))
-        f_zyx = (int(fz), int(fy), int(fx))
-        out.append((key, f_zyx, base.shrink_by(f_zyx)))
-    return out
+def uncertainty_full_scale(dtype: str, norm: IntensityNorm) -> float:
+    """The std a uint8 uncertainty value of 255 stands for: 63.75 grey levels for uint8 sources
+    (a quarter grey level per step; restored EM's error std is 5–15 grey levels), a quarter of
+    the normalisation window for uint16 and float32 sources."""
+    if dtype == "uint8":
+        return 63.75
+    return float(norm.hi - norm.lo) / 4.0
 
 
-def missing_blocks(plan: Plan, geom: pc.VolumeInfo, urls: list[str]) -> list[Block]:
-    """Blocks of ``plan`` with a chunk missing in any scale of any of the layers ``urls``."""
-    chunk = geom.chunk_zyx
-    todo: dict[int, Block] = {}
-    for url in urls:
-        for key, f, bounds in scale_keys(geom):
-            have = existing_chunks(url, key)
-            for b in plan.blocks:
-                if b.index in todo:
-                    continue
-                w = b.write.shrink_by(f)
-                if not set(w.chunk_names(chunk, bounds)) <= have:
-                    todo[b.index] = b
-    return [b for b in plan.blocks if b.index in todo]
+def inherited_tasks(ledger, plan: Plan, previous: list[str]) -> np.ndarray:
+    """Tasks of ``plan`` that earlier jobs (ids, this ledger) with the same method already did:
+    same stage cells (grid.Stage.key), done there, and — for later stages — every cell of the
+    stage below that feeds them inherited too (else it is rebuilt). Reads the earlier jobs'
+    done bitmaps, never their markers; returns sorted task indices."""
+    inherited: list[np.ndarray] = []
+    have_below = None  # bool grid of the previous stage: inherited cells
+    for st in plan.stages:
+        grid = np.zeros(st.counts, bool)
+        for job_id in previous:
+            try:
+                old = plan_from_dict(ledger.get_plan(job_id), job_id)
+            except (PlanMissing, KeyError, ValueError):
+                continue
+            if not isinstance(old, RestorePlan) or not old.blocks.stages:
+                continue
+            match = [o for o in old.blocks.stages if o.key() == st.key()]
+            if not match:
+                continue
+            o = match[0]
+            done = ledger.done_mask(job_id, o.first_task, o.stop_task).reshape(o.counts)
+            lo = [max(a, b) for a, b in zip(st.first, o.first)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(st.first, st.counts, o.first, o.counts)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            mine = tuple(slice(l - f, h - f) for l, h, f in zip(lo, hi, st.first))
+            theirs = tuple(slice(l - f, h - f) for l, h, f in zip(lo, hi, o.first))
+            grid[mine] |= done[theirs]
+        if st.index > 0 and have_below is not None:
+            prev = plan.stages[st.index - 1]
+            for local in np.flatnonzero(grid):
+                coords = st.coords(int(local))
+                rel = tuple(x // y for x, y in zip(st.factor, prev.factor))
+                need = st.cell_box(coords).scale(rel)
+                lo, hi = prev.cells_over(need)
+                sub = have_below[tuple(slice(a - f, b - f) for a, b, f in zip(lo, hi, prev.first))]
+                if not sub.all():
+                    grid.flat[local] = False
+        have_below = grid
+        inherited.append(st.first_task + np.flatnonzero(grid.reshape(-1)))
+    return np.concatenate(inherited) if inherited else np.zeros(0, np.int64)
 
 
 @dataclass
 class RestorePlanning:
-    """A restore plan and what the manager writes before recording it."""
+    """A restore plan and what the manager writes (or, on a dry run, reports) before recording it."""
     plan: RestorePlan
     geometry: pc.VolumeInfo
     provenance: dict
     output_exists: bool
+    fmt: LayerFormat = LayerFormat()
+    num_downsample_scales: int | None = None
+    previous_jobs: tuple[str, ...] = ()   # earlier jobs of this method on the output (incremental)
 
 
 class Planner:
     def __init__(self, models: ModelRegistry, block_size_xyz=(256, 256, 0), tile: int = 256,
-                 overlap: int = 32, output_chunk_xyz=None, max_cutout_voxels: int = 4_194_304):
+                 overlap: int = 32, output_chunk_xyz=None, max_cutout_voxels: int = 4_194_304,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.models = models
         self.block_size_xyz = tuple(block_size_xyz)
         self.tile, self.overlap = tile, overlap
         self.output_chunk_xyz = output_chunk_xyz
         self.max_cutout_voxels = max_cutout_voxels
+        self.shard_bytes = int(shard_bytes)
         self._norms: dict[tuple, IntensityNorm] = {}
         self._lock = threading.Lock()
 
@@ -116,7 +189,9 @@ class Planner:
                 self._norms[(url, mip)] = dataset_norm(url, mip)
             return self._norms[(url, mip)]
 
-    def output_geometry(self, src: pc.VolumeInfo, scale, dtype: str) -> pc.VolumeInfo:
+    def output_geometry(self, src: pc.VolumeInfo, scale, dtype: str, num_scales: int | None = None) -> pc.VolumeInfo:
+        """The output's mip 0 with its lower scales' factors: the full pyramid (down to a
+        chunk-sized top), or ``num_scales`` in all (an existing layer's count)."""
         k = scale[2]
         if self.output_chunk_xyz:
             chunk = tuple(self.output_chunk_xyz)
@@ -125,12 +200,16 @@ class Planner:
             cz = k * max(1, 16 // k) if k > 1 else src.chunk_size_xyz[2]
             chunk = (cx * scale[0], cy * scale[1], cz)
         geom = pc.output_geometry(src, scale, chunk_size_xyz=chunk, dtype=dtype)
-        factors = pc.downsample_factors(geom.resolution_nm_xyz, 1, geom.voxel_offset_xyz)
+        if num_scales is None:
+            factors = pyramid_factors(geom.size_xyz, geom.voxel_offset_xyz, geom.resolution_nm_xyz, chunk)
+        else:
+            factors = pc.downsample_factors(geom.resolution_nm_xyz, max(0, num_scales - 1))
         return replace(geom, downsample_factors_xyz=factors)
 
-    def block_size(self, geom: pc.VolumeInfo) -> tuple[int, int, int]:
-        """The configured block size (xyz), rounded up to the layer's write grid."""
-        uz, uy, ux = geom.write_alignment_zyx
+    def block_size(self, scales) -> tuple[int, int, int]:
+        """The configured block size (xyz), rounded up to the layer's write grid (the chunk times
+        mip 1's factor; the chunk when sharded: a block is then part of a shard)."""
+        uz, uy, ux = scales[0].chunk_zyx if scales[0].sharding is not None else write_grid(scales)
         bx, by, bz = self.block_size_xyz
         r = lambda v, u: max(u, (max(v, 1) + u - 1) // u * u)  # noqa: E731
         return (r(bx, ux), r(by, uy), r(bz, uz) if bz else uz)
@@ -143,7 +222,12 @@ class Planner:
         return url, meta
 
     # ------------------------------------------------------------------ restore
-    def restore(self, spec: RestoreSpec) -> RestorePlanning:
+    def restore(self, spec: RestoreSpec, output_encoding: str = "", jpeg_quality: int = 0,
+                output_sharding: str = "auto") -> RestorePlanning:
+        """Plan a restore job: the output layer's format and pyramid, the stages of tasks, the
+        normalisation; an incremental job also names the earlier jobs whose tasks it inherits.
+        Reads the source's info, the output's info and provenance, and the normalisation crops;
+        writes nothing."""
         src = pc.open_source(spec.source, spec.mip)
         model_url, meta = self._model(spec.model, spec.samples)
         task, factor = meta["task"], int(meta["factor"])
@@ -151,31 +235,49 @@ class Planner:
         if why:
             raise FailedPrecondition("model", f"{why[:300]} (source {spec.source[:120]})")
         scale = scale_for(task, factor)
-        geom = self.output_geometry(src, scale, src.dtype)
+        existing = existing_layer(spec.output, "output")
+        fmt = output_format(src.dtype, source_format(spec.source, spec.mip), existing, output_encoding,
+                            jpeg_quality, output_sharding, self.shard_bytes)
+        n_scales = len(existing["scales"]) if existing else None
+        geom = self.output_geometry(src, scale, src.dtype, n_scales)
+        try:
+            scales = layer_scales(geom.size_xyz, geom.voxel_offset_xyz, geom.resolution_nm_xyz, geom.chunk_size_xyz,
+                                  np.dtype(src.dtype).itemsize, fmt, geom.downsample_factors_xyz)
+        except ValueError as e:
+            raise EmrestoreError("output_sharding", f"cannot shard this layer: {e}"[:300]) from None
+        if existing and fmt.sharded:  # keep an existing layer's shards (they may follow another target size)
+            old = scales_from_info(existing)
+            if len(old) == len(scales):
+                for o in old:
+                    why = check_spec(o.sharding, o.size_xyz, o.chunk_zyx[::-1]) if o.sharding else None
+                    if why:
+                        raise EmrestoreError("output_sharding", f"the existing output layer's mip {o.mip} cannot be "
+                                                              f"written shard by shard: {why}")
+                scales = [replace(s, sharding=o.sharding) for s, o in zip(scales, old)]
         region = None
         if spec.region_start_xyz is not None:
             r = Box.from_xyz(spec.region_start_xyz, spec.region_stop_xyz)
             region = (r.start, r.stop)
-        block_xyz = self.block_size(geom)
-        full = plan_blocks(src, geom, scale, block_xyz, LATERAL_CONTEXT, region)
-        out_exists = pc.object_exists(pc.normalize_url(spec.output).rstrip("/") + "/info", "output")
-        blocks = full
-        if spec.incremental and out_exists:
-            urls = [spec.output] + ([spec.uncertainty_output] if spec.uncertainty_output else [])
-            todo = missing_blocks(full, geom, urls)
-            # re-indexed 0..n-1: ledger markers address the persisted plan's blocks
-            blocks = replace(full, blocks=tuple(replace(b, index=i) for i, b in enumerate(todo)))
+        block_xyz = self.block_size(scales)
+        whole = Box(geom.start_zyx, geom.stop_zyx)
+        job_bytes = (whole.size if region is None else
+                     Box.from_xyz(spec.region_start_xyz, spec.region_stop_xyz).size * int(np.prod(scale)))
+        cell = int(min(fmt.shard_bytes, max(np.prod(block_xyz), job_bytes // 256) * np.dtype(src.dtype).itemsize))
+        blocks = plan_blocks(src, geom, scale, block_xyz, LATERAL_CONTEXT, region, scales=scales, cell_bytes=cell)
         norm = self.norm(spec.source, spec.mip)
+        provenance = {"source": spec.source, "model": model_url, "task": task, "factor": factor,
+                      "sampler": spec.sampler, "steps": spec.steps, "samples": spec.samples, "seed": spec.seed}
+        previous = tuple(layer_jobs(spec.output, provenance)) if (spec.incremental and existing) else ()
         plan = RestorePlan(
             source=spec.source, mip=spec.mip, output=spec.output,
             uncertainty_output=spec.uncertainty_output or None, model_url=model_url, task=task,
             factor=factor, scale_xyz=scale, output_resolution_nm_xyz=tuple(geom.resolution_nm_xyz),
             output_dtype=src.dtype, norm=norm.to_dict(), sampler=spec.sampler, steps=spec.steps,
             samples=spec.samples, seed=spec.seed, estimate=spec.estimate, tile=self.tile,
-            overlap=self.overlap, blocks=blocks, num_blocks_planned=len(full.blocks))
-        provenance = {"source": spec.source, "model": model_url, "task": task, "factor": factor,
-                      "sampler": spec.sampler, "steps": spec.steps, "samples": spec.samples, "seed": spec.seed}
-        return RestorePlanning(plan, geom, provenance, out_exists)
+            overlap=self.overlap, blocks=blocks, num_blocks_planned=blocks.num_tasks,
+            output_format=fmt.to_dict(),
+            uncertainty_full_scale=uncertainty_full_scale(src.dtype, norm) if spec.uncertainty_output else None)
+        return RestorePlanning(plan, geom, provenance, existing is not None, fmt, len(scales) - 1, previous)
 
     # ------------------------------------------------------------------ cutout
     def cutout(self, spec: CutoutSpec) -> tuple[RestorePlan, Block, pc.VolumeInfo]:
@@ -213,8 +315,9 @@ class Planner:
             output_dtype=src.dtype, norm=norm.to_dict(), sampler=spec.sampler, steps=spec.steps,
             samples=spec.samples, seed=spec.seed, estimate=getattr(spec, "estimate", ""), tile=self.tile,
             overlap=self.overlap,
-            blocks=Plan(blocks=(block,), scale_xyz=scale, block_size_xyz=write.shape[::-1],
-                        lateral_context=LATERAL_CONTEXT, write_box=write, region=region),
+            blocks=Plan(stages=(), scale_xyz=scale, block_size_xyz=write.shape[::-1],
+                        lateral_context=LATERAL_CONTEXT, write_box=write, source_box=bounds, region=region,
+                        explicit=(block,)),
             num_blocks_planned=1)
         return plan, block, src
 

@@ -1,21 +1,25 @@
 """Typed job plans: what a worker needs to run a job, written once by the manager into the
 ledger (``jobs/{id}/plan.json``) and loaded by every worker — workers never re-plan.
 
-A restore plan lists every block (read and write boxes, zyx) and everything that decides the
-bytes written: model, scale, sampling, seed, normalisation, output dtype, tiling. A train plan
-is one block: the training region and the training settings.
+A restore plan describes its work as grids (volume/grid.py: stages of tasks over the output
+layer's scales, restoration blocks computed on demand) — a few hundred bytes whatever the
+dataset's size — and everything that decides the bytes written: model, scale, sampling, seed,
+normalisation, output dtype and format, tiling. A train plan is one block: the training region
+and the training settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..volume.blocks import Block, Plan
 from ..volume.geometry import Box
 
 #: Version of the plan format; a ledger job without a plan (or with another version) is refused.
-PLAN_VERSION = 1
+#: Version 1 listed every block; those plans are still read (their blocks become explicit tasks).
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class PlanMissing(ValueError):
@@ -51,9 +55,14 @@ class RestorePlan:
     priority: str = "batch"
     #: where the job's blocks run: "pool" (warm pool workers) or "batch" (Indexed Job / local tasks)
     execution: str = "batch"
+    #: how the output layer is stored (pyramid.LayerFormat as a dict; {} = raw unsharded)
+    output_format: dict = field(default_factory=dict)
+    #: the std a uint8 uncertainty value of 255 stands for (None: a float32 layer of older plans)
+    uncertainty_full_scale: float | None = None
 
     def block(self, index: int) -> Block:
-        return self.blocks.blocks[index]
+        """Restoration block ``index`` of a one-block task (cutouts, plans of format 1)."""
+        return self.blocks.blocks_in(index)[0]
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "blocks"}
@@ -120,7 +129,7 @@ def plan_from_dict(d: dict[str, Any] | None, job_id: str = "") -> JobPlan:
     if not d:
         raise PlanMissing(f"job {job_id}: recorded by an older emrestore without a persisted plan; "
                           "resubmit it (its finished output chunks are kept with incremental=true)")
-    if d.get("version") != PLAN_VERSION:
+    if d.get("version") not in READABLE_VERSIONS:
         raise PlanMissing(f"job {job_id}: plan format version {d.get('version')!r} is not "
                           f"{PLAN_VERSION}; resubmit the job with this emrestore")
     kind = d.get("kind")

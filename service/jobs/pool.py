@@ -130,30 +130,24 @@ class PoolWorker:
     def step(self) -> bool:
         """Lease and run one block of the highest-priority job that has a free one; True if a
         block was done by this worker."""
-        from ..volume import precomputed as pc
-        from .worker import process_block
+        from .worker import Cancelled, free_tasks, process_block
         self.stats.polls += 1
         self._current = None
         for job_id, plan in self.candidates():
-            done = self.ledger.done_blocks(job_id)
-            busy = self.ledger.leased_blocks(job_id)
-            free = [i for i in range(len(plan.blocks.blocks)) if i not in done and i not in busy]
-            for i in free:
+            for i in free_tasks(self.ledger, job_id, plan):
                 if self._stopped or self.ledger.cancel_requested(job_id):
                     break
                 self._current = job_id
                 model = self.cache.get(plan.model_url)
-
-                def read(i, plan=plan):
-                    b = plan.block(i)
-                    return pc.read_zyx(plan.source, b.read.start, b.read.stop, plan.mip)
-
-                secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl, read=read)
+                try:
+                    secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl)
+                except Cancelled:
+                    break
                 if secs is None or secs == 0.0:
                     continue  # leased or finished by another worker meanwhile
                 self.stats.blocks += 1
                 self.stats.order.append((job_id, i))
-                self.log(f"[pool {self.owner}] job {job_id} ({plan.priority}) block {i} done in {secs:.1f} s")
+                self.log(f"[pool {self.owner}] job {job_id} ({plan.priority}) task {i} done in {secs:.1f} s")
                 return True
         return False
 

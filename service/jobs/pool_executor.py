@@ -165,10 +165,9 @@ def queue_depth(ledger: Ledger) -> dict[str, dict[str, int]]:
             continue
         prio = getattr(plan, "priority", "batch")
         prio = prio if prio in out else "batch"
-        done = ledger.done_blocks(rec.job_id)
-        leased = ledger.leased_blocks(rec.job_id) - done
-        out[prio]["leased"] += len(leased)
-        out[prio]["waiting"] += max(0, rec.num_blocks - len(done) - len(leased))
+        leased = len(ledger.leased_blocks(rec.job_id))  # live leases: blocks being worked on
+        out[prio]["leased"] += leased
+        out[prio]["waiting"] += max(0, rec.num_blocks - rec.blocks_done - leased)
     return out
 
 

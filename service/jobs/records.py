@@ -26,7 +26,7 @@ TRANSITIONS = {
     CANCELLED: frozenset(),
 }
 
-MAX_BLOCKS = 10 ** 8          # block index is written with 8 digits
+MAX_BLOCKS = 10 ** 10         # block (task) indices: 8 digits, more past 10⁸ (1 mm³ needs ~10⁷ tasks)
 MAX_TTL_S = 7 * 24 * 3600.0
 MAX_PAGE_SIZE = 1000
 
@@ -36,7 +36,7 @@ _OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _EVENT_NAME_RE = re.compile(r"^(\d{20})-([0-9a-f]{8})-(\d{8})\.json$")
 _EVENT_ID_RE = re.compile(r"^\d{20}-[0-9a-f]{8}-\d{8}$")
-_DONE_RE = re.compile(r"^(\d{8})\.done$")
+_DONE_RE = re.compile(r"^(\d{8,10})\.done$")
 
 
 # ----------------------------------------------------------------- errors

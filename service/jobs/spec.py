@@ -33,6 +33,7 @@ from typing import Any
 
 from ..engine.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SAMPLES, SAMPLER_NAMES
 from ..errors import EmrestoreError, quote
+from ..volume.pyramid import ENCODINGS, SHARDINGS
 
 Vec3 = tuple[int, int, int]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -59,6 +60,8 @@ LIMITS = Limits()
 MAX_TRAIN_STEPS = LIMITS.max_train_steps
 ESTIMATES = ("", "mean", "sample", "sample-mean")
 EXECUTIONS = ("auto", "pool", "batch")
+OUTPUT_ENCODINGS = ENCODINGS
+OUTPUT_SHARDINGS = SHARDINGS
 
 
 def _vec3(v, name: str, allow_none=True) -> Vec3 | None:
@@ -156,6 +159,14 @@ class RestoreSpec:
     #: where the blocks run: "pool" (warm workers), "batch" (Indexed Job / local tasks), or
     #: "auto": the pool for interactive-sized regions when the server has one (manager.py)
     execution: str = "auto"
+    #: how the output layer is stored: "" (as the existing layer, else as the source), raw, png, jpeg
+    output_encoding: str = ""
+    #: jpeg quality 1–100; 0: the existing layer's, the source's, else the default (90)
+    jpeg_quality: int = 0
+    #: "auto" (as the existing layer, else as the source), "sharded" or "unsharded"
+    output_sharding: str = "auto"
+    #: plan, check and price the job; write nothing (the manager returns the estimate)
+    dry_run: bool = False
 
     def validate(self) -> "RestoreSpec":
         self.source = _check_url(self.source, "source")
@@ -185,6 +196,14 @@ class RestoreSpec:
         if not isinstance(self.overwrite, bool):
             raise EmrestoreError("overwrite", "must be true or false")
         _check_choice(self.execution, "execution", EXECUTIONS)
+        _check_choice(self.output_encoding, "output_encoding", ("",) + OUTPUT_ENCODINGS)
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) or not 0 <= self.jpeg_quality <= 100:
+            raise EmrestoreError("jpeg_quality", f"{quote(self.jpeg_quality)}; allowed: 1–100 (0: the default)")
+        if self.jpeg_quality and self.output_encoding not in ("", "jpeg"):
+            raise EmrestoreError("jpeg_quality", f"applies to jpeg only; output_encoding is {quote(self.output_encoding)}")
+        _check_choice(self.output_sharding, "output_sharding", OUTPUT_SHARDINGS)
+        if not isinstance(self.dry_run, bool):
+            raise EmrestoreError("dry_run", "must be true or false")
         return self
 
     def to_dict(self) -> dict:
@@ -295,7 +314,8 @@ def restore_request(*, source: str, model: str, output: str, region: tuple | Non
                     uncertainty_output: str = "", mip: int = 0, incremental: bool = False, sampler: str = "",
                     steps: int = 0, samples: int = 0, seed: int = 0, parallelism: int = 0, register_in=(),
                     labels: dict | None = None, estimate: str = "", overwrite: bool = False,
-                    execution: str = "") -> RestoreSpec:
+                    execution: str = "", output_encoding: str = "", jpeg_quality: int = 0,
+                    output_sharding: str = "", dry_run: bool = False) -> RestoreSpec:
     """The validated ``RestoreSpec`` of a CreateRestoreJob request's fields (0 / "" / None: the
     defaults). ``region``: (start_xyz, stop_xyz) source voxels, or None with ``whole``."""
     if region is None and not whole:
@@ -314,7 +334,9 @@ def restore_request(*, source: str, model: str, output: str, region: tuple | Non
         **_sampling_request(sampler, steps, samples, seed, mip, estimate),
         parallelism=_wire_int(parallelism, "parallelism", LIMITS.max_parallelism, "the server's default"),
         register_in=_names(register_in), labels=dict(labels or {}), overwrite=overwrite,
-        execution=_wire_str(execution, "execution") or "auto")
+        execution=_wire_str(execution, "execution") or "auto",
+        output_encoding=_wire_str(output_encoding, "output_encoding"), jpeg_quality=jpeg_quality,
+        output_sharding=_wire_str(output_sharding, "output_sharding") or "auto", dry_run=dry_run)
     return spec.validate()
 
 

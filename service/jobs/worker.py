@@ -1,32 +1,32 @@
 """The worker: one entry point for local processes and Kubernetes Indexed Job pods.
 
 ``run_task(ledger_url, job_id, task_index, num_tasks)`` loads the job's persisted plan from the
-ledger (it never re-plans) and processes blocks task_index, task_index + T, … of it: for each block without a completion marker it takes a lease
-(renewed by a heartbeat), reads the source region (the next block is read while the model works
-on this one), restores it, writes the output chunks (mip 0, lower scales, uncertainty), records a
-completion marker with the output digest, and releases the lease. Blocks are idempotent: noise
-seeds derive from the job seed and the block, so a re-run writes the same bytes.
+ledger (it never re-plans) and runs, stage by stage, its contiguous share of each stage's tasks
+(tasks.py: restore a shard-sized box block by block, or build lower scales): for each task
+without a completion marker it takes a lease (renewed by a heartbeat), runs it, records a
+completion marker with the output digest, and releases the lease. Once its share of a stage is
+done it waits for the stage to complete, taking over tasks whose leases expired. Tasks are
+idempotent: noise seeds derive from the job seed and each block, so a re-run writes the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..engine.model import RestorationModel
-from ..engine.normalize import IntensityNorm
-from ..engine.restore import derive_seed, restore
 from ..volume import precomputed as pc
-from ..volume.blocks import Block, assemble_isotropic, crop_to_write_box
 from ..volume.policy import StorePolicy
 from .ledger import Ledger
 from .plans import JobPlan, RestorePlan, TrainPlan, plan_from_dict
+from .tasks import Cancelled, build_scales, read_block, restore_block, restore_task, write_restored
+
+__all__ = ["load_plan", "check_plan_stores", "restore_block", "process_block", "run_task", "free_tasks", "Cancelled",
+           "store_cutout_result", "load_cutout_result", "check_info", "read_block"]
 
 LEASE_TTL_S = float(os.environ.get("EMRESTORE_LEASE_TTL", "120"))
 
@@ -74,44 +74,6 @@ class _Heartbeat:
         self.thread.join(timeout=5)
 
 
-def restore_block(plan: RestorePlan, block: Block, model: RestorationModel, source: np.ndarray):
-    """Restore one block's read box; returns (mean, std, result) cropped to the write box
-    (``result`` carries timing and score; None when nothing had to be generated)."""
-    norm = IntensityNorm.from_dict(plan.norm)
-    fx, _, k = plan.scale_xyz
-    # noise seed: job seed + the block's lateral origin; images (gaps/sections) add their global index
-    seed = derive_seed(plan.seed, block.read.start[1], block.read.start[2])
-    if k > 1 and source.shape[0] == 1:
-        # the layer's last chunk can hold just the last section: nothing to generate
-        mean = assemble_isotropic(source.astype(plan.output_dtype), block.sections[0], block, k)
-        return mean, (np.zeros(mean.shape, np.float32) if plan.samples > 1 else None), None
-    extra = {"estimate": plan.estimate} if plan.estimate else {}
-    # the source's voxel size (the engine refuses a z/xy ratio the model did not learn)
-    source_nm_xyz = tuple(r * s for r, s in zip(plan.output_resolution_nm_xyz, plan.scale_xyz))
-    res = restore(model, source, sampler=plan.sampler, steps=plan.steps, samples=plan.samples,
-                  seed=seed, norm=norm, tile=plan.tile, overlap=plan.overlap,
-                  image_ids_offset=block.read.start[0], out_dtype=plan.output_dtype,
-                  device=os.environ.get("EMRESTORE_DEVICE", "auto"), voxel_size_nm=source_nm_xyz, **extra)
-    if k > 1:
-        mean = assemble_isotropic(res.mean, block.sections[0], block, k)
-        std = assemble_isotropic(res.std, block.sections[0], block, k) if res.std is not None else None
-    else:
-        mean = crop_to_write_box(res.mean, block, (fx, fx, 1))
-        std = crop_to_write_box(res.std, block, (fx, fx, 1)) if res.std is not None else None
-    return mean, std, res
-
-
-def write_block(plan: RestorePlan, block: Block, mean: np.ndarray, std: np.ndarray | None) -> str:
-    """Write the block's chunks in every scale of the output (and uncertainty) layer."""
-    pc.write_zyx(plan.output, block.write.start, mean)
-    pc.write_downsampled(plan.output, block.write.start, mean)
-    if plan.uncertainty_output and std is not None:
-        enc = pc.encode_uncertainty(std, "float32")
-        pc.write_zyx(plan.uncertainty_output, block.write.start, enc)
-        pc.write_downsampled(plan.uncertainty_output, block.write.start, enc)
-    return hashlib.sha256(np.ascontiguousarray(mean).tobytes()).hexdigest()
-
-
 #: jobs for which this process has already reported a block that needs fine-tuning (one event
 #: per worker process and job, not one per block of a dataset the model does not fit); a
 #: long-lived pool worker forgets them after ``_FLAGGED_JOBS_KEPT`` jobs (at worst one more event)
@@ -127,17 +89,31 @@ def check_info(res) -> dict:
     return {"score": float(res.score), "needs_finetuning": bool(res.needs_finetuning)}
 
 
-def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, std, res,
-                 owner: str, secs: float) -> None:
-    """Store a restored block and record its completion marker: output chunks for a job, the
-    arrays in the ledger for a cutout (plan.kind == "cutout", read back by the server). With
-    samples ≥ 2 the marker holds the block's needs-fine-tuning score; the first flagged block a
-    worker process restores for a job also becomes a ``needs_finetuning`` job event."""
-    info = {"worker": owner, "seconds": round(secs, 3), "voxels": int(mean.size)}
-    if plan.kind == "cutout":
+def finish_task(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model, owner: str,
+                cancelled=lambda: False, read=read_block) -> None:
+    """Run task i and record its completion marker: restore it (stage 0; a cutout's arrays go to
+    the ledger, read back by the server) or build its scales from the one below (later stages).
+    With samples ≥ 2 the marker holds the task's worst needs-fine-tuning score; the first flagged
+    task a worker process restores for a job also becomes a ``needs_finetuning`` job event."""
+    t0 = time.time()
+    task = plan.blocks.task(i)
+    info: dict = {"worker": owner}
+    if not task.restores:
+        info["sha256"] = build_scales(plan, task)
+        info["scale"] = task.stage.base_mip
+    elif plan.kind == "cutout":
+        block = plan.blocks.blocks_in(task)[0]
+        mean, std, res = restore_block(plan, block, model, read(plan, block))
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
+        info["voxels"] = int(mean.size)
     else:
-        info["sha256"] = write_block(plan, plan.block(i), mean, std)
+        mean, std, res = restore_task(plan, task, model, cancelled, read)
+        if mean is None:  # no source under any of its blocks (missing tissue): nothing written
+            info.update(voxels=0, source_missing="all", seconds=round(time.time() - t0, 3))
+            ledger.mark_block_done(job_id, i, info)
+            return
+        info["sha256"] = write_restored(plan, task, mean, std)
+        info["voxels"] = int(mean.size)
         info.update(check_info(res))
         if info.get("needs_finetuning") and job_id not in _flagged_jobs:
             if len(_flagged_jobs) >= _FLAGGED_JOBS_KEPT:
@@ -147,32 +123,65 @@ def finish_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, mean, s
                              f"block {i}: needs-fine-tuning score {res.score:.2f} (the model mispredicts "
                              f"its own error on this data by that factor; fine-tune it on this dataset)",
                              block=i, score=float(res.score))
+    info["seconds"] = round(time.time() - t0, 3)
     ledger.mark_block_done(job_id, i, info)
 
 
-def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model: RestorationModel,
-                  data: np.ndarray | None, owner: str, ttl: float, read=None) -> float | None:
-    """Lease block i, restore and store it, mark it done and release the lease: the one code path
-    of Indexed-Job tasks and pool workers (bit-identical output). Returns the seconds it took,
-    0.0 when it was already done (by anyone), None when another worker holds its lease.
-    ``data`` may be None: then ``read(i)`` reads the block once the lease is held."""
-    if i in ledger.done_blocks(job_id):
+def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model,
+                  data=None, owner: str = "", ttl: float = LEASE_TTL_S, read=None) -> float | None:
+    """Lease task i, run it, mark it done and release the lease: the one code path of
+    Indexed-Job tasks and pool workers (bit-identical output). Returns the seconds it took, 0.0
+    when it was already done (by anyone), None when another worker holds its lease. ``data``
+    (the source of a one-block task) or ``read(plan, block)`` supplies source voxels."""
+    if ledger.is_done(job_id, i):
         return 0.0
     if not ledger.try_acquire_lease(job_id, i, owner, ttl):
         return None
     try:
-        if ledger.block_info(job_id, i) is not None:  # finished by another worker meanwhile
+        if ledger.is_done(job_id, i):  # finished by another worker meanwhile
             return 0.0
+        reader = read or read_block
+        if data is not None:
+            reader = (lambda p, b, _d=data: _d)  # noqa: E731 - the block already read
         with _Heartbeat(ledger, job_id, i, owner, ttl):
             t0 = time.time()
-            if data is None:
-                data = read(i)
-            mean, std, res = restore_block(plan, plan.block(i), model, data)
+            finish_task(ledger, job_id, plan, i, model, owner, lambda: ledger.cancel_requested(job_id), reader)
             secs = time.time() - t0
-            finish_block(ledger, job_id, plan, i, mean, std, res, owner, secs)
         return max(secs, 1e-6)
     finally:
         ledger.release_lease(job_id, i, owner)
+
+
+def free_tasks(ledger: Ledger, job_id: str, plan: RestorePlan, window: int = 65536):
+    """Tasks of the job's current stage (the first incomplete one) that are neither done nor
+    under a live lease, lowest first; nothing of a stage whose predecessor is incomplete. Reads
+    the done bitmaps a window at a time (full groups are cached, never read again)."""
+    busy = ledger.leased_blocks(job_id)
+    for r in stage_ranges(plan):
+        complete = True
+        for lo in range(r.start, r.stop, window):
+            hi = min(r.stop, lo + window)
+            mask = ledger.done_mask(job_id, lo, hi)
+            for off in np.flatnonzero(~mask):
+                complete = False
+                if lo + int(off) not in busy:
+                    yield lo + int(off)
+        if not complete:
+            return
+
+
+def stage_ranges(plan: RestorePlan) -> list[range]:
+    """The task ranges of the plan's stages, in order (explicit blocks: one range)."""
+    if not plan.blocks.stages:
+        return [range(plan.blocks.num_tasks)]
+    return [plan.blocks.stage_tasks(s.index) for s in plan.blocks.stages]
+
+
+def my_share(r: range, task_index: int, num_tasks: int) -> range:
+    """Task I of T takes a contiguous share of a stage (neighbouring cells: reads stay within
+    the same source shards, and its done bits within its own groups)."""
+    n = len(r)
+    return range(r.start + n * task_index // num_tasks, r.start + n * (task_index + 1) // num_tasks)
 
 
 def store_cutout_result(ledger: Ledger, job_id: str, mean: np.ndarray, std: np.ndarray | None,
@@ -204,7 +213,8 @@ def load_cutout_result(ledger: Ledger, job_id: str) -> tuple[np.ndarray, np.ndar
 
 def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | None = None,
              owner: str | None = None, lease_ttl_s: float | None = None, log=print) -> int:
-    """Process this task's blocks; returns the number of blocks this call completed."""
+    """Run this worker's share of every stage; between stages, wait until the stage is complete,
+    taking over tasks whose leases expired (a dead worker's). Returns the tasks this call did."""
     from ..volume.stores import register_from_env
     register_from_env()  # S3-compatible aliases named in $EMRESTORE_S3_ENDPOINTS
     ledger = Ledger(ledger_url)
@@ -217,48 +227,47 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
         raise ValueError(f"task-index: {task_index} must be in [0, {T})")
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{task_index}"
     ttl = lease_ttl_s or LEASE_TTL_S
-    blocks = plan.blocks.blocks
-    mine = list(range(task_index, len(blocks), T))
     model = RestorationModel.load(plan.model_url)
     done_count = 0
-    pool = ThreadPoolExecutor(max_workers=1)  # reads the next block while the model runs
+    poll = min(2.0, ttl / 8)
 
-    def read(i):
-        b = blocks[i]
-        return pc.read_zyx(plan.source, b.read.start, b.read.stop, plan.mip)
-
-    todo = [i for i in mine if i not in ledger.done_blocks(job_id)]
-
-    def process(i: int, data: np.ndarray) -> bool:
-        """True when block i is done (by us or by another worker), False when leased elsewhere."""
+    def run(i: int) -> bool | None:
         nonlocal done_count
-        r = process_block(ledger, job_id, plan, i, model, data, owner, ttl)
+        try:
+            r = process_block(ledger, job_id, plan, i, model, None, owner, ttl)
+        except Cancelled:
+            return None
         if r is None:
             return False
         if r > 0:
             done_count += 1
-            log(f"[worker {task_index}] block {i} done in {r:.1f} s")
+            log(f"[worker {task_index}] task {i} done in {r:.1f} s")
         return True
 
-    deferred = []
-    pending = pool.submit(read, todo[0]) if todo else None
-    for n, i in enumerate(todo):
-        data = pending.result()
-        pending = pool.submit(read, todo[n + 1]) if n + 1 < len(todo) else None
-        if ledger.cancel_requested(job_id):
-            log(f"[worker {task_index}] job cancelled; stopping")
-            pool.shutdown(wait=False, cancel_futures=True)
-            return done_count
-        if not process(i, data):
-            log(f"[worker {task_index}] block {i} is leased by another worker; coming back to it")
-            deferred.append(i)
-    # blocks leased by others: wait until they are done, or take them over when the lease expires
-    deadline = time.time() + 2 * ttl + 10
-    while deferred and time.time() < deadline and not ledger.cancel_requested(job_id):
-        time.sleep(min(5.0, ttl / 4))
-        done_now = ledger.done_blocks(job_id)
-        deferred = [i for i in deferred if i not in done_now and not process(i, read(i))]
-    pool.shutdown(wait=False, cancel_futures=True)
+    for r in stage_ranges(plan):
+        for i in my_share(r, task_index, T):
+            if ledger.cancel_requested(job_id):
+                log(f"[worker {task_index}] job cancelled; stopping")
+                return done_count
+            if run(i) is False:
+                log(f"[worker {task_index}] task {i} is leased by another worker; coming back to it")
+        # the stage's rest: tasks of workers that died (expired leases) or are still running
+        wait = 0.05
+        while ledger.done_count(job_id, r.start, r.stop) < len(r):
+            if ledger.cancel_requested(job_id):
+                log(f"[worker {task_index}] job cancelled; stopping")
+                return done_count
+            took = False
+            for i in free_tasks(ledger, job_id, plan):
+                if not r.start <= i < r.stop:
+                    break
+                res = run(i)
+                if res is None:
+                    return done_count
+                took = took or res
+            if not took:
+                time.sleep(wait)
+                wait = min(poll, wait * 2)
     return done_count
 
 
@@ -267,7 +276,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
     from ..engine.pairs import IsotropicPairs, StackGapPairs
     from ..engine.tasks import make_task
     from ..engine.training import TrainConfig, train
-    if 0 in ledger.done_blocks(job_id):
+    if ledger.is_done(job_id, 0):
         return 0
     owner = f"{socket.gethostname()}:{os.getpid()}:train"
     if not ledger.try_acquire_lease(job_id, 0, owner, LEASE_TTL_S):

@@ -9,20 +9,26 @@ source position ``t = (j − h)/k`` with ``h = (k−1)/2``, between sections ``f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .geometry import Box, Vec3
+from .geometry import Box, Vec3, ceildiv
+from .grid import Stage, plan_stages, stage_of
 from .precomputed import VolumeInfo, _as_vec3, _fmt_box, output_geometry
+from .pyramid import LayerFormat, ScaleSpec, layer_scales
 from .stores import VolumeError
 
 __all__ = [
     "Block",
     "Box",
     "Plan",
+    "Task",
     "plan_blocks",
+    "output_scales",
+    "write_grid",
     "sections_for_write_z",
     "assemble_isotropic",
     "crop_to_write_box",
@@ -86,28 +92,130 @@ class Block:
                    sections=(int(sec[0]), int(sec[1])) if sec is not None else None)
 
 
+class _BlockCap(ValueError):
+    pass
+
+
+#: ``Plan.blocks`` lists blocks only up to this many (tests, cutouts, small regions); the
+#: service walks tasks (``Plan.task``, ``Plan.blocks_in``) and never lists a whole dataset
+MAX_LISTED_BLOCKS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Task:
+    """One ledger unit of a plan: ``box`` of scale ``stage.base_mip`` (None for explicit blocks)."""
+
+    index: int
+    box: Box
+    stage: Stage | None = None
+
+    @property
+    def restores(self) -> bool:
+        """True for stage-0 tasks (restoration); later stages build lower scales."""
+        return self.stage is None or self.stage.index == 0
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Blocks of a job and the output box they cover.
+    """A job's work: stages of tasks over the output layer's scales (grid.py), and the restoration
+    blocks of stage 0 (read box = write box + context), computed on demand.
 
-    ``region`` is the requested source box (or None for the whole volume); ``write_box`` is the
-    output box actually written (snapped outward to the write grid) and ``message`` says so in
-    words when a region was given.
+    ``write_box`` is the mip-0 box written (the region snapped outward to the write grid, or the
+    whole layer) and ``message`` says so in words when a region was given. ``explicit`` lists the
+    blocks of a plan without a layer (a cutout): each is one task.
     """
 
-    blocks: tuple[Block, ...]
+    stages: tuple[Stage, ...]
     scale_xyz: Vec3
     block_size_xyz: Vec3
     lateral_context: int
     write_box: Box
+    source_box: Box
     region: Box | None = None
     message: str | None = None
+    explicit: tuple[Block, ...] = ()
+
+    # -- tasks
+    @property
+    def num_tasks(self) -> int:
+        if self.explicit:
+            return len(self.explicit)
+        return self.stages[-1].stop_task if self.stages else 0
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return self.num_tasks
+
+    def task(self, index: int) -> Task:
+        i = int(index)
+        if self.explicit:
+            return Task(i, self.explicit[i].write)
+        st = stage_of(self.stages, i)
+        return Task(i, st.box(i - st.first_task), st)
+
+    def stage_tasks(self, stage: int) -> range:
+        st = self.stages[stage]
+        return range(st.first_task, st.stop_task)
+
+    # -- restoration blocks of stage 0
+    def _block(self, index: int, w: Box) -> Block:
+        fx, _, k = self.scale_xyz
+        lateral = w.shrink_by((k, fx, fx)).grow((0, self.lateral_context, self.lateral_context)).intersect(self.source_box)
+        if k > 1:
+            i0, i1 = sections_for_write_z(w.start[0], w.stop[0], k, self.source_box.start[0], self.source_box.stop[0] - 1)
+            rz, sections = (i0, i1 + 1), (i0, i1)
+        else:
+            rz, sections = (w.start[0], w.stop[0]), None
+        read = Box((rz[0],) + lateral.start[1:], (rz[1],) + lateral.stop[1:])
+        return Block(index=index, read=read, write=w, sections=sections)
+
+    def blocks_in(self, task: int | Task) -> list[Block]:
+        """The restoration blocks of a stage-0 task (tiles of the block size from its start)."""
+        t = task if isinstance(task, Task) else self.task(task)
+        if self.explicit:
+            return [self.explicit[t.index]]
+        if not t.restores:
+            return []
+        bx, by, bz = self.block_size_xyz
+        return [self._block(n, w) for n, w in enumerate(t.box.tiles((bz, by, bx)))]
+
+    @property
+    def num_blocks(self) -> int:
+        """Restoration blocks in the whole job (without listing them)."""
+        if self.explicit:
+            return len(self.explicit)
+        if not self.stages:
+            return 0
+        st = self.stages[0]
+        block = self.block_size_xyz[::-1]
+        total = 1
+        for ax in range(3):
+            n = 0
+            for c in range(st.first[ax], st.first[ax] + st.counts[ax]):
+                a = max(st.clip.start[ax], st.origin[ax] + c * st.cell[ax])
+                b = min(st.clip.stop[ax], st.origin[ax] + (c + 1) * st.cell[ax])
+                n += ceildiv(b - a, block[ax])
+            total *= n
+        return total
+
+    def iter_blocks(self) -> Iterator[Block]:
+        """Every restoration block of the job, numbered in task order."""
+        n = 0
+        for i in range(self.stages[0].num_tasks if self.stages else len(self.explicit)):
+            for b in self.blocks_in(i):
+                yield replace(b, index=n)
+                n += 1
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """All restoration blocks (small plans only: at most ``MAX_LISTED_BLOCKS``)."""
+        if self.explicit:
+            return self.explicit
+        if self.num_blocks > MAX_LISTED_BLOCKS:
+            raise _BlockCap(f"this plan has {self.num_blocks} blocks; walk its tasks instead of listing them")
+        return tuple(self.iter_blocks())
 
     def __iter__(self) -> Iterator[Block]:
-        return iter(self.blocks)
+        return self.iter_blocks()
 
     @property
     def write_start(self) -> Vec3:
@@ -122,30 +230,36 @@ class Plan:
         return (self.write_box.start, self.write_box.stop) if self.region is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form (a few hundred bytes whatever the job's size)."""
         return {
-            "blocks": [b.to_dict() for b in self.blocks],
+            "stages": [s.to_dict() for s in self.stages],
             "scale_xyz": list(self.scale_xyz),
             "block_size_xyz": list(self.block_size_xyz),
             "lateral_context": self.lateral_context,
             "write_box": self.write_box.to_list(),
+            "source_box": self.source_box.to_list(),
             "region": self.region.to_list() if self.region is not None else None,
             "message": self.message,
+            "explicit": [b.to_dict() for b in self.explicit],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; also reads the block lists of plan format 1 (as explicit blocks)."""
         sx, sy, sz = (int(v) for v in d["scale_xyz"])
         bx, by, bz = (int(v) for v in d["block_size_xyz"])
+        explicit = tuple(Block.from_dict(b) for b in d.get("explicit") or d.get("blocks") or ())
+        write_box = Box.from_list(d["write_box"])
         return cls(
-            blocks=tuple(Block.from_dict(b) for b in d["blocks"]),
+            stages=tuple(Stage.from_dict(s) for s in d.get("stages") or ()),
             scale_xyz=(sx, sy, sz),
             block_size_xyz=(bx, by, bz),
             lateral_context=int(d["lateral_context"]),
-            write_box=Box.from_list(d["write_box"]),
+            write_box=write_box,
+            source_box=Box.from_list(d["source_box"]) if d.get("source_box") else write_box,
             region=Box.from_list(d["region"]) if d.get("region") else None,
             message=d.get("message"),
+            explicit=explicit,
         )
 
 
@@ -172,6 +286,22 @@ def _check_output(source: VolumeInfo, output: VolumeInfo, scale: Vec3) -> None:
         )
 
 
+def output_scales(output: VolumeInfo, fmt: LayerFormat | None = None) -> list[ScaleSpec]:
+    """The scales of an output geometry: mip 0 and its ``downsample_factors_xyz``, stored as ``fmt``."""
+    return layer_scales(output.size_xyz, output.voxel_offset_xyz, output.resolution_nm_xyz, output.chunk_size_xyz,
+                        np.dtype(output.dtype).itemsize, fmt or LayerFormat(), output.downsample_factors_xyz)
+
+
+def write_grid(scales: Sequence[ScaleSpec]) -> Vec3:
+    """The grid (zyx) a job's mip-0 box snaps to: the shard when sharded; else the chunk times the
+    first lower scale's factor (a block then writes mip 1 too)."""
+    s0 = scales[0]
+    if s0.sharding is not None:
+        return s0.unit_zyx
+    f = scales[1].factor_zyx if len(scales) > 1 else (1, 1, 1)
+    return tuple(c * fi for c, fi in zip(s0.chunk_zyx, f))  # type: ignore[return-value]
+
+
 def plan_blocks(
     source: VolumeInfo,
     output: VolumeInfo,
@@ -179,28 +309,35 @@ def plan_blocks(
     block_size_xyz: Sequence[int],
     lateral_context: int,
     region: tuple[Sequence[int], Sequence[int]] | None = None,
+    *,
+    scales: Sequence[ScaleSpec] | None = None,
+    cell_bytes: int | None = None,
 ) -> Plan:
-    """Split the output (or the output box of ``region``) into chunk-aligned write blocks.
+    """Split the output (or the output box of ``region``) into stages of tasks and restoration blocks.
 
-    ``block_size_xyz`` is in output voxels and must be a multiple of
-    ``output.write_alignment_zyx`` (the chunk size, times the largest downsampling factor when
-    the layer has lower scales). ``lateral_context`` is extra source voxels read on each side
-    in x and y (clipped at the volume). ``region=(start_zyx, stop_zyx)`` in source voxels is
-    mapped to output voxels and snapped outward to the write grid, clipped at the upper bound.
+    ``block_size_xyz`` (output voxels) must be a multiple of the write grid (:func:`write_grid`:
+    the chunk times mip 1's factor; unsharded layers). ``scales`` (default: ``output``'s own,
+    unsharded raw) say how the layer is stored. ``lateral_context`` is extra source voxels read on
+    each side in x and y (clipped at the volume). ``region=(start_zyx, stop_zyx)`` in source voxels
+    is mapped to output voxels and snapped outward to the write grid (the shard when sharded),
+    clipped at the upper bound. ``cell_bytes``: target bytes of one unsharded task (default: one block).
     """
     scale = _as_vec3(scale_xyz, "scale", positive=True)
     fx, fy, k = scale
     _check_output(source, output, scale)  # also validates the scale (odd k, fx == fy)
     if output.chunk_size_xyz[2] % k:
         raise VolumeError("chunk_size", f"output chunk z {output.chunk_size_xyz[2]} is not a multiple of k={k}; allowed: m·{k}")
+    scales = list(scales) if scales is not None else output_scales(output)
     bx, by, bz = _as_vec3(block_size_xyz, "block_size", positive=True)
     block_zyx = (bz, by, bx)
-    unit = output.write_alignment_zyx
-    if any(b % u for b, u in zip(block_zyx, unit)):
+    unit = write_grid(scales)
+    sharded = scales[0].sharding is not None
+    grid_unit = scales[0].chunk_zyx if sharded else unit
+    if any(b % u for b, u in zip(block_zyx, grid_unit)):
         raise VolumeError(
             "block_size",
-            f"{[bx, by, bz]} (xyz) is not a multiple of the write grid {[unit[2], unit[1], unit[0]]} (xyz: chunk size "
-            "times the largest downsampling factor)",
+            f"{[bx, by, bz]} (xyz) is not a multiple of the write grid {list(grid_unit[::-1])} (xyz: chunk size "
+            "times the first downsampling factor)",
         )
     try:
         ctx = int(lateral_context)
@@ -235,30 +372,23 @@ def plan_blocks(
         write_box = wanted.snap(unit, out.start).intersect(out)
         covered = write_box.shrink_by(scale_zyx)
         verb = "was snapped outward to" if write_box != wanted else "already lies on"
+        what = "shards" if sharded else "chunk boundaries"
         message = (
-            f"region {_fmt_box(region_box.start, region_box.stop)} (source voxels) {verb} output chunk "
-            f"boundaries (write grid zyx {list(unit)}): output voxels {_fmt_box(write_box.start, write_box.stop)} "
+            f"region {_fmt_box(region_box.start, region_box.stop)} (source voxels) {verb} output {what} "
+            f"(write grid zyx {list(unit)}): output voxels {_fmt_box(write_box.start, write_box.stop)} "
             f"are written, covering source voxels {_fmt_box(covered.start, covered.stop)}"
         )
-
-    first_sec, last_sec = src.start[0], src.stop[0] - 1
-    blocks: list[Block] = []
-    for w in write_box.tiles(block_zyx):
-        # lateral context around the source voxels under the write box, clipped to the source
-        lateral = w.shrink_by(scale_zyx).grow((0, ctx, ctx)).intersect(src)
-        if k > 1:
-            i0, i1 = sections_for_write_z(w.start[0], w.stop[0], k, first_sec, last_sec)
-            rz, sections = (i0, i1 + 1), (i0, i1)
-        else:
-            rz, sections = (w.start[0], w.stop[0]), None
-        read = Box((rz[0],) + lateral.start[1:], (rz[1],) + lateral.stop[1:])
-        blocks.append(Block(index=len(blocks), read=read, write=w, sections=sections))
+    voxel_bytes = np.dtype(output.dtype).itemsize
+    stage0_unit = scales[0].unit_zyx if sharded else block_zyx
+    stages = plan_stages(scales, write_box, stage0_unit, voxel_bytes,
+                         cell_bytes if cell_bytes else math.prod(block_zyx) * voxel_bytes)
     return Plan(
-        blocks=tuple(blocks),
+        stages=stages,
         scale_xyz=scale,
         block_size_xyz=(bx, by, bz),
         lateral_context=ctx,
         write_box=write_box,
+        source_box=src,
         region=region_box,
         message=message,
     )

@@ -1,57 +1,34 @@
-"""Creating and writing Precomputed layers: source layers, output and uncertainty layers (with their
-provenance and the refusal to overwrite what is not ours), output geometry and downsampling."""
+"""Creating Precomputed layers: source layers (demo, tests, benchmarks), output and uncertainty
+layers stored as a :class:`~.pyramid.LayerFormat` (raw, png or jpeg; sharded or not; every scale
+down to a chunk-sized top), with their provenance (the emrestore jobs that wrote them) and the
+refusal to overwrite what is not ours. Writing boxes is writing.py's."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from .info import ALLOWED_DTYPES, Vec3, VolumeInfo, _as_vec3, _info_exists, _open_cv, _run_io, _volume_info_from_dict
+from .pyramid import LayerFormat, ScaleSpec, downsample_factors, layer_scales, pyramid_factors
 from .stores import VolumeError, normalize_url
+from .writing import forget_writer, write_zyx
 
-from .info import (
-    ALLOWED_DTYPES,
-    Vec3,
-    VolumeInfo,
-    _check_box,
-    _check_mip,
-    _fmt_box,
-    _as_vec3,
-    _info_exists,
-    _num,
-    _open_cv,
-    _run_io,
-    _volume_info_from_dict,
-)
+#: key of the uncertainty layer's own metadata in its info (read by viewers and connectors)
+UNCERTAINTY_INFO_KEY = "emrestore_uncertainty"
 
-# --------------------------------------------------------------------------------------
-# Creating layers
-# --------------------------------------------------------------------------------------
+__all__ = ["create_source_layer", "output_geometry", "downsample_factors", "create_output_layer",
+           "create_uncertainty_layer", "encode_uncertainty", "layer_info", "layer_jobs", "UNCERTAINTY_INFO_KEY"]
 
 
-def _scale_entry(size, offset, res, chunk, encoding) -> dict:
-    return {
-        "key": "_".join(f"{float(r):g}" for r in res),
-        "size": [int(v) for v in size],
-        "voxel_offset": [int(v) for v in offset],
-        "resolution": [_num(r) for r in res],
-        "chunk_sizes": [[int(v) for v in chunk]],
-        "encoding": encoding,
-    }
-
-
-def _layer_info(geometry: VolumeInfo, chunk_xyz: Vec3, dtype: str, encoding: str) -> dict:
-    scales = [_scale_entry(geometry.size_xyz, geometry.voxel_offset_xyz, geometry.resolution_nm_xyz, chunk_xyz, encoding)]
-    for f in geometry.downsample_factors_xyz:
-        size = [math.ceil(s / fi) for s, fi in zip(geometry.size_xyz, f)]
-        off = [o // fi for o, fi in zip(geometry.voxel_offset_xyz, f)]
-        res = [r * fi for r, fi in zip(geometry.resolution_nm_xyz, f)]
-        scales.append(_scale_entry(size, off, res, chunk_xyz, encoding))
-    return {"type": "image", "data_type": dtype, "num_channels": 1, "scales": scales}
+def layer_info(scales: Sequence[ScaleSpec], dtype: str, extra: dict | None = None) -> dict:
+    """The info file of a single-channel image layer with these scales."""
+    info = {"type": "image", "data_type": dtype, "num_channels": 1, "scales": [s.info_entry() for s in scales]}
+    info.update(extra or {})
+    return info
 
 
 def _check_dtype(dtype: Any, field_name: str) -> str:
@@ -64,6 +41,19 @@ def _check_dtype(dtype: Any, field_name: str) -> str:
     return name
 
 
+def check_format(fmt: LayerFormat, dtype: str, field_name: str = "output_encoding") -> None:
+    """Refuse a format the dtype cannot be stored as (errors name ``output_encoding``)."""
+    from .pyramid import ENCODINGS
+    if fmt.encoding not in ENCODINGS:
+        raise VolumeError(field_name, f"{str(fmt.encoding)[:40]!r}; allowed: {', '.join(ENCODINGS)}")
+    if fmt.encoding == "jpeg" and dtype != "uint8":
+        raise VolumeError(field_name, f"jpeg stores uint8 only; this layer is {dtype} (allowed: raw, png for uint16, raw for float32)")
+    if fmt.encoding == "png" and dtype not in ("uint8", "uint16"):
+        raise VolumeError(field_name, f"png stores uint8 and uint16; this layer is {dtype} (allowed: raw)")
+    if fmt.encoding == "jpeg" and not 1 <= int(fmt.jpeg_quality) <= 100:
+        raise VolumeError("jpeg_quality", f"{fmt.jpeg_quality}; allowed: 1..100")
+
+
 def create_source_layer(
     url: str,
     volume_zyx: np.ndarray,
@@ -72,9 +62,11 @@ def create_source_layer(
     chunk_size_xyz: Sequence[int] = (64, 64, 8),
     *,
     encoding: str = "raw",
+    fmt: LayerFormat | None = None,
     overwrite: bool = False,
 ) -> VolumeInfo:
-    """Write a (Z, Y, X) array as a single-channel Precomputed image layer (demo and tests)."""
+    """Write a (Z, Y, X) array as a single-channel, single-scale Precomputed image layer (demo,
+    tests, benchmarks); ``fmt`` (or ``encoding``) says how it is stored (jpeg, sharded, …)."""
     url = normalize_url(url)
     vol = np.asarray(volume_zyx)
     if vol.ndim != 3 or min(vol.shape) < 1:
@@ -85,13 +77,16 @@ def create_source_layer(
         raise VolumeError("resolution", f"{list(resolution_nm_xyz)} must be three positive numbers (nm)")
     offset = _as_vec3(voxel_offset_xyz, "voxel_offset")
     chunk = _as_vec3(chunk_size_xyz, "chunk_size", positive=True)
+    fmt = fmt or LayerFormat(encoding=encoding)
+    check_format(fmt, dtype, "encoding")
     if not overwrite and _info_exists(url, "output"):
         raise VolumeError("output", f"a layer already exists at {url}; pass overwrite=True or choose another URL")
     z, y, x = vol.shape
-    geometry = VolumeInfo((x, y, z), offset, res, chunk, dtype)  # type: ignore[arg-type]
-    info = _layer_info(geometry, chunk, dtype, encoding)
+    scales = layer_scales((x, y, z), offset, res, chunk, vol.dtype.itemsize, fmt, factors_xyz=())
+    info = layer_info(scales, dtype)
     cv = _open_cv(url, 0, "output", info=info)
     _run_io(cv.commit_info, url, "output")
+    forget_writer(url)
     info_out = _volume_info_from_dict(info, 0, url)
     write_zyx(url, info_out.start_zyx, vol)
     return info_out
@@ -148,45 +143,17 @@ def output_geometry(
     )
 
 
-def downsample_factors(resolution_nm_xyz: Sequence[float], num_scales: int,
-                       voxel_offset_xyz: Sequence[int] | None = None) -> tuple[Vec3, ...]:
-    """Factors (relative to mip 0) of ``num_scales`` lower scales.
-
-    Each step halves x and y; z is halved too when, before the step, the z resolution is at
-    least as fine as the lateral one (isotropic or finer-in-z layers stay near-isotropic) and,
-    when ``voxel_offset_xyz`` is given, the z offset stays divisible by the new z factor (so the
-    lower scale is not shifted by half a voxel).
-    """
-    rx, _, rz = (float(r) for r in resolution_nm_xyz)
-    oz = None if voxel_offset_xyz is None else int(voxel_offset_xyz[2])
-    fx = fz = 1
-    out = []
-    for _ in range(int(num_scales)):
-        zstep = 2 if rz * fz <= rx * fx * (1 + 1e-9) else 1
-        if zstep == 2 and oz is not None and oz % (2 * fz):
-            zstep = 1
-        fx, fz = fx * 2, fz * zstep
-        out.append((fx, fx, fz))
-    return tuple(out)
-
-
-def _geometry_key(info: dict) -> tuple:
-    def scale_key(s: dict) -> tuple:
-        return (
-            tuple(int(v) for v in s["size"]),
-            tuple(int(v) for v in s.get("voxel_offset", (0, 0, 0))),
-            tuple(round(float(r), 6) for r in s["resolution"]),
-            tuple(tuple(int(v) for v in c) for c in s["chunk_sizes"]),
-            s.get("encoding", "raw"),
-            s.get("sharding"),
-        )
-
+def _scale_key(s: dict) -> tuple:
     return (
-        info.get("type"),
-        info.get("data_type"),
-        int(info.get("num_channels", 1)),
-        tuple(scale_key(s) for s in info.get("scales", [])),
+        tuple(int(v) for v in s["size"]),
+        tuple(int(v) for v in s.get("voxel_offset", (0, 0, 0))),
+        tuple(round(float(r), 6) for r in s["resolution"]),
+        tuple(tuple(int(v) for v in c) for c in s["chunk_sizes"]),
     )
+
+
+def _format_key(s: dict) -> tuple:
+    return (s.get("encoding", "raw"), s.get("jpeg_quality") if s.get("encoding") == "jpeg" else None)
 
 
 def _describe_info(info: dict) -> str:
@@ -197,52 +164,103 @@ def _describe_info(info: dict) -> str:
     )
 
 
+def describe_format(info: dict) -> str:
+    """``jpeg (quality 90), sharded`` for a layer's info (its mip 0)."""
+    s = info["scales"][0]
+    enc = s.get("encoding", "raw")
+    if enc == "jpeg" and s.get("jpeg_quality") is not None:
+        enc = f"jpeg (quality {s['jpeg_quality']})"
+    return f"{enc}, {'sharded' if s.get('sharding') else 'unsharded'}"
+
+
+def _compare(existing: dict, info: dict, url: str, field: str) -> None:
+    """Refuse an existing layer that differs from what the job writes, naming what differs:
+    dtype or geometry (``field``), encoding (``output_encoding``), sharding (``output_sharding``)."""
+    old, new = existing.get("scales", []), info["scales"]
+    if (existing.get("type"), existing.get("data_type"), int(existing.get("num_channels", 1))) != \
+            (info["type"], info["data_type"], 1) or [_scale_key(s) for s in old] != [_scale_key(s) for s in new]:
+        extra = ""
+        if existing.get("data_type") == "float32" and info["data_type"] == "uint8" and field == "uncertainty_output":
+            extra = " (a float32 uncertainty layer of an older emrestore: uncertainty layers are uint8 now)"
+        raise VolumeError(field, f"an existing layer at {url} has a different geometry ({_describe_info(existing)}; "
+                                 f"this job needs {_describe_info(info)}){extra}; choose a new output URL")
+    layer = "uncertainty layer" if field == "uncertainty_output" else "output layer"
+    if [_format_key(s) for s in old] != [_format_key(s) for s in new]:
+        raise VolumeError("output_encoding", f"the existing {layer} at {url} is stored as {describe_format(existing)}; "
+                                             f"this job would write {describe_format(info)}: ask for its encoding, "
+                                             "or choose a new URL", "FAILED_PRECONDITION")
+    if [s.get("sharding") for s in old] != [s.get("sharding") for s in new]:
+        raise VolumeError("output_sharding", f"the existing {layer} at {url} is stored as {describe_format(existing)} "
+                                             f"with other shards than this job's ({describe_format(info)}): ask for its "
+                                             "sharding, or choose a new URL", "FAILED_PRECONDITION")
+
+
+def _entry(prov) -> list[dict]:
+    return [p for p in (prov.processing or []) if isinstance(p, dict) and p.get("by") == "emrestore"]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def layer_jobs(url: str, method: dict) -> list[str]:
+    """Ids of the emrestore jobs that wrote ``url`` with this ``method`` (its provenance's last
+    emrestore entry, when the method is the same), oldest first; [] when none or no layer."""
+    url = normalize_url(url)
+    if not _info_exists(url, "output"):
+        return []
+    ours = _entry(_open_cv(url, 0, "output").provenance)
+    if not ours or json.dumps(ours[-1].get("method"), sort_keys=True) != json.dumps(method, sort_keys=True):
+        return []
+    return [str(j) for j in ours[-1].get("jobs", [])]
+
+
 def create_output_layer(
     url: str,
     geometry: VolumeInfo,
     chunk_size_xyz: Sequence[int],
     dtype: str,
     provenance: dict,
-    num_downsample_scales: int = 1,
+    num_downsample_scales: int | None = None,
     overwrite_check_source_url: str | None = None,
     *,
-    encoding: str = "raw",
+    fmt: LayerFormat | None = None,
+    encoding: str | None = None,
     description: str = "emrestore restored layer",
     overwrite: bool = False,
     allow_foreign: bool = False,
     check_only: bool = False,
     field: str = "output",
+    job_id: str | None = None,
+    extra_info: dict | None = None,
 ) -> VolumeInfo:
     """Create (or resume) the restored layer; returns its mip-0 VolumeInfo.
 
-    Writes an info with mip 0 and ``num_downsample_scales`` lower scales (see
-    :func:`downsample_factors`) and a provenance file whose processing entry holds
-    ``provenance``. The output chunk z must be a multiple of k. Refuses (field "output") the
-    source URL itself and an existing layer of different geometry. An existing layer is written
-    only when its emrestore provenance is this job's (``provenance`` equal: a resume, left
-    untouched) or ``overwrite`` is set and it has emrestore provenance (then the new job is added
-    to the provenance); a layer without emrestore provenance only with ``overwrite`` and
-    ``allow_foreign`` (the operator's choice). ``check_only``: run every check, write nothing.
-    Errors name ``field``.
+    Writes an info with mip 0 and ``num_downsample_scales`` lower scales (None: the full pyramid,
+    down to a chunk-sized top; see pyramid.py), each stored as ``fmt``, and a provenance file whose
+    emrestore entry holds ``provenance`` (the method) and the ids of the jobs that wrote it
+    (``job_id``). The output chunk z must be a multiple of k. Refuses the source URL itself and
+    an existing layer of another geometry (``field``), encoding (``output_encoding``) or sharding
+    (``output_sharding``). An existing layer is written only when its emrestore provenance is
+    this method (a resume or an incremental run: the job id is added) or ``overwrite`` is set
+    and it has emrestore provenance (a new entry); a layer without emrestore provenance only with
+    ``overwrite`` and ``allow_foreign`` (the operator's choice). ``check_only``: every check,
+    nothing written.
     """
     url = normalize_url(url)
     chunk = _as_vec3(chunk_size_xyz, "chunk_size", positive=True)
     dtype = _check_dtype(dtype, "dtype")
+    fmt = fmt or LayerFormat(encoding=encoding or "raw")
+    check_format(fmt, dtype)
     k = int(geometry.scale_xyz[2])
     if chunk[2] % k:
         raise VolumeError("chunk_size", f"output chunk z {chunk[2]} is not a multiple of k={k}; allowed: m·{k}")
-    if not isinstance(num_downsample_scales, (int, np.integer)) or not 0 <= num_downsample_scales <= 16:
+    if num_downsample_scales is None:
+        factors = pyramid_factors(geometry.size_xyz, geometry.voxel_offset_xyz, geometry.resolution_nm_xyz, chunk)
+    elif isinstance(num_downsample_scales, (int, np.integer)) and 0 <= num_downsample_scales <= 16:
+        factors = downsample_factors(geometry.resolution_nm_xyz, int(num_downsample_scales))
+    else:
         raise VolumeError("num_downsample_scales", f"{num_downsample_scales!r}; allowed 0..16")
-    factors = downsample_factors(geometry.resolution_nm_xyz, int(num_downsample_scales), geometry.voxel_offset_xyz)
-    if factors:
-        fmax = factors[-1]
-        bad = [ax for ax, o, f in zip("xyz", geometry.voxel_offset_xyz, fmax) if o % f]
-        if bad:
-            raise VolumeError(
-                "num_downsample_scales",
-                f"voxel offset {list(geometry.voxel_offset_xyz)} is not divisible by the downsampling factor "
-                f"{list(fmax)} of mip {len(factors)} along {', '.join(bad)}; use fewer downsampled scales",
-            )
     try:
         provenance_json = json.loads(json.dumps(dict(provenance)))
     except (TypeError, ValueError) as exc:
@@ -252,24 +270,24 @@ def create_output_layer(
         raise VolumeError(field, f"{url} is the source layer; the output must be a different URL")
 
     geometry = replace(geometry, chunk_size_xyz=chunk, dtype=dtype, downsample_factors_xyz=factors)
-    info = _layer_info(geometry, chunk, dtype, encoding)
+    try:
+        scales = layer_scales(geometry.size_xyz, geometry.voxel_offset_xyz, geometry.resolution_nm_xyz, chunk,
+                              np.dtype(dtype).itemsize, fmt, factors)
+    except ValueError as e:
+        raise VolumeError("output_sharding", f"{e}"[:300]) from None
+    info = layer_info(scales, dtype, extra_info)
     result = replace(_volume_info_from_dict(info, 0, url), scale_xyz=geometry.scale_xyz)
+    jobs = [job_id] if job_id else []
 
     if _info_exists(url, field):
         existing_cv = _open_cv(url, 0, field)
-        existing = existing_cv.info
-        if _geometry_key(existing) != _geometry_key(info):
-            raise VolumeError(
-                field,
-                f"an existing layer at {url} has a different geometry ({_describe_info(existing)}; "
-                f"this job needs {_describe_info(info)}); choose a new output URL",
-            )
+        _compare(existing_cv.info, info, url, field)
         prov = existing_cv.provenance
         sources = prov.sources or []
         if isinstance(sources, str):
             sources = [sources]
-        ours = [p.get("method") for p in (prov.processing or []) if isinstance(p, dict) and p.get("by") == "emrestore"]
-        same = bool(ours) and json.dumps(ours[-1], sort_keys=True) == json.dumps(provenance_json, sort_keys=True)
+        ours = _entry(prov)
+        same = bool(ours) and json.dumps(ours[-1].get("method"), sort_keys=True) == json.dumps(provenance_json, sort_keys=True)
         if not ours:
             if not (overwrite and allow_foreign):
                 raise VolumeError(field, f"an existing layer at {url} was not written by emrestore; it is never "
@@ -281,17 +299,21 @@ def create_output_layer(
                 f"the existing layer at {url} was restored from {', '.join(sources)[:200]}, not {source_url}; "
                 "choose a new output URL", "FAILED_PRECONDITION",
             )
-        elif not same:
-            if not overwrite:
-                m = ours[-1] if isinstance(ours[-1], dict) else {}
-                raise VolumeError(field, f"the existing layer at {url} holds another emrestore job's output (model "
-                                         f"{str(m.get('model'))[:200]}, steps {m.get('steps')}, samples {m.get('samples')}, "
-                                         f"seed {m.get('seed')}); set overwrite to replace it, or choose a new output URL",
-                                  "FAILED_PRECONDITION")
-        if check_only or same:
-            return result  # a resume: identical layer and job
-        prov.processing.append({"method": provenance_json, "by": "emrestore", "overwrote": True,
-                                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        elif not same and not overwrite:
+            m = ours[-1].get("method") if isinstance(ours[-1].get("method"), dict) else {}
+            raise VolumeError(field, f"the existing layer at {url} holds another emrestore job's output (model "
+                                     f"{str(m.get('model'))[:200]}, steps {m.get('steps')}, samples {m.get('samples')}, "
+                                     f"seed {m.get('seed')}); set overwrite to replace it, or choose a new output URL",
+                              "FAILED_PRECONDITION")
+        if check_only:
+            return result
+        if same:  # a resume or an incremental run of the same method: record the job
+            if job_id and job_id not in ours[-1].setdefault("jobs", []):
+                ours[-1]["jobs"].append(job_id)
+                _run_io(existing_cv.commit_provenance, url, field)
+            return result
+        prov.processing.append({"method": provenance_json, "by": "emrestore", "overwrote": True, "date": _now(),
+                                "jobs": jobs})
         if source_url is not None:
             prov.sources = [source_url]
         _run_io(existing_cv.commit_provenance, url, field)
@@ -301,17 +323,12 @@ def create_output_layer(
 
     cv = _open_cv(url, 0, "output", info=info)
     _run_io(cv.commit_info, url, "output")
+    forget_writer(url)
     prov = cv.provenance
     prov.description = description
     if source_url is not None:
         prov.sources = [source_url]
-    prov.processing.append(
-        {
-            "method": provenance_json,
-            "by": "emrestore",
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-    )
+    prov.processing.append({"method": provenance_json, "by": "emrestore", "date": _now(), "jobs": jobs})
     _run_io(cv.commit_provenance, url, "output")
     return result
 
@@ -322,44 +339,45 @@ def create_uncertainty_layer(
     chunk_size_xyz: Sequence[int],
     provenance: dict,
     *,
-    dtype: str = "float32",
+    dtype: str = "uint8",
     uint8_full_scale: float | None = None,
-    num_downsample_scales: int = 1,
+    num_downsample_scales: int | None = None,
     overwrite_check_source_url: str | None = None,
+    fmt: LayerFormat | None = None,
     overwrite: bool = False,
     allow_foreign: bool = False,
     check_only: bool = False,
+    job_id: str | None = None,
 ) -> VolumeInfo:
-    """Create the per-voxel uncertainty layer (standard deviation of the K samples).
+    """Create the per-voxel uncertainty layer (standard deviation of the output's error).
 
-    float32 stores the standard deviation in data units; uint8 stores
-    ``round(255·std/uint8_full_scale)`` clipped to 255, and ``uint8_full_scale`` is recorded in
-    the provenance. Blocks are encoded with :func:`encode_uncertainty`.
+    uint8 (the default) stores ``round(255·std/uint8_full_scale)`` clipped to 255; the full scale
+    (the std that 255 stands for, in the source's data units) is recorded in the info
+    (``emrestore_uncertainty``) and in the provenance. float32 (layers of older emrestore) stores
+    the std itself. Blocks are encoded with :func:`encode_uncertainty`.
     """
     dtype = _check_dtype(dtype, "dtype")
     if dtype not in ("float32", "uint8"):
         raise VolumeError("dtype", f"uncertainty dtype {dtype}; allowed: float32, uint8")
     if dtype == "uint8" and not (uint8_full_scale and uint8_full_scale > 0):
         raise VolumeError("uint8_full_scale", f"{uint8_full_scale!r}; a uint8 uncertainty layer needs a full scale > 0")
-    meta = dict(provenance)
-    meta["uncertainty"] = {
-        "quantity": "standard deviation of the restoration samples",
+    described = {
+        "quantity": "standard deviation of the restored value's error, in the source's data units",
         "dtype": dtype,
         "uint8_full_scale": float(uint8_full_scale) if dtype == "uint8" else None,
     }
+    if dtype == "uint8":
+        described["decode"] = "std = value / 255 × uint8_full_scale"
+    meta = dict(provenance)
+    meta["uncertainty"] = described
+    fmt = fmt or LayerFormat()
+    if dtype != "uint8" and fmt.encoding != "raw":
+        fmt = replace(fmt, encoding="raw")
     return create_output_layer(
-        url,
-        geometry,
-        chunk_size_xyz,
-        dtype,
-        meta,
-        num_downsample_scales,
-        overwrite_check_source_url,
-        description="emrestore uncertainty layer (std of samples)",
-        overwrite=overwrite,
-        allow_foreign=allow_foreign,
-        check_only=check_only,
-        field="uncertainty_output",
+        url, geometry, chunk_size_xyz, dtype, meta, num_downsample_scales, overwrite_check_source_url,
+        fmt=fmt, description="emrestore uncertainty layer (std of the restored value's error)", overwrite=overwrite,
+        allow_foreign=allow_foreign, check_only=check_only, field="uncertainty_output", job_id=job_id,
+        extra_info={UNCERTAINTY_INFO_KEY: described},
     )
 
 
@@ -374,108 +392,12 @@ def encode_uncertainty(std_zyx: np.ndarray, dtype: str = "float32", uint8_full_s
         return np.clip(np.rint(std * (255.0 / uint8_full_scale)), 0, 255).astype(np.uint8)
     raise VolumeError("dtype", f"uncertainty dtype {dtype}; allowed: float32, uint8")
 
-# --------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------
+
+def uncertainty_full_scale(info: dict) -> float | None:
+    """The full scale of a uint8 uncertainty layer's info (None for float32 or foreign layers)."""
+    meta = info.get(UNCERTAINTY_INFO_KEY) or {}
+    v = meta.get("uint8_full_scale")
+    return float(v) if v else None
 
 
-def _check_aligned(info: VolumeInfo, start: Vec3, stop: Vec3, field_name: str) -> None:
-    lo, hi, chunk = info.start_zyx, info.stop_zyx, info.chunk_zyx
-    bad = []
-    for ax, a, b, l, h, c in zip("zyx", start, stop, lo, hi, chunk):
-        if (a - l) % c or ((b - l) % c and b != h):
-            bad.append(ax)
-    if bad:
-        raise VolumeError(
-            field_name,
-            f"write box {_fmt_box(start, stop)} is not chunk-aligned along {', '.join(bad)} at mip {info.mip}: "
-            f"edges must lie on offset + n·chunk (offset zyx {list(lo)}, chunk zyx {list(chunk)}) or at the upper bound {list(hi)}",
-        )
-
-
-def _write_cv(cv, url: str, info: VolumeInfo, start_zyx: Sequence[int], array_zyx: np.ndarray) -> None:
-    arr = np.asarray(array_zyx)
-    if arr.ndim != 3:
-        raise VolumeError("array", f"shape {arr.shape} must be (Z, Y, X)")
-    if arr.dtype.name != info.dtype:
-        raise VolumeError("array", f"dtype {arr.dtype.name} does not match the layer dtype {info.dtype}")
-    start = _as_vec3(start_zyx, "box")
-    stop = tuple(int(a + s) for a, s in zip(start, arr.shape))
-    start, stop = _check_box(info, start, stop, "box")
-    _check_aligned(info, start, stop, "box")
-    (z0, y0, x0), (z1, y1, x1) = start, stop
-    data = np.asfortranarray(arr.transpose(2, 1, 0))[..., np.newaxis]
-
-    def put():
-        cv[x0:x1, y0:y1, z0:z1] = data
-
-    _run_io(put, url, "output")
-
-
-def write_zyx(url: str, start_zyx: Sequence[int], array_zyx: np.ndarray, mip: int = 0) -> None:
-    """Write a (Z, Y, X) array at absolute voxel ``start_zyx`` of ``mip``; the box must be chunk-aligned.
-
-    Edges must lie on the chunk grid, except a stop edge at the layer's upper bound.
-    """
-    url = normalize_url(url)
-    cv = _open_cv(url, 0, "output")
-    _check_mip(cv.info, mip, "output")
-    cv.mip = int(mip)
-    info = _volume_info_from_dict(cv.info, int(mip), url)
-    _write_cv(cv, url, info, start_zyx, array_zyx)
-
-
-def _pool_mean(arr: np.ndarray, f_zyx: Vec3) -> np.ndarray:
-    """Average pooling by ``f_zyx``; windows cut by the array's end average what they hold."""
-    fz, fy, fx = f_zyx
-    z, y, x = arr.shape
-    oz, oy, ox = -(-z // fz), -(-y // fy), -(-x // fx)
-    pad = np.full((oz * fz, oy * fy, ox * fx), np.nan, dtype=np.float64)
-    pad[:z, :y, :x] = arr
-    blocks = pad.reshape(oz, fz, oy, fy, ox, fx)
-    return np.nanmean(blocks, axis=(1, 3, 5))
-
-
-def _to_dtype(arr: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "float32":
-        return arr.astype(np.float32)
-    info = np.iinfo(dtype)
-    return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
-
-
-def write_downsampled(url: str, start_zyx: Sequence[int], array_zyx: np.ndarray) -> list[int]:
-    """Average-pool a mip-0 block and write it to every lower scale; returns the mips written.
-
-    ``start_zyx``/``array_zyx`` are the mip-0 block (already written with :func:`write_zyx`).
-    The block must follow ``VolumeInfo.write_alignment_zyx`` (block sizes a multiple of
-    chunk·factor) so every pooled write is chunk-aligned; a block cut by the upper bound pools
-    its partial windows over the voxels present.
-    """
-    url = normalize_url(url)
-    cv = _open_cv(url, 0, "output")
-    base = _volume_info_from_dict(cv.info, 0, url)
-    arr = np.asarray(array_zyx)
-    if arr.ndim != 3:
-        raise VolumeError("array", f"shape {arr.shape} must be (Z, Y, X)")
-    start = _as_vec3(start_zyx, "box")
-    stop = tuple(int(a + s) for a, s in zip(start, arr.shape))
-    start, stop = _check_box(base, start, stop, "box")
-    written = []
-    data = arr.astype(np.float64)
-    for m, (fx, fy, fz) in enumerate(base.downsample_factors_xyz, start=1):
-        f_zyx = (fz, fy, fx)
-        bad = [ax for ax, a, b, h, f in zip("zyx", start, stop, base.stop_zyx, f_zyx) if a % f or (b % f and b != h)]
-        if bad:
-            raise VolumeError(
-                "box",
-                f"block {_fmt_box(start, stop)} cannot be pooled by {list(f_zyx)} (zyx) for mip {m} along "
-                f"{', '.join(bad)}; block edges must be multiples of the factor",
-            )
-        pooled = _to_dtype(_pool_mean(data, f_zyx), base.dtype)
-        m_start = tuple(a // f for a, f in zip(start, f_zyx))
-        cv.mip = m
-        info_m = _volume_info_from_dict(cv.info, m, url)
-        _write_cv(cv, url, info_m, m_start, pooled)
-        written.append(m)
-    return written
-
+_ = Vec3  # re-exported type

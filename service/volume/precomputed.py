@@ -11,9 +11,10 @@ first source section and ends at the centre of the last: z offset ``k·offset + 
 ``(Z−1)·k + 1``. So no output voxel lies outside the data, and with output chunks of m·k
 sections (aligned to the offset) every block covers whole gaps.
 
-Uncertainty layers are ordinary output layers: create one with
-:func:`create_uncertainty_layer` (float32 standard deviation, or uint8 with a stated full
-scale) and encode blocks with :func:`encode_uncertainty` before :func:`write_zyx`.
+Output layers are stored as a :class:`LayerFormat` (raw, png or jpeg; sharded or not) with every
+scale down to a chunk-sized top (pyramid.py). Uncertainty layers are ordinary output layers:
+create one with :func:`create_uncertainty_layer` (uint8 with its full scale recorded in the
+info; float32 for layers of older emrestore) and encode blocks with :func:`encode_uncertainty`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from .info import (  # noqa: F401 - the module's public face: reading
     ALLOWED_DTYPES, VolumeInfo, _as_vec3, _fmt_box, _info_exists, _open_cv, _run_io, _volume_info_from_dict,
     open_layer, open_source, read_zyx,
 )
-from .layers import (  # noqa: F401 - the module's public face: creating and writing layers
-    create_output_layer, create_source_layer, create_uncertainty_layer, downsample_factors, encode_uncertainty,
-    output_geometry, write_downsampled, write_zyx,
+from .layers import (  # noqa: F401 - the module's public face: creating layers
+    create_output_layer, create_source_layer, create_uncertainty_layer, encode_uncertainty, output_geometry,
 )
+from .pyramid import LayerFormat, downsample_factors  # noqa: F401 - how layers are stored
+from .writing import write_downsampled, write_scales, write_zyx  # noqa: F401 - writing boxes
 from .stores import (  # noqa: F401
     PermissionDenied, SourceNotFound, StoreUnreachable, VolumeError, join_url, normalize_url, object_exists,
     translate_store_error,
@@ -49,4 +51,6 @@ __all__ = [
     "encode_uncertainty",
     "write_zyx",
     "write_downsampled",
+    "write_scales",
+    "LayerFormat",
 ]

@@ -70,7 +70,7 @@ class JobEvent(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("name", "job_id", "kind", "state", "done", "message", "blocks_done", "blocks_total", "voxels_per_second", "eta_seconds", "create_time", "update_time", "spec", "outputs", "events", "event_log", "owner")
+    __slots__ = ("name", "job_id", "kind", "state", "done", "message", "blocks_done", "blocks_total", "voxels_per_second", "eta_seconds", "create_time", "update_time", "spec", "outputs", "events", "event_log", "owner", "dry_run")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Job.State]
@@ -117,6 +117,7 @@ class Job(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     EVENT_LOG_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     name: str
     job_id: str
     kind: Job.Kind
@@ -134,10 +135,11 @@ class Job(_message.Message):
     events: _containers.RepeatedScalarFieldContainer[str]
     event_log: _containers.RepeatedCompositeFieldContainer[JobEvent]
     owner: str
-    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[Job.Kind, str]] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., message: _Optional[str] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., voxels_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., events: _Optional[_Iterable[str]] = ..., event_log: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
+    dry_run: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[_Union[Job.Kind, str]] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., message: _Optional[str] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., voxels_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., events: _Optional[_Iterable[str]] = ..., event_log: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., dry_run: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class CreateRestoreJobRequest(_message.Message):
-    __slots__ = ("source", "model", "output", "uncertainty_output", "mip", "region", "whole", "incremental", "sampler", "steps", "samples", "seed", "parallelism", "register_in", "labels", "estimate", "overwrite", "execution")
+    __slots__ = ("source", "model", "output", "uncertainty_output", "mip", "region", "whole", "incremental", "sampler", "steps", "samples", "seed", "parallelism", "register_in", "labels", "estimate", "overwrite", "execution", "output_encoding", "jpeg_quality", "output_sharding", "dry_run")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,10 @@ class CreateRestoreJobRequest(_message.Message):
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARDING_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
     output: str
@@ -181,7 +187,11 @@ class CreateRestoreJobRequest(_message.Message):
     estimate: str
     overwrite: bool
     execution: str
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., output: _Optional[str] = ..., uncertainty_output: _Optional[str] = ..., mip: _Optional[int] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., whole: _Optional[bool] = ..., incremental: _Optional[bool] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., parallelism: _Optional[int] = ..., register_in: _Optional[_Iterable[_Union[RegisterTarget, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., estimate: _Optional[str] = ..., overwrite: _Optional[bool] = ..., execution: _Optional[str] = ...) -> None: ...
+    output_encoding: str
+    jpeg_quality: int
+    output_sharding: str
+    dry_run: bool
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., output: _Optional[str] = ..., uncertainty_output: _Optional[str] = ..., mip: _Optional[int] = ..., region: _Optional[_Union[Box, _Mapping]] = ..., whole: _Optional[bool] = ..., incremental: _Optional[bool] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., parallelism: _Optional[int] = ..., register_in: _Optional[_Iterable[_Union[RegisterTarget, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., estimate: _Optional[str] = ..., overwrite: _Optional[bool] = ..., execution: _Optional[str] = ..., output_encoding: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., output_sharding: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class CreateTrainJobRequest(_message.Message):
     __slots__ = ("source", "output_model", "task", "factor", "preset", "steps", "seed", "mip", "region", "base_model", "target", "batch_size", "patch", "labels")
