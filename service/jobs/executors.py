@@ -39,14 +39,18 @@ class Executor(Protocol):
 
 class InProcessExecutor:
     """Starts no worker: whoever submitted the job runs its tasks in its own process
-    (``worker.run_task``, a ``pool.PoolWorker`` thread) — tests and benchmarks that run or time the
-    worker code path without processes. ``launched`` lists the jobs it was asked to start; each is
-    reported active (so the supervisor neither relaunches nor fails it) until the ledger says done."""
+    (``worker.run_task``, a ``pool.PoolWorker`` thread) or marks its blocks done — tests and
+    benchmarks that run, time or fake the worker code path without processes. ``launched`` and
+    ``cancelled`` list the jobs it was asked to start and to cancel; a launched job is reported
+    active (so the supervisor neither relaunches nor fails it) until the ledger says done; a job it
+    never launched is unknown (a restarted service relaunches it). ``default_parallelism``: the
+    tasks a job is planned for when the request does not say."""
     name = "in-process"
-    default_parallelism = 1
 
-    def __init__(self):
+    def __init__(self, default_parallelism: int = 1):
+        self.default_parallelism = default_parallelism
         self.launched: list[str] = []
+        self.cancelled: list[str] = []
 
     def launch(self, job_id: str, num_tasks: int, parallelism: int) -> None:
         self.launched.append(job_id)
@@ -55,10 +59,10 @@ class InProcessExecutor:
         return ExecutorStatus(active=1)
 
     def known(self, job_id: str) -> bool:
-        return True
+        return job_id in self.launched
 
     def cancel(self, job_id: str) -> None:
-        pass
+        self.cancelled.append(job_id)
 
     def shutdown(self) -> None:
         pass
