@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .model import LOGVAR_RANGE, RestorationModel, resolve_device
 
 
@@ -199,8 +199,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             with torch.no_grad():
                 model.predictor.error_head[-1].bias.fill_(float(np.log(1.0 / scale ** 2)))
     use_bf16 = device.type == "cuda"
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.task.name}",
-               unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, initial=start, disable=not progress, desc=f"train {model.task.name}", unit="step")
     running = None
     t0 = time.time()
 
