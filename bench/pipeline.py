@@ -25,7 +25,7 @@ from bench.common import Timer, machine, table, today, write_report  # noqa: E40
 from service.engine import phantom  # noqa: E402
 from service.engine.model import RestorationModel  # noqa: E402
 from service.engine.tasks import make_task  # noqa: E402
-from service.jobs.executors import LocalExecutor  # noqa: E402
+from service.jobs.executors import InProcessExecutor, LocalExecutor  # noqa: E402
 from service.jobs.manager import JobManager  # noqa: E402
 from service.jobs.spec import RestoreSpec  # noqa: E402
 from service.jobs.worker import load_plan, restore_block, run_task  # noqa: E402
@@ -53,27 +53,7 @@ def main(argv=None):
     ledger = f"file://{tmp}/ledger"
 
     # one job record for the in-process rows (the manager plans it; workers are not launched)
-    class NoExecutor:
-        name = "none"
-        default_parallelism = 1
-
-        def launch(self, *a):
-            pass
-
-        def status(self, job_id):
-            from service.jobs.executors import ExecutorStatus
-            return ExecutorStatus(finished=False)
-
-        def known(self, job_id):
-            return True
-
-        def cancel(self, job_id):
-            pass
-
-        def shutdown(self):
-            pass
-
-    mgr = JobManager(ledger, NoExecutor(), block_size_xyz=(256, 256, 0))
+    mgr = JobManager(ledger, InProcessExecutor(), block_size_xyz=(256, 256, 0))
     job = mgr.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp}/out_inproc", steps=a.steps))
     plan = load_plan(mgr.ledger, job.job_id)
     blocks = plan.blocks.blocks

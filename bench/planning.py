@@ -24,26 +24,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import OUT_DIR, machine, table, today, write_report  # noqa: E402
 
 
-class IdleExecutor:
-    name, default_parallelism = "idle", 1000
-
-    def launch(self, *a):
-        pass
-
-    def status(self, job_id):
-        from service.jobs.executors import ExecutorStatus
-        return ExecutorStatus(active=0)
-
-    def known(self, job_id):
-        return True
-
-    def cancel(self, job_id):
-        pass
-
-    def shutdown(self):
-        pass
-
-
 def mm3_source(root: str) -> str:
     scales = []
     for m in range(7):
@@ -62,8 +42,9 @@ def mm3_source(root: str) -> str:
 def main():
     from service.engine.model import RestorationModel
     from service.engine.normalize import IntensityNorm
-    from service.engine.tasks import TaskSpec
+    from service.engine.tasks import make_task
     from service.jobs.estimate import format_estimate
+    from service.jobs.executors import InProcessExecutor
     from service.jobs.manager import JobManager
     from service.jobs.spec import RestoreSpec
     from service.volume.blocks import Block
@@ -71,13 +52,13 @@ def main():
 
     root = tempfile.mkdtemp(prefix="emrestore-plan-")
     src = mm3_source(root)
-    m = RestorationModel.create(TaskSpec("isotropic", 9), "tiny", voxel_size_nm=(5, 5, 50))
+    m = RestorationModel.create(make_task("isotropic", 9), "tiny", voxel_size_nm=(5, 5, 50))
     m.learn_gap((5, 5, 50))
     m.name = "iso9"
     m.save(f"file://{root}/models/iso9")
     rows, out = [], {"date": today(), "machine": machine(), "cases": []}
     for sharding in ("sharded", "unsharded"):
-        mgr = JobManager(f"file://{root}/ledger-{sharding}", IdleExecutor(), models_dir=f"file://{root}/models",
+        mgr = JobManager(f"file://{root}/ledger-{sharding}", InProcessExecutor(default_parallelism=1000), models_dir=f"file://{root}/models",
                          block_size_xyz=(256, 256, 0))
         mgr.limits = type(mgr.limits)(**{**mgr.limits.__dict__, "max_job_voxels": 10 ** 17})
         mgr.planner._norms[(src, 0)] = IntensityNorm(20.0, 230.0)  # the normalisation read is part A's (dataset_norm)

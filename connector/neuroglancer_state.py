@@ -1,8 +1,10 @@
 """Neuroglancer states: the layers, shaders and boxes that show a restored region.
 
-:func:`state_for_layers`, :func:`write_state` and :func:`state_link` write a Neuroglancer state
-(JSON) or link showing a source, a restored and an uncertainty layer (used by the demo and by
-the ``neuroglancer`` register target, :func:`register_state_target`). The restored layer is
+:func:`viewer_state` builds a typed ``neuroglancer.ViewerState`` (the Python package's own
+state classes, as the interactive viewer uses them) showing a source, a restored and an
+uncertainty layer; :func:`state_for_layers`, :func:`write_state` and :func:`state_link` give its
+JSON, a state file or a link (used by the demo and by the ``neuroglancer`` register target,
+:func:`register_state_target`). The restored layer is
 grey with the source's contrast (:func:`contrast_from_source`) and transparent where nothing was
 written (:func:`restored_shader`); the uncertainty layer is an orange overlay whose alpha is the
 value (:func:`uncertainty_shader`); the region actually written (:func:`restored_box`) is a box
@@ -22,8 +24,8 @@ from .util import ConnectorError, public_url, read_json_url, write_json_url
 
 log = logging.getLogger(__name__)
 
-__all__ = ["state_for_layers", "write_state", "state_link", "register_state_target", "UNCERTAINTY_SHADER",
-           "RESULT_LAYER", "DEFAULT_NG_LINK_PREFIX", "restored_shader", "uncertainty_shader", "restored_box",
+__all__ = ["viewer_state", "state_for_layers", "write_state", "state_link", "register_state_target",
+           "UNCERTAINTY_SHADER", "RESULT_LAYER", "DEFAULT_NG_LINK_PREFIX", "restored_shader", "uncertainty_shader", "restored_box",
            "box_to_units", "contrast_from_source"]
 
 DEFAULT_NG_LINK_PREFIX = "https://neuroglancer-demo.appspot.com"
@@ -138,60 +140,66 @@ def _ng_source(url: str, prefix_map: Any = None) -> str:
     return "precomputed://" + public_url(url, prefix_map)
 
 
-def state_for_layers(source: str | None, restored: str | None = None, uncertainty: str | None = None,
-                     *, prefix_map: Any = None, names: dict | None = None,
-                     position_xyz: Sequence[float] | None = None,
-                     resolution_nm_xyz: Sequence[float] | None = None,
-                     existing: dict | None = None, contrast: Sequence[float] | None = None,
-                     uncertainty_max: float = 1.0, region_box: tuple | None = None,
-                     region_text: str = "") -> dict:
-    """A Neuroglancer state (JSON dict) with image layers for ``source``, ``restored`` (grey,
+def _meters(resolution_nm_xyz: Sequence[float]):
+    """A Neuroglancer coordinate space x, y, z in metres (``[8e-09, "m"]``, rounded to 12 digits)."""
+    import neuroglancer
+    return neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="m",
+                                        scales=[float(f"{float(r) * 1e-9:.12g}") for r in resolution_nm_xyz])
+
+
+def viewer_state(source: str | None, restored: str | None = None, uncertainty: str | None = None,
+                 *, prefix_map: Any = None, names: dict | None = None,
+                 position_xyz: Sequence[float] | None = None,
+                 resolution_nm_xyz: Sequence[float] | None = None,
+                 existing: dict | None = None, contrast: Sequence[float] | None = None,
+                 uncertainty_max: float = 1.0, region_box: tuple | None = None,
+                 region_text: str = ""):
+    """A ``neuroglancer.ViewerState`` with image layers for ``source``, ``restored`` (grey,
     ``contrast`` = (lo, hi), transparent where nothing was written) and ``uncertainty`` (orange,
     alpha from the value), plus the restored region as a box in the ``restored regions``
     annotation layer (``region_box`` = (start, stop) in units of ``resolution_nm_xyz``).
     ``position_xyz`` is in units of ``resolution_nm_xyz`` (the global dimensions; give the
     restored layer's resolution so that stepping in z visits every generated section). Layers
-    already in ``existing`` are kept; layers with the same name are replaced."""
+    of ``existing`` (a state's JSON) are kept; layers with the same name are replaced."""
+    import neuroglancer
     names = {"source": "source", "restored": "restored", "uncertainty": "uncertainty", **(names or {})}
-    state = json.loads(json.dumps(existing)) if existing else {}
-    layers = [layer for layer in state.get("layers", []) if isinstance(layer, dict)]
-
-    def put(layer: dict) -> None:
-        for i, old in enumerate(layers):
-            if old.get("name") == layer["name"]:
-                layers[i] = layer
-                return
-        layers.append(layer)
-
+    state = neuroglancer.ViewerState(json.loads(json.dumps(existing)) if existing else None)
     lo, hi = contrast if contrast is not None else (0.0, 255.0)
     if source:
-        put({"type": "image", "source": _ng_source(source, prefix_map), "name": names["source"]})
+        state.layers[names["source"]] = neuroglancer.ImageLayer(source=_ng_source(source, prefix_map))
     if restored:
-        put({"type": "image", "source": _ng_source(restored, prefix_map), "name": names["restored"],
-             "shader": restored_shader(lo, hi), "opacity": 1.0})
+        state.layers[names["restored"]] = neuroglancer.ImageLayer(
+            source=_ng_source(restored, prefix_map), shader=restored_shader(lo, hi), opacity=1.0)
     if uncertainty:
-        put({"type": "image", "source": _ng_source(uncertainty, prefix_map), "name": names["uncertainty"],
-             "shader": uncertainty_shader(uncertainty_max), "opacity": 0.8})
+        state.layers[names["uncertainty"]] = neuroglancer.ImageLayer(
+            source=_ng_source(uncertainty, prefix_map), shader=uncertainty_shader(uncertainty_max), opacity=0.8)
     if region_box is not None and resolution_nm_xyz is not None:
-        dims = {ax: [float(f"{float(r) * 1e-9:.12g}"), "m"] for ax, r in zip("xyz", resolution_nm_xyz)}
-        old = next((layer for layer in layers if layer.get("name") == RESULT_LAYER), None)
-        anns = [a for a in (old or {}).get("annotations", []) if a.get("id") != names["restored"]]
-        anns.append({"type": "axis_aligned_bounding_box", "id": names["restored"],
-                     "pointA": [float(v) for v in region_box[0]], "pointB": [float(v) for v in region_box[1]],
-                     "description": region_text or names["restored"]})
-        put({"type": "annotation", "name": RESULT_LAYER,
-             "source": {"url": "local://annotations", "transform": {"outputDimensions": dims}},
-             "tool": "annotateBoundingBox", "annotations": anns, "annotationColor": "#ffd400"})
-    state["layers"] = layers
+        old = state.layers[RESULT_LAYER].layer if RESULT_LAYER in [lay.name for lay in state.layers] else None
+        anns = [a for a in getattr(old, "annotations", []) if a.id != names["restored"]]
+        anns.append(neuroglancer.AxisAlignedBoundingBoxAnnotation(
+            id=names["restored"], point_a=[float(v) for v in region_box[0]],
+            point_b=[float(v) for v in region_box[1]], description=region_text or names["restored"]))
+        state.layers[RESULT_LAYER] = neuroglancer.LocalAnnotationLayer(
+            dimensions=_meters(resolution_nm_xyz), annotations=anns, annotation_color="#ffd400",
+            tool="annotateBoundingBox")
     if resolution_nm_xyz is not None:
-        state["dimensions"] = {ax: [float(f"{float(r) * 1e-9:.12g}"), "m"] for ax, r in zip("xyz", resolution_nm_xyz)}
+        state.dimensions = _meters(resolution_nm_xyz)
     if position_xyz is not None:
-        state["position"] = [float(v) for v in position_xyz]
-    state.setdefault("crossSectionScale", 1.0)
-    state.setdefault("layout", "4panel")
+        state.position = [float(v) for v in position_xyz]
+    if state.cross_section_scale is None:
+        state.cross_section_scale = 1.0
+    if not (existing or {}).get("layout"):
+        state.layout = "4panel"
     if restored:
-        state["selectedLayer"] = {"layer": names["restored"], "visible": True}
+        state.selected_layer.layer = names["restored"]
+        state.selected_layer.visible = True
     return state
+
+
+def state_for_layers(source: str | None, restored: str | None = None, uncertainty: str | None = None,
+                     **kw) -> dict:
+    """The JSON of :func:`viewer_state` (what state files and links hold; same arguments)."""
+    return viewer_state(source, restored, uncertainty, **kw).to_json()
 
 
 def state_link(state: dict, prefix: str = DEFAULT_NG_LINK_PREFIX) -> str:

@@ -207,8 +207,8 @@ def cmd_restore(a):
     _check_writable(a.output, "--output")
     if a.uncertainty:
         _check_writable(a.uncertainty, "--uncertainty")
-    from tqdm.auto import tqdm
-    bar = tqdm(total=None, desc="restore", unit="img", disable=a.quiet, dynamic_ncols=True)
+    from .progress import progress_bar
+    bar = progress_bar(desc="restore", unit="img", disable=a.quiet)
 
     def prog(done, total):
         bar.total = total

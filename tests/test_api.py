@@ -1,6 +1,6 @@
 """The gRPC API against a real server on 127.0.0.1 (ephemeral port) with the real client.
 
-Most tests serve a real ``JobManager`` whose executor launches nothing (``NullExecutor``), so
+Most tests serve a real ``JobManager`` whose executor launches nothing (``InProcessExecutor``), so
 jobs stay RUNNING until a test marks blocks done in the ledger; the end-to-end tests at the
 bottom run the real ``LocalExecutor`` (``emrestore worker`` subprocesses) with a tiny model
 trained here for 30 steps.
@@ -24,7 +24,7 @@ from service.api.client import EmrestoreClient, EmrestoreError
 from service.api.gen import emrestore_pb2 as pb
 from service.api.gen import emrestore_pb2_grpc as pb_grpc
 from service.api.server import build_server, health_servicer
-from service.jobs.executors import ExecutorStatus
+from service.jobs.executors import InProcessExecutor
 from service.jobs.manager import JobManager
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,31 +65,6 @@ def make_model(models_dir: str, name: str = "iso3", vol: np.ndarray | None = Non
         m.input_norm = m.target_norm = IntensityNorm.from_volume(vol if vol is not None else np.arange(256))
         m.save(url)
     return url
-
-
-class NullExecutor:
-    """Launches nothing: jobs stay RUNNING until blocks are marked done in the ledger."""
-    name = "null"
-    default_parallelism = 1
-
-    def __init__(self):
-        self.launched: list[str] = []
-        self.cancelled: list[str] = []
-
-    def launch(self, job_id, num_tasks, parallelism):
-        self.launched.append(job_id)
-
-    def status(self, job_id):
-        return ExecutorStatus(active=1)
-
-    def known(self, job_id):
-        return job_id in self.launched
-
-    def cancel(self, job_id):
-        self.cancelled.append(job_id)
-
-    def shutdown(self):
-        pass
 
 
 class SpyManager(JobManager):
@@ -157,11 +132,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(world):
-    """A real JobManager (NullExecutor) behind a real server, no auth; yields (manager, client)."""
+    """A real JobManager (InProcessExecutor) behind a real server, no auth; yields (manager, client)."""
     def register(job):  # a completion hook serving one configured target (as connector.registry's)
         return [f"{name}: registered {job.output}" for name in job.register_in]
     register.targets = {"lab-neuroglancer": None}
-    mgr = SpyManager(f"file://{world['root']}/ledger", NullExecutor(), models_dir=world["models"],
+    mgr = SpyManager(f"file://{world['root']}/ledger", InProcessExecutor(), models_dir=world["models"],
                      poll_interval_s=0.05, max_cutout_voxels=50_000, completion_hooks=[register])
     mgr.start()
     server, port = start_server(mgr)

@@ -13,8 +13,9 @@ from collections import Counter
 import pytest
 
 from service.api.client import EmrestoreClient
+from service.jobs.executors import InProcessExecutor
 from service.jobs.manager import JobManager
-from tests.test_api import NullExecutor, make_model, make_source, start_server
+from tests.test_api import make_model, make_source, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,7 +29,7 @@ def loaded(tmp_path_factory):
     src, vol = make_source(str(root))
     models = str(root / "models")
     make_model(models, "iso3", vol)
-    mgr = JobManager(f"file://{root}/ledger", NullExecutor(), models_dir=models, poll_interval_s=0.5)
+    mgr = JobManager(f"file://{root}/ledger", InProcessExecutor(), models_dir=models, poll_interval_s=0.5)
     mgr.start()
     server, port = start_server(mgr)
     target = f"127.0.0.1:{port}"

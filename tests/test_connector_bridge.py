@@ -13,7 +13,7 @@ from connector.bridge import BridgeServer, create_app
 from connector.bridge_protocol import http_status_for, iter_sse, parse_restore_request
 from connector.bridge_security import BridgeConfig
 from connector.util import ConnectorError
-from tests.platform_doubles import RunningService
+from tests.service_helpers import RunningService
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -299,7 +299,8 @@ def test_cli_commands_parse_and_validate(stack, tmp_path, monkeypatch):
                        "--public-url-map", f"file://{stack['root']}/data=https://files.example.org/em"])
     a.func(a)
     state = json.loads((tmp_path / "s.json").read_text())
-    assert state["layers"][1]["source"] == "precomputed://https://files.example.org/em/src"
+    import neuroglancer  # the state file is a typed Neuroglancer state
+    assert neuroglancer.ViewerState(state).layers[1].source[0].url == "precomputed://https://files.example.org/em/src"
     assert state["dimensions"]["z"] == [pytest.approx(24e-9), "m"]
 
 

@@ -14,7 +14,8 @@ from connector.neuroglancer_state import state_for_layers, state_link, write_sta
 from connector.neuroglancer_view import ANNOTATION_LAYER, RESTORE_ACTION, RESTORE_KEY, RestoreViewer
 from connector.static_server import StaticFileServer
 from connector.util import ConnectorError, public_url
-from tests.platform_doubles import RunningService, chrome_driver, wait_for
+from tests.browser import chrome_driver
+from tests.service_helpers import RunningService, wait_for
 from tests.test_connector_bridge import make_source_and_model
 
 
@@ -53,6 +54,12 @@ def test_static_server_serves_layers_with_cors(service):
         assert srv.url_for_path(str(root / "data" / "src")) == f"{base}/src"
 
 
+def _url(state: dict, layer) -> str:
+    """The data source URL of a layer of a state's JSON, read back as a typed Neuroglancer state."""
+    import neuroglancer
+    return neuroglancer.ViewerState(state).layers[layer].source[0].url
+
+
 def test_state_file_and_link(tmp_path, service):
     src = service["src"]
     # remote layers (gs://) pass through as they are; local ones go through the public URL map
@@ -61,8 +68,8 @@ def test_state_file_and_link(tmp_path, service):
                              resolution_nm_xyz=(8, 8, 8), position_xyz=(10, 20, 30))
     names = [layer["name"] for layer in state["layers"]]
     assert names == ["source", "restored", "uncertainty"]
-    assert state["layers"][0]["source"] == "precomputed://https://files.example.org/em/src"
-    assert state["layers"][1]["source"] == "precomputed://gs://lab/em/raw_restored_abc"
+    assert _url(state, 0) == "precomputed://https://files.example.org/em/src"
+    assert _url(state, 1) == "precomputed://gs://lab/em/raw_restored_abc"
     assert "emitRGBA" in state["layers"][2]["shader"] and "emitTransparent" in state["layers"][1]["shader"]
     assert state["dimensions"]["z"] == [8e-9, "m"] and state["position"] == [10, 20, 30]
     # the file: geometry read from the layers themselves (local here: opening gs:// would wait on
@@ -72,7 +79,7 @@ def test_state_file_and_link(tmp_path, service):
     state = json.loads((tmp_path / "state.json").read_text())
     first = [layer["name"] for layer in state["layers"]]
     assert first[:2] == ["source", "restored"]  # (+ the box of the restored region)
-    assert state["layers"][1]["source"] == "precomputed://https://files.example.org/em/wide"
+    assert _url(state, 1) == "precomputed://https://files.example.org/em/wide"
     assert link.startswith("https://neuroglancer-demo.appspot.com/#!")
     assert json.loads(urllib.parse.unquote(link.split("#!", 1)[1])) == state
     # updating keeps other layers and replaces same-named ones
@@ -80,7 +87,7 @@ def test_state_file_and_link(tmp_path, service):
                 resolution_nm_xyz=(8, 8, 8))
     state = json.loads((tmp_path / "state.json").read_text())
     assert [layer["name"] for layer in state["layers"]] == first + ["second"]
-    assert state["layers"][1]["source"] == "precomputed://https://files.example.org/em/wide"
+    assert _url(state, 1) == "precomputed://https://files.example.org/em/wide"
     assert state_link(state, "http://ng.local/").startswith("http://ng.local/#!")
     with pytest.raises(ConnectorError, match="public_url_map"):
         public_url(f"file://{tmp_path}/layer")

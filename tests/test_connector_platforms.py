@@ -16,7 +16,9 @@ from connector.registry import RegistrationError, completion_hook
 from connector.static_server import StaticFileServer
 from connector.targets import load_targets, parse_targets, resolve_names
 from connector.util import ConnectorError
-from tests.platform_doubles import CatmaidDouble, RunningService, WebknossosDouble, fake_import_command, wait_for
+from tests.catmaid_double import CatmaidDouble, fake_import_command
+from tests.service_helpers import RunningService, wait_for
+from tests.webknossos_double import WebknossosDouble
 from tests.test_connector_bridge import make_source_and_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -101,6 +103,12 @@ def test_requests_cannot_name_paths_commands_or_secrets(env, tmp_path):
 
 
 # ----------------------------------------------------------------------------- Neuroglancer target
+def _url(state: dict, name: str) -> str:
+    """The data source URL of a layer of a state's JSON, read back as a typed Neuroglancer state."""
+    import neuroglancer
+    return neuroglancer.ViewerState(state).layers[name].source[0].url
+
+
 def test_neuroglancer_target_state_has_region_box_and_transparent_layers(env, tmp_path):
     targets = _targets(tmp_path, {"lab-ng": {"platform": "neuroglancer", "url": str(tmp_path / "ng" / "state.json"),
                                              "public_url_map": env["map"]},
@@ -109,7 +117,7 @@ def test_neuroglancer_target_state_has_region_box_and_transparent_layers(env, tm
     assert len(msgs) == 1 and msgs[0].startswith("lab-ng: neuroglancer: wrote state"), msgs
     state = json.loads((tmp_path / "ng" / "state.json").read_text())
     layers = {layer["name"]: layer for layer in state["layers"]}
-    assert layers["source"]["source"] == f"precomputed://{env['data_url']}/src"
+    assert _url(state, "source") == f"precomputed://{env['data_url']}/src"
     restored = layers["restored zzzzjob1"]
     assert "emitTransparent" in restored["shader"] and restored["opacity"] == 1.0
     lo, hi = (float(v) for v in restored["shader"].split("range=[")[1].split("]")[0].split(","))
@@ -298,7 +306,7 @@ def test_real_job_registered_by_the_completion_hook(env, tmp_path):
         assert "FAILED" not in msgs[0]
         state = json.loads(state_file.read_text())
         layers = {layer["name"]: layer for layer in state["layers"]}
-        assert layers[f"restored {job.job_id[-8:]}"]["source"] == f"precomputed://{env['data_url']}/src_registered"
+        assert _url(state, f"restored {job.job_id[-8:]}") == f"precomputed://{env['data_url']}/src_registered"
         assert state["dimensions"]["z"] == [8e-9, "m"]  # the restored layer's isotropic resolution
         box = layers["restored regions"]["annotations"][0]  # the chunks actually written
         assert box["pointA"][:2] == [0, 0] and box["pointB"][0] >= 32 and box["pointB"][2] >= 25

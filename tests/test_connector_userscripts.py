@@ -1,6 +1,6 @@
 """The webKnossos user script and the CATMAID widget in real headless Chromium, against the real
 bridge → real gRPC service (JobManager + LocalExecutor). The pages provide the platforms'
-front-end JavaScript API as documented doubles (tests/platform_doubles.py). Registration in the
+front-end JavaScript API as documented doubles (tests/webknossos_double.py, tests/catmaid_double.py). Registration in the
 platforms is the service's completion hook with the operator's targets (tests/test_connector_platforms.py)."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import pytest
 from connector.bridge import BridgeServer, create_app
 from connector.bridge_security import BridgeConfig
 from connector.static_server import StaticFileServer
-from tests.platform_doubles import (CATMAID_PAGE, WEBKNOSSOS_PAGE, CatmaidDouble, RunningService, WebknossosDouble,
-                                    chrome_driver, page_with_config, wait_for)
+from tests.browser import chrome_driver, page_with_config
+from tests.catmaid_double import CATMAID_PAGE, CatmaidDouble
+from tests.service_helpers import RunningService, wait_for
+from tests.webknossos_double import WEBKNOSSOS_PAGE, WebknossosDouble
 from tests.test_connector_bridge import make_source_and_model
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]

@@ -391,6 +391,11 @@ def test_denoise_and_superres_train_and_restore():
     assert _psnr(r.mean, clean[:2]) > _psnr(noisy[:2], clean[:2]) + 3   # the mean denoises (29.3 vs 20.2 dB)
     s = restore(m, noisy[:2], steps=3, samples=2, estimate="sample")
     assert s.std is not None and s.std.shape == (2, 64, 64)
+    # fine-tuning the model just trained, in the same process (its networks are the frozen EMA copies)
+    before = [q.detach().clone() for q in m.predictor.parameters()]
+    train(m, RegisteredPairs(t, noisy[2:], clean[2:]), TrainConfig(steps=3, batch_size=2, patch=32, warmup=1, lr=2e-4),
+          progress=False, calibrate=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.predictor.parameters()))
 
     low = clean[:, ::2, ::2]
     t2 = make_task("superres", 2)

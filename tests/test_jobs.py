@@ -11,7 +11,7 @@ import pytest
 from service.engine.model import RestorationModel
 from service.engine.network import UNet
 from service.errors import EmrestoreError, FailedPrecondition, ResourceExhausted, status_of
-from service.jobs.executors import LocalExecutor
+from service.jobs.executors import InProcessExecutor, LocalExecutor
 from service.jobs.manager import JobManager
 from service.jobs.spec import CutoutSpec, RestoreSpec, TrainSpec
 from service.volume import precomputed as pc
@@ -320,28 +320,6 @@ def test_s3_compatible_store_through_client_script(s3_endpoint, tiny_iso_model, 
         mgr.close()
 
 
-class IdleExecutor:
-    """Launches nothing (the test runs the worker in this process)."""
-    name = "idle"
-    default_parallelism = 1
-
-    def launch(self, job_id, num_tasks, parallelism):
-        pass
-
-    def status(self, job_id):
-        from service.jobs.executors import ExecutorStatus
-        return ExecutorStatus(active=1)
-
-    def known(self, job_id):
-        return True
-
-    def cancel(self, job_id):
-        pass
-
-    def shutdown(self):
-        pass
-
-
 def test_workers_follow_the_persisted_plan_and_old_jobs_are_refused(phantom_layer, tiny_iso_model, tmp_path):
     import json
 
@@ -350,7 +328,7 @@ def test_workers_follow_the_persisted_plan_and_old_jobs_are_refused(phantom_laye
     src, stack = phantom_layer
     model_url, _ = tiny_iso_model
     ledger = f"file://{tmp_path}/ledger"
-    mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0))
+    mgr = JobManager(ledger, InProcessExecutor(), block_size_xyz=(32, 32, 0))
     out = f"file://{tmp_path}/out"
     st = mgr.submit(RestoreSpec(source=src, model=model_url, output=out, steps=1))
     plan = load_plan(mgr.ledger, st.job_id)

@@ -45,20 +45,29 @@ def _s3_backend(ep) -> Backend:
     return Backend("s3", ep.url(prefix), f"s3://{ep.bucket}/{prefix}", options)
 
 
-@pytest.fixture(params=["file", "memory", "s3"])
+def _gcs_backend(ep) -> Backend:
+    """A fresh prefix on the session's GCS emulator (tests/conftest.py gcs_endpoint)."""
+    return Backend("gs", ep.url(f"ledger-{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture(params=["file", "memory", "s3", "gs"])
 def backend(request, tmp_path):
     if request.param == "file":
         return Backend("file", f"file://{tmp_path}/ledger")
     if request.param == "memory":
         return Backend("memory", f"memory://ledger-{uuid.uuid4().hex}")
+    if request.param == "gs":
+        return _gcs_backend(request.getfixturevalue("gcs_endpoint"))
     return _s3_backend(request.getfixturevalue("s3_endpoint"))
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "gs"])
 def durable(request, tmp_path):
     """Backends that other processes can reach."""
     if request.param == "file":
         return Backend("file", f"file://{tmp_path}/ledger")
+    if request.param == "gs":
+        return _gcs_backend(request.getfixturevalue("gcs_endpoint"))
     return _s3_backend(request.getfixturevalue("s3_endpoint"))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from service.errors import EmrestoreError, status_of
+from service.jobs.executors import InProcessExecutor
 from service.jobs.manager import JobManager
 from service.jobs.spec import RestoreSpec
 from service.volume import precomputed as pc
@@ -122,27 +123,6 @@ def _run_worker(ledger, job_id):
     run_task(ledger, job_id, 0, 1, lease_ttl_s=2, log=lambda m: None)
 
 
-class IdleExecutor:
-    """Launches nothing (the test runs the worker itself)."""
-    name, default_parallelism = "idle", 1
-
-    def launch(self, job_id, num_tasks, parallelism):
-        pass
-
-    def status(self, job_id):
-        from service.jobs.executors import ExecutorStatus
-        return ExecutorStatus(active=1)
-
-    def known(self, job_id):
-        return True
-
-    def cancel(self, job_id):
-        pass
-
-    def shutdown(self):
-        pass
-
-
 def test_worker_killed_in_the_middle_of_a_shard_resumes_without_corrupting_it(tiny_iso_model, tmp_path, monkeypatch):
     """A shard task restores several blocks before it writes its shard in one object: a worker
     killed meanwhile leaves no marker and no half shard; the next worker (after the lease expires)
@@ -152,7 +132,7 @@ def test_worker_killed_in_the_middle_of_a_shard_resumes_without_corrupting_it(ti
     src = f"file://{tmp_path}/em"
     jpeg_sharded_source(src, z=13, x=64)
     ledger = f"file://{tmp_path}/ledger"
-    mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
+    mgr = JobManager(ledger, InProcessExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
     spec = dict(source=src, model=model_url, samples=2, steps=1)
     killed = mgr.submit(RestoreSpec(output=f"file://{tmp_path}/a", **spec))
     plan = mgr.plan_of(killed.job_id)
@@ -183,7 +163,7 @@ def test_dry_run_writes_nothing_and_bad_formats_name_their_field(tiny_iso_model,
     src = f"{root}/em"
     jpeg_sharded_source(src, z=7, x=64)
     ledger = f"file://{tmp_path}/ledger"
-    mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
+    mgr = JobManager(ledger, InProcessExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
     client = s3_endpoint.client()
     prefix = root.split("/", 3)[3]
 
@@ -245,7 +225,7 @@ def test_a_1mm3_dataset_plans_as_grids(tiny_iso_model, tmp_path):
                                                          "minishard_index_encoding": "gzip", "data_encoding": "raw"}})
     (src / "info").write_text(json.dumps({"type": "image", "data_type": "uint8", "num_channels": 1, "scales": scales}))
     url = f"file://{src}"
-    mgr = JobManager(f"file://{tmp_path}/ledger", IdleExecutor(), block_size_xyz=(256, 256, 0))
+    mgr = JobManager(f"file://{tmp_path}/ledger", InProcessExecutor(), block_size_xyz=(256, 256, 0))
     mgr.limits = type(mgr.limits)(**{**mgr.limits.__dict__, "max_job_voxels": 10 ** 17})
     mgr.planner._norms[(url, 0)] = IntensityNorm(20.0, 230.0)  # the normalisation read is tested with sources
     tracemalloc.start()
@@ -277,7 +257,7 @@ def test_request_fields_through_grpc_cli_and_bridge(tiny_iso_model, tmp_path, ca
     src = f"file://{tmp_path}/em"
     jpeg_sharded_source(src)
     ledger = f"file://{tmp_path}/ledger"
-    mgr = JobManager(ledger, IdleExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
+    mgr = JobManager(ledger, InProcessExecutor(), block_size_xyz=(32, 32, 0), shard_bytes=2 ** 16)
     server, port = build_server(mgr, "127.0.0.1", 0)
     server.start()
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from service.errors import FailedPrecondition
-from service.jobs.executors import ExecutorStatus
+from service.jobs.executors import InProcessExecutor
 from service.jobs.manager import JobManager
 from service.jobs.pool import ModelCache, PoolWorker
 from service.jobs.pool_executor import ExecutionRouter, LocalPool, PoolExecutor, queue_depth, serve_metrics
@@ -28,33 +28,8 @@ from service.volume import precomputed as pc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class IdleBatch:
-    """The batch side launches nothing here: the tests run the Indexed-Job worker code path
-    (``run_task``) in-process instead of starting processes."""
-    name = "idle-batch"
-    default_parallelism = 1
-
-    def __init__(self):
-        self.launched: list[str] = []
-
-    def launch(self, job_id, num_tasks, parallelism):
-        self.launched.append(job_id)
-
-    def status(self, job_id):
-        return ExecutorStatus(active=1)
-
-    def known(self, job_id):
-        return True
-
-    def cancel(self, job_id):
-        pass
-
-    def shutdown(self):
-        pass
-
-
 def pooled_manager(ledger: str, block=(48, 48, 0), **kw) -> JobManager:
-    router = ExecutionRouter(ledger, PoolExecutor(ledger, size=1), IdleBatch())
+    router = ExecutionRouter(ledger, PoolExecutor(ledger, size=1), InProcessExecutor())
     return JobManager(ledger, router, models_dir=None, poll_interval_s=0.1, block_size_xyz=block, **kw)
 
 
@@ -148,7 +123,7 @@ def test_execution_is_checked(phantom_layer, tiny_iso_model, tmp_path):
     spec = RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/o", execution="gpu")
     with pytest.raises(ValueError, match="execution.*auto, pool, batch"):
         spec.validate()
-    plain = JobManager(ledger, IdleBatch(), models_dir=None)
+    plain = JobManager(ledger, InProcessExecutor(), models_dir=None)
     with pytest.raises(FailedPrecondition, match="execution.*no worker pool"):
         plain.submit(RestoreSpec(source=src, model=model_url, output=f"file://{tmp_path}/o", execution="pool"))
     assert not os.path.exists(f"{tmp_path}/o")  # nothing written
@@ -166,7 +141,7 @@ def test_execution_is_a_request_field_over_grpc_and_on_the_cli(phantom_layer, ti
     servers = []
     try:
         for name, manager in (("pooled", pooled_manager(f"file://{tmp_path}/l1")),
-                              ("plain", JobManager(f"file://{tmp_path}/l2", IdleBatch(), models_dir=None))):
+                              ("plain", JobManager(f"file://{tmp_path}/l2", InProcessExecutor(), models_dir=None))):
             server, port = build_server(manager, "127.0.0.1", 0)
             server.start()
             servers.append((name, manager, server, port))
@@ -213,7 +188,7 @@ def test_killed_pool_worker_block_is_re_leased_and_redone_bit_identically(
     ledger = f"file://{tmp_path}/ledger"
     pool = LocalPool(ledger, 1, log_dir=str(tmp_path / "logs"),
                      env={"EMRESTORE_LEASE_TTL": "3", "EMRESTORE_DEVICE": "cpu"})
-    router = ExecutionRouter(ledger, PoolExecutor(ledger, size=1), IdleBatch(), pool)
+    router = ExecutionRouter(ledger, PoolExecutor(ledger, size=1), InProcessExecutor(), pool)
     m = JobManager(ledger, router, models_dir=None, poll_interval_s=0.2, block_size_xyz=(96, 96, 0))
     out = f"file://{tmp_path}/out"
     try:
@@ -275,7 +250,7 @@ def test_cutout_runs_on_a_pool_worker_over_grpc(phantom_layer, tiny_iso_model, t
         assert m.ledger.get_result(job_id) is None and m.ledger.take_result(job_id) is None
         assert m.ledger.block_info(job_id, 0) is not None
         # the same bytes as the server's own (no-pool) cutout path
-        plain = JobManager(f"file://{tmp_path}/ledger2", IdleBatch(), models_dir=None)
+        plain = JobManager(f"file://{tmp_path}/ledger2", InProcessExecutor(), models_dir=None)
         ref = plain.cutout(CutoutSpec(source=src, model=model_url, region_start_xyz=(8, 8, 2),
                                       region_stop_xyz=(72, 56, 6), steps=1, samples=2, seed=3))
         np.testing.assert_array_equal(mean, ref.mean_zyx)

@@ -17,11 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.client import EmrestoreClient, EmrestoreError
+from service.jobs.executors import InProcessExecutor
 from service.jobs.manager import JobManager, WorkLimits
 from service.jobs.spec import RestoreSpec
 from service.volume import precomputed as pc
 from service.volume.policy import StorePolicy
-from tests.test_api import NullExecutor, make_model, make_source, start_server
+from tests.test_api import make_model, make_source, start_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,7 +38,7 @@ def site(tmp_path_factory):
     make_model(models, "iso3", vol)
     other = make_model(str(root / "elsewhere"), "iso3b", vol)  # a model outside the allowed stores
     policy = StorePolicy([f"file://{allowed}"])
-    mgr = JobManager(f"file://{root}/ledger", NullExecutor(), models_dir=f"file://{models}", poll_interval_s=0.05,
+    mgr = JobManager(f"file://{root}/ledger", InProcessExecutor(), models_dir=f"file://{models}", poll_interval_s=0.05,
                      max_cutout_voxels=50_000, store_policy=policy,
                      limits=WorkLimits(max_sample_steps=1000, max_jobs_per_user=100))
     server, port = start_server(mgr, token=["alice:ta-secret", "bob:tb-secret"], admins=["root"])
@@ -186,7 +187,7 @@ def test_concurrent_cutouts_are_capped_and_cheap_calls_stay_responsive(tmp_path)
     src, vol = make_source(str(tmp_path))
     models = str(tmp_path / "models")
     make_model(models, "iso3", vol)
-    mgr = SlowCutouts(f"file://{tmp_path}/ledger", NullExecutor(), models_dir=models, max_cutout_voxels=50_000)
+    mgr = SlowCutouts(f"file://{tmp_path}/ledger", InProcessExecutor(), models_dir=models, max_cutout_voxels=50_000)
     server, port = start_server(mgr, max_workers=8, max_concurrent_cutouts=2, cutout_queue=2)
     results: list = []
 
@@ -234,7 +235,7 @@ def test_jobs_record_their_owner_and_only_the_owner_cancels(site, caplog):
 
 
 # ---------------------------------------------------------------- one ledger, one supervisor
-class CountingExecutor(NullExecutor):
+class CountingExecutor(InProcessExecutor):
     def __init__(self):
         super().__init__()
         self.launches = 0
@@ -242,9 +243,6 @@ class CountingExecutor(NullExecutor):
     def launch(self, job_id, num_tasks, parallelism):
         self.launches += 1
         super().launch(job_id, num_tasks, parallelism)
-
-    def known(self, job_id):
-        return job_id in self.launched
 
 
 def test_two_servers_on_one_ledger_never_double_the_workers(tmp_path):
@@ -282,7 +280,7 @@ def test_incremental_keeps_only_what_earlier_jobs_of_the_method_finished(tmp_pat
     models = str(tmp_path / "models")
     make_model(models, "iso3", vol)
     ledger = f"file://{tmp_path}/ledger"
-    mgr = JobManager(ledger, NullExecutor(), models_dir=models, block_size_xyz=(32, 32, 0),
+    mgr = JobManager(ledger, InProcessExecutor(), models_dir=models, block_size_xyz=(32, 32, 0),
                      output_chunk_xyz=(16, 16, 15))
     out, unc = f"file://{tmp_path}/out", f"file://{tmp_path}/unc"
     spec = dict(source=src, model="iso3", output=out, uncertainty_output=unc, samples=2, steps=1)
@@ -412,7 +410,7 @@ def test_unreachable_or_unauthorised_model_stores_are_not_internal(s3_endpoint, 
     src, vol = make_source(str(tmp_path))
     stores.register_s3_endpoint("labdown9", "http://127.0.0.1:9", "k", "s")
     stores.register_s3_endpoint("labbad9", s3_endpoint.endpoint_url, s3_endpoint.access_key_id, "wrong")
-    mgr = JobManager(f"file://{tmp_path}/ledger", NullExecutor())
+    mgr = JobManager(f"file://{tmp_path}/ledger", InProcessExecutor())
     server, port = start_server(mgr)
     try:
         with EmrestoreClient(f"127.0.0.1:{port}", timeout=60) as c:

@@ -144,17 +144,18 @@ def _print_job(j) -> None:
 
 
 class _Progress:
-    """A tqdm bar on stderr for job updates: blocks, voxels/s and the server's ETA."""
+    """Progress of job updates on stderr (a bar on a terminal, a line now and then in a log:
+    service/progress.py): blocks, voxels/s and the server's ETA."""
 
     def __init__(self, job_id: str, quiet: bool = False):
         self.quiet = quiet
         self.bar = None
         self.job_id = job_id
         if not quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True, desc=job_id[-8:],
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} blocks "
-                                       "[{elapsed}{postfix}]")
+            from ..progress import progress_bar
+            self.bar = progress_bar(unit="block", desc=job_id[-8:],
+                                    bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} blocks "
+                                               "[{elapsed}{postfix}]")
 
     def __call__(self, u) -> None:
         if self.bar is None:

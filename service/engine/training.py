@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from . import cpu_runtime
 from .model import RestorationModel, resolve_device
 
@@ -153,6 +153,8 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
         cpu_runtime.keep_freed_memory()
     nets = _Pair(model.predictor, model.denoiser).to(device)
     nets.train()
+    for p in nets.parameters():  # a model trained before in this process holds its (frozen) EMA copy
+        p.requires_grad_(True)
     ema = copy.deepcopy(nets).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -185,8 +187,7 @@ def train(model: RestorationModel, pairs, cfg: TrainConfig, out_url: str | None 
             with torch.no_grad():
                 model.predictor.error_head[-1].bias.fill_(float(np.log(1.0 / scale ** 2)))
     use_bf16 = device.type == "cuda"
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {model.task.name}",
-               unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, initial=start, disable=not progress, desc=f"train {model.task.name}", unit="step")
     running = None
     t0 = time.time()
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import EmrestoreError
-from ..volume import precomputed as pc
 from . import admission
 from .plans import RestorePlan
 from .spec import CutoutSpec
-from .worker import check_info, load_cutout_result, restore_block
+from .worker import check_info, load_cutout_result, restore_cutout
 
 
 @dataclass
@@ -32,7 +31,7 @@ class CutoutResult:
 
 class Cutouts:
     """Needs the manager's ``planner``, ``policy``, ``limits``, ``models``, ``ledger``,
-    ``has_pool``, ``resolve_model``, ``_launch`` and ``cutout_timeout_s``."""
+    ``readers`` (a ReaderCache), ``has_pool``, ``resolve_model``, ``_launch`` and ``cutout_timeout_s``."""
 
     # ------------------------------------------------------------------ cutout
     def cutout(self, spec: CutoutSpec) -> CutoutResult:
@@ -44,9 +43,9 @@ class Cutouts:
         plan, block, src = self.planner.cutout(spec)
         if self.has_pool:
             return self._cutout_on_pool(spec, plan, block)
-        data = pc.read_zyx(spec.source, block.read.start, block.read.stop, spec.mip)
+        data = self.readers.get(spec.source).read(block.read, spec.mip)  # a Cutout: missing chunks known
         model = self.models.load(plan.model_url)
-        mean, std, res = restore_block(plan, block, model, data)
+        mean, std, res = restore_cutout(plan, block, model, data)
         info = {}
         if res is not None:
             info = {"restore_seconds": res.seconds, **check_info(res)}

@@ -37,6 +37,37 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+class InProcessExecutor:
+    """Starts no worker: whoever submitted the job runs its tasks in its own process
+    (``worker.run_task``, a ``pool.PoolWorker`` thread) or marks its blocks done — tests and
+    benchmarks that run, time or fake the worker code path without processes. ``launched`` and
+    ``cancelled`` list the jobs it was asked to start and to cancel; a launched job is reported
+    active (so the supervisor neither relaunches nor fails it) until the ledger says done; a job it
+    never launched is unknown (a restarted service relaunches it). ``default_parallelism``: the
+    tasks a job is planned for when the request does not say."""
+    name = "in-process"
+
+    def __init__(self, default_parallelism: int = 1):
+        self.default_parallelism = default_parallelism
+        self.launched: list[str] = []
+        self.cancelled: list[str] = []
+
+    def launch(self, job_id: str, num_tasks: int, parallelism: int) -> None:
+        self.launched.append(job_id)
+
+    def status(self, job_id: str) -> ExecutorStatus:
+        return ExecutorStatus(active=1)
+
+    def known(self, job_id: str) -> bool:
+        return job_id in self.launched
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+
+    def shutdown(self) -> None:
+        pass
+
+
 def worker_args(ledger_url: str, job_id: str, task_index: int | None, num_tasks: int) -> list[str]:
     """The ``emrestore`` arguments of one task (the worker contract)."""
     args = ["worker", "--ledger", ledger_url, "--job", job_id, "--num-tasks", str(num_tasks)]

@@ -13,8 +13,8 @@ Layout under the ledger root URL::
     jobs/{job_id}/events/{ns:020d}-{writer}-{n:08d}.json   one object per event
     jobs/{job_id}/result.npz                 a cutout job's arrays (written once by its worker)
 
-Objects are written through an atomic store (store.py), whose back-end decides how exact
-leases are: see ``Ledger.lease_guarantee`` and store.py.
+Objects are written through an atomic store (volume/objects.py), whose back-end decides how exact
+leases are: see ``Ledger.lease_guarantee`` and volume/objects.py.
 
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from .ledger_pool import PoolQueries
 from .markers import MARKERS_VERSION, DoneGroups
-from .store import DELETE, KEEP, open_store
+from ..volume.objects import DELETE, KEEP
+from ..volume.stores import open_store
 
 __all__ = [
     "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from .records import _JOB_ID_RE, TERMINAL_STATES, JobRecord, validate_job_id
-from .store import DELETE, KEEP
+from ..volume.objects import DELETE, KEEP
 
 
 class PoolQueries:

@@ -20,6 +20,7 @@ from ..errors import EmrestoreError, FailedPrecondition, PermissionDenied, Resou
 from ..volume import precomputed as pc
 from ..volume.geometry import Box
 from ..volume.policy import StorePolicy, inside
+from ..volume.reader import ReaderCache
 from . import admission
 from .admission import WorkLimits  # noqa: F401 - re-exported (serve, tests)
 from .completion import CompletedJob, CompletionHook, failure_messages
@@ -31,6 +32,7 @@ from .estimate import estimate, uncertainty_format
 from .planning import Planner, dataset_norm, inherited_tasks, scale_for  # noqa: F401 - re-exported
 from .plans import PlanMissing, RestorePlan, plan_from_dict
 from .spec import RestoreSpec, TrainSpec, list_request
+from .worker import missing_note
 
 MAX_RELAUNCHES = 2
 #: a restore-region of at most this many blocks is interactive (leased first by the pool, and run
@@ -87,6 +89,7 @@ class JobManager(Cutouts):
         self.models_dir = models_dir
         self.planner = Planner(self.models, block_size_xyz, tile, overlap, output_chunk_xyz, max_cutout_voxels,
                                **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+        self.readers = ReaderCache()  # cutouts: one reader per source layer (shard indexes reused)
         self.poll_interval_s = poll_interval_s
         self.completion_hooks = list(completion_hooks or [])
         self.policy = store_policy or StorePolicy(None)
@@ -407,7 +410,7 @@ class JobManager(Cutouts):
             msg = f"{rec.num_blocks} block(s) done"
             if isinstance(plan, RestorePlan):
                 self._complete(job_id, plan, rec.owner)  # hooks first: SUCCEEDED means registered too
-                msg += self._needs_finetuning_note(job_id, plan)
+                msg += missing_note(self.ledger.events(job_id)[0]) + self._needs_finetuning_note(job_id, plan)
             self.ledger.set_state(job_id, SUCCEEDED, msg)
             return
         if not self.executor.known(job_id):

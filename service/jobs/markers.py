@@ -20,7 +20,7 @@ import json
 import numpy as np
 
 from .records import validate_job_id
-from .store import KEEP
+from ..volume.objects import KEEP
 
 #: blocks per group object (a 512-byte bitmap)
 GROUP = 4096

@@ -35,26 +35,70 @@ def scale_for(task: str, factor: int) -> tuple[int, int, int]:
     return {"isotropic": (1, 1, factor), "superres": (factor, factor, 1)}.get(task, (1, 1, 1))
 
 
-def dataset_norm(url: str, mip: int = 0, max_sections: int = 8, max_side: int = 1024) -> IntensityNorm:
-    """Percentile normalisation from evenly spaced sections of the coarsest scale that still has
-    sections of at most ``max_side`` pixels — statistics of the whole dataset, computed once."""
-    info = pc.open_source(url, mip)
-    m = mip
-    while True:
-        try:
-            nxt = pc.open_layer(url, m + 1, "source")
-        except (ValueError, KeyError, IndexError):
+#: dataset normalisation: at most NORM_CROPS crops of NORM_CROP² pixels × 1 section per scale tried
+NORM_CROPS, NORM_CROP, NORM_MIN_VOXELS = 32, 256, 16_384
+
+
+def _halton(n: int, base: int) -> np.ndarray:
+    """The first n points of the van der Corput sequence in ``base`` (deterministic, well spread)."""
+    out = np.zeros(n)
+    for i in range(n):
+        f, k, x = 1.0, i + 1, 0.0
+        while k:
+            f /= base
+            x += f * (k % base)
+            k //= base
+        out[i] = x
+    return out
+
+
+def norm_crops(info: pc.VolumeInfo, n: int, crop: int = NORM_CROP) -> list[Box]:
+    """``n`` crops of at most ``crop``² pixels × 1 section spread over the scale (a 3-D Halton
+    sequence), each starting on a chunk corner so that it reads as few chunks as it can."""
+    bounds = Box(info.start_zyx, info.stop_zyx)
+    shape, chunk = bounds.shape, info.chunk_zyx
+    ext = (1, min(crop, shape[1]), min(crop, shape[2]))
+    out = []
+    for fz, fy, fx in zip(_halton(n, 5), _halton(n, 3), _halton(n, 2)):
+        start = []
+        for f, a, size, e, c in zip((fz, fy, fx), bounds.start, shape, ext, chunk):
+            p = a + int(f * (size - e + 1))
+            if e > 1:  # snap down to the chunk grid, inside the layer
+                p = max(a, a + (p - a) // c * c)
+            start.append(min(p, a + size - e))
+        out.append(Box(tuple(start), tuple(p + e for p, e in zip(start, ext))))
+    return out
+
+
+def dataset_norm(url: str, mip: int = 0) -> IntensityNorm:
+    """Percentile normalisation of the whole dataset from a bounded sample: at most NORM_CROPS
+    crops of NORM_CROP² pixels of one section, spread over the coarsest scale (≥ ``mip``) that
+    still has sections of NORM_CROP² pixels and whose crops hold at least NORM_MIN_VOXELS voxels
+    of tissue, trying finer scales (at most three in all) when the coarser ones are (almost)
+    missing. Missing chunks are skipped, so absent tissue does not pull the percentiles towards
+    0. Deterministic for the same layer; reads at most 3 × NORM_CROPS crops whatever its size."""
+    from ..volume.reader import LayerReader
+    reader = LayerReader(url)
+    reader.volume_info(mip)  # checks the scale
+    scales = [m for m in range(reader.num_scales - 1, mip - 1, -1)
+              if min(reader.volume_info(m).size_xyz[:2]) >= NORM_CROP] or [mip]
+    tried, best = 0, None
+    for m in scales:
+        info = reader.volume_info(m)
+        parts = []
+        for box in norm_crops(info, NORM_CROPS):
+            cut = reader.read(box, m)
+            parts.append(cut.data[cut.present] if cut.missing else cut.data.reshape(-1))
+        sample = np.concatenate(parts)
+        if best is None or sample.size > best.size:
+            best = sample
+        tried += 1
+        if sample.size >= NORM_MIN_VOXELS or tried == 3:
             break
-        if max(info.size_xyz[:2]) <= max_side:
-            break
-        info, m = nxt, m + 1
-    z0, z1 = info.start_zyx[0], info.stop_zyx[0]
-    zs = np.unique(np.linspace(z0, z1 - 1, min(max_sections, z1 - z0)).round().astype(int))
-    (_, y0, x0), (_, y1, x1) = info.start_zyx, info.stop_zyx
-    sy = max(1, (y1 - y0) // max_side)
-    sx = max(1, (x1 - x0) // max_side)
-    parts = [pc.read_zyx(url, (int(z), y0, x0), (int(z) + 1, y1, x1), m)[:, ::sy, ::sx] for z in zs]
-    return IntensityNorm.from_volume(np.concatenate([p.reshape(-1) for p in parts]))
+    if best is None or best.size == 0:
+        raise FailedPrecondition("source", f"{url[:200]}: no chunk exists in {NORM_CROPS} crops spread over "
+                                           f"{tried} scale(s): nothing to normalise (is the layer empty?)")
+    return IntensityNorm.from_volume(best)
 
 
 def source_format(url: str, mip: int = 0) -> dict:

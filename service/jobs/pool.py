@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ..volume.reader import ReaderCache
 from .ledger import Ledger
 from .plans import PRIORITIES, PlanMissing, RestorePlan, plan_from_dict
 
@@ -94,6 +95,7 @@ class PoolWorker:
         self.poll_s = poll_s
         self.log = log
         self.cache = cache or ModelCache(max_models)
+        self.readers = ReaderCache()  # one LayerReader per source layer, reused across blocks and jobs
         self.stats = PoolStats(order=[])
         self._plans: dict[str, object] = {}
         self._bad: set[str] = set()
@@ -130,7 +132,7 @@ class PoolWorker:
     def step(self) -> bool:
         """Lease and run one block of the highest-priority job that has a free one; True if a
         block was done by this worker."""
-        from .worker import Cancelled, free_tasks, process_block
+        from .worker import Cancelled, free_tasks, layer_read, process_block, report_missing
         self.stats.polls += 1
         self._current = None
         for job_id, plan in self.candidates():
@@ -139,10 +141,15 @@ class PoolWorker:
                     break
                 self._current = job_id
                 model = self.cache.get(plan.model_url)
+                counts: dict = {}
+                reader = self.readers.get(plan.source)
                 try:
-                    secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl)
+                    secs = process_block(self.ledger, job_id, plan, i, model, None, self.owner, self.ttl,
+                                         layer_read(reader), counts, lambda b: reader.shard_key(b.read, plan.mip))
                 except Cancelled:
                     break
+                finally:  # pool jobs are interactive (a few tasks): one summary event per task with missing source
+                    report_missing(self.ledger, job_id, counts, f"pool worker {self.owner}, task {i}")
                 if secs is None or secs == 0.0:
                     continue  # leased or finished by another worker meanwhile
                 self.stats.blocks += 1

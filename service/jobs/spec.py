@@ -121,10 +121,10 @@ def _check_choice(value, name: str, allowed) -> str:
     return value
 
 
-def _wire_int(value, name: str, hi: int, zero: str) -> int:
-    """A request integer as it arrives: 0 … hi, 0 meaning ``zero`` (the default)."""
+def _wire_int(value, name: str, hi: int, zero: str = "") -> int:
+    """A request integer as it arrives: 0 … hi, 0 meaning ``zero`` (the default) when given."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
-        raise EmrestoreError(name, f"{quote(value)} must be an integer in [0, {hi}] (0: {zero})")
+        raise EmrestoreError(name, f"{quote(value)} must be an integer in [0, {hi}]" + (f" (0: {zero})" if zero else ""))
     return value
 
 
@@ -295,7 +295,7 @@ def _sampling_request(sampler, steps, samples, seed, mip, estimate) -> dict:
     return dict(sampler=_wire_str(sampler, "sampler") or DEFAULT_SAMPLER,
                 steps=_wire_int(steps, "steps", LIMITS.max_steps, f"the default, {DEFAULT_STEPS}") or DEFAULT_STEPS,
                 samples=_wire_int(samples, "samples", LIMITS.max_samples, "1") or 1,
-                seed=_wire_int(seed, "seed", 2 ** 63 - 1, "seed 0"),
+                seed=_wire_int(seed, "seed", 2 ** 63 - 1),
                 mip=_wire_int(mip, "mip", LIMITS.max_mip, "full resolution"),
                 estimate=_wire_str(estimate, "estimate"))
 
@@ -358,7 +358,7 @@ def train_request(*, source: str, output_model: str, task: str = "", preset: str
     kw: dict[str, Any] = dict(
         source=_check_url(source, "source", "a precomputed layer URL"),
         output_model=_check_url(output_model, "output_model", "a model URL or name to write"),
-        seed=_wire_int(seed, "seed", 2 ** 63 - 1, "seed 0"), mip=_wire_int(mip, "mip", LIMITS.max_mip, "full resolution"),
+        seed=_wire_int(seed, "seed", 2 ** 63 - 1), mip=_wire_int(mip, "mip", LIMITS.max_mip, "full resolution"),
         factor=_wire_int(factor, "factor", 16, "from the layer's voxel size"),
         region_start_xyz=start, region_stop_xyz=stop, labels=dict(labels or {}),
         base_model=_wire_str(base_model, "base_model") or None, target=_wire_str(target, "target") or None)

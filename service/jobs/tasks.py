@@ -23,6 +23,8 @@ from ..engine.normalize import IntensityNorm
 from ..engine.restore import derive_seed, restore
 from ..volume import precomputed as pc
 from ..volume.blocks import Block, Task, assemble_isotropic, crop_to_write_box
+from ..volume.missing import fill_from_nearest, output_present
+from ..volume.reader import Cutout, LayerReader
 from ..volume.writing import pool_mean
 from .plans import RestorePlan
 
@@ -31,14 +33,33 @@ class Cancelled(Exception):
     """The job was cancelled while a task ran (nothing of the task was written)."""
 
 
-def read_block(plan: RestorePlan, block: Block) -> np.ndarray:
-    """The source voxels a block reads."""
-    return pc.read_zyx(plan.source, block.read.start, block.read.stop, plan.mip)
+def read_block(plan: RestorePlan, block: Block) -> Cutout:
+    """The source voxels a block reads and which of them are missing (a one-shot reader; workers
+    pass ``read`` functions over their own reader, one per worker and layer)."""
+    return LayerReader(plan.source).read(block.read, plan.mip)
 
 
-def restore_block(plan: RestorePlan, block: Block, model, source: np.ndarray):
+def restore_block(plan: RestorePlan, block: Block, model, source: np.ndarray | Cutout):
     """Restore one block's read box; returns (mean, std, result) cropped to the write box
-    (``result`` carries timing and score; None when nothing had to be generated)."""
+    (``result`` carries timing and score; None when nothing had to be generated).
+
+    ``source`` is the read box's voxels, or the reader's Cutout, which says which chunks are
+    missing: then the output over missing voxels is 0 (no data) and the network sees the nearest
+    present tissue there (volume/missing.py); ``mean`` is None when no output voxel has a source
+    (the block is skipped)."""
+    present = None
+    if isinstance(source, Cutout):
+        present, source = source.present, source.data
+    if present is not None:
+        valid = output_present(present, block, plan.scale_xyz)
+        if not valid.any():
+            return None, None, None
+        source_nm_zyx = tuple(r * s for r, s in zip(plan.output_resolution_nm_xyz, plan.scale_xyz))[::-1]
+        mean, std, res = restore_block(plan, block, model, fill_from_nearest(source, present, source_nm_zyx))
+        mean[~valid] = 0
+        if std is not None:
+            std[~valid] = 0
+        return mean, std, res
     norm = IntensityNorm.from_dict(plan.norm)
     fx, _, k = plan.scale_xyz
     # noise seed: job seed + the block's lateral origin; images (gaps/sections) add their global index
@@ -64,6 +85,24 @@ def restore_block(plan: RestorePlan, block: Block, model, source: np.ndarray):
     return mean, std, res
 
 
+def restore_cutout(plan: RestorePlan, block: Block, model, source: np.ndarray | Cutout):
+    """A cutout's (mean, std, result): as :func:`restore_block`, but a cutout without any source
+    (missing tissue) is all no data (zeros) rather than skipped."""
+    mean, std, res = restore_block(plan, block, model, source)
+    if mean is None:
+        mean = np.zeros(block.write.shape, dtype=plan.output_dtype)
+        std = np.zeros(block.write.shape, dtype=np.float32) if plan.samples > 1 else None
+    return mean, std, res
+
+
+def count_missing(counts: dict | None, source, mean) -> None:
+    """Count a block read with missing source chunks: ``skipped`` (no output voxel has a source,
+    nothing written) or ``partial`` (its no-data voxels written as 0)."""
+    if counts is not None and isinstance(source, Cutout) and source.missing:
+        key = "skipped" if mean is None else "partial"
+        counts[key] = counts.get(key, 0) + 1
+
+
 def encode_std(plan: RestorePlan, std: np.ndarray) -> np.ndarray:
     """The uncertainty as the layer stores it (uint8 with the plan's full scale; float32 for
     plans of older emrestore)."""
@@ -72,11 +111,16 @@ def encode_std(plan: RestorePlan, std: np.ndarray) -> np.ndarray:
     return pc.encode_uncertainty(std, "float32")
 
 
-def restore_task(plan: RestorePlan, task: Task, model, cancelled=lambda: False, read=read_block):
+def restore_task(plan: RestorePlan, task: Task, model, cancelled=lambda: False, read=read_block,
+                 counts: dict | None = None, order=None):
     """Restore a stage-0 task: (mean, std encoded or None, worst check result or None); mean is
     None when no block had any source (``restore_block`` gives None for a block whose source is
-    all missing tissue: such a block stays 0, no data, and a task of only those writes nothing)."""
+    all missing tissue: such a block stays 0, no data, and a task of only those writes nothing).
+    ``counts`` counts blocks with missing source (:func:`count_missing`); ``order(block)`` is a
+    sort key for the blocks (the worker's: the source shard a block's read starts in)."""
     blocks = plan.blocks.blocks_in(task)
+    if order is not None:
+        blocks = sorted(blocks, key=lambda b: (order(b), b.index))
     box = task.box
     mean_buf = np.zeros(box.shape, np.dtype(plan.output_dtype))
     std_buf = None
@@ -91,6 +135,7 @@ def restore_task(plan: RestorePlan, task: Task, model, cancelled=lambda: False, 
             if n and cancelled():
                 raise Cancelled()
             mean, std, res = restore_block(plan, b, model, data)
+            count_missing(counts, data, mean)
             if mean is None:
                 continue
             restored += 1
@@ -145,9 +190,10 @@ def build_scales(plan: RestorePlan, task: Task, tile_xy: int = 1024) -> str:
         below, here = scales[a - 1], scales[a]
         f = tuple(x // y for x, y in zip(here.factor_zyx, below.factor_zyx))
         out = np.zeros(task.box.shape, np.dtype(cv.info["data_type"]))
+        reader = LayerReader(url, "output")  # the scale below, complete (missing chunks read as 0)
         for tile in task.box.tiles((here.chunk_zyx[0], tile_xy, tile_xy)):
             read = tile.scale(f).intersect(below.bounds)
-            data = pc.read_zyx(url, read.start, read.stop, a - 1, fill_missing=True)
+            data = reader.read(read, a - 1).data
             pooled, at = pool_mean(data, read.start, f)
             if tuple(at) != tile.start or pooled.shape != tile.shape:
                 raise ValueError(f"task {task.index}: scale {a} box {tile} does not match the averaged "

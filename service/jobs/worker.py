@@ -23,10 +23,14 @@ from ..volume import precomputed as pc
 from ..volume.policy import StorePolicy
 from .ledger import Ledger
 from .plans import JobPlan, RestorePlan, TrainPlan, plan_from_dict
-from .tasks import Cancelled, build_scales, read_block, restore_block, restore_task, write_restored
+from ..volume.missing import fill_from_nearest
+from ..volume.reader import LayerReader
+from .tasks import (Cancelled, build_scales, read_block, restore_block, restore_cutout, restore_task,
+                    write_restored)
 
-__all__ = ["load_plan", "check_plan_stores", "restore_block", "process_block", "run_task", "free_tasks", "Cancelled",
-           "store_cutout_result", "load_cutout_result", "check_info", "read_block"]
+__all__ = ["load_plan", "check_plan_stores", "restore_block", "restore_cutout", "process_block", "run_task",
+           "free_tasks", "Cancelled", "store_cutout_result", "load_cutout_result", "check_info", "read_block",
+           "report_missing", "missing_note", "layer_read"]
 
 LEASE_TTL_S = float(os.environ.get("EMRESTORE_LEASE_TTL", "120"))
 
@@ -89,8 +93,14 @@ def check_info(res) -> dict:
     return {"score": float(res.score), "needs_finetuning": bool(res.needs_finetuning)}
 
 
+def layer_read(reader: LayerReader):
+    """A ``read(plan, block)`` function over one reader (one per worker and layer: shard indexes
+    and decoded chunks are reused across blocks)."""
+    return lambda plan, block: reader.read(block.read, plan.mip)
+
+
 def finish_task(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model, owner: str,
-                cancelled=lambda: False, read=read_block) -> None:
+                cancelled=lambda: False, read=read_block, counts: dict | None = None, order=None) -> None:
     """Run task i and record its completion marker: restore it (stage 0; a cutout's arrays go to
     the ledger, read back by the server) or build its scales from the one below (later stages).
     With an uncertainty layer or samples ≥ 2 the marker holds the task's worst needs-fine-tuning
@@ -104,11 +114,14 @@ def finish_task(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model, o
         info["scale"] = task.stage.base_mip
     elif plan.kind == "cutout":
         block = plan.blocks.blocks_in(task)[0]
-        mean, std, res = restore_block(plan, block, model, read(plan, block))
+        source = read(plan, block)
+        mean, std, res = restore_cutout(plan, block, model, source)
+        if getattr(source, "missing", None):
+            info["source_missing"] = "all" if source.all_missing else "part"
         info.update(store_cutout_result(ledger, job_id, mean, std, res))
         info["voxels"] = int(mean.size)
     else:
-        mean, std, res = restore_task(plan, task, model, cancelled, read)
+        mean, std, res = restore_task(plan, task, model, cancelled, read, counts, order)
         if mean is None:  # no source under any of its blocks (missing tissue): nothing written
             info.update(voxels=0, source_missing="all", seconds=round(time.time() - t0, 3))
             ledger.mark_block_done(job_id, i, info)
@@ -129,11 +142,13 @@ def finish_task(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model, o
 
 
 def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model,
-                  data=None, owner: str = "", ttl: float = LEASE_TTL_S, read=None) -> float | None:
+                  data=None, owner: str = "", ttl: float = LEASE_TTL_S, read=None,
+                  counts: dict | None = None, order=None) -> float | None:
     """Lease task i, run it, mark it done and release the lease: the one code path of
     Indexed-Job tasks and pool workers (bit-identical output). Returns the seconds it took, 0.0
     when it was already done (by anyone), None when another worker holds its lease. ``data``
-    (the source of a one-block task) or ``read(plan, block)`` supplies source voxels."""
+    (the source of a one-block task) or ``read(plan, block)`` supplies source voxels (arrays, or
+    the reader's Cutouts, which say what is missing); ``counts`` and ``order``: see finish_task."""
     if ledger.is_done(job_id, i):
         return 0.0
     if not ledger.try_acquire_lease(job_id, i, owner, ttl):
@@ -146,7 +161,8 @@ def process_block(ledger: Ledger, job_id: str, plan: RestorePlan, i: int, model,
             reader = (lambda p, b, _d=data: _d)  # noqa: E731 - the block already read
         with _Heartbeat(ledger, job_id, i, owner, ttl):
             t0 = time.time()
-            finish_task(ledger, job_id, plan, i, model, owner, lambda: ledger.cancel_requested(job_id), reader)
+            finish_task(ledger, job_id, plan, i, model, owner, lambda: ledger.cancel_requested(job_id), reader,
+                        counts, order)
             secs = time.time() - t0
         return max(secs, 1e-6)
     finally:
@@ -231,11 +247,16 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
     model = RestorationModel.load(plan.model_url)
     done_count = 0
     poll = min(2.0, ttl / 8)
+    reader = LayerReader(plan.source)  # one per worker and layer: shard indexes and chunks reused
+    read, counts = layer_read(reader), {}
+
+    def order(block):  # a task's blocks in the order of the source shard their read starts in
+        return reader.shard_key(block.read, plan.mip)
 
     def run(i: int) -> bool | None:
         nonlocal done_count
         try:
-            r = process_block(ledger, job_id, plan, i, model, None, owner, ttl)
+            r = process_block(ledger, job_id, plan, i, model, None, owner, ttl, read, counts, order)
         except Cancelled:
             return None
         if r is None:
@@ -249,6 +270,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
         for i in my_share(r, task_index, T):
             if ledger.cancel_requested(job_id):
                 log(f"[worker {task_index}] job cancelled; stopping")
+                report_missing(ledger, job_id, counts, f"task {task_index}")
                 return done_count
             if run(i) is False:
                 log(f"[worker {task_index}] task {i} is leased by another worker; coming back to it")
@@ -257,6 +279,7 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
         while ledger.done_count(job_id, r.start, r.stop) < len(r):
             if ledger.cancel_requested(job_id):
                 log(f"[worker {task_index}] job cancelled; stopping")
+                report_missing(ledger, job_id, counts, f"task {task_index}")
                 return done_count
             took = False
             for i in free_tasks(ledger, job_id, plan):
@@ -264,12 +287,49 @@ def run_task(ledger_url: str, job_id: str, task_index: int, num_tasks: int | Non
                     break
                 res = run(i)
                 if res is None:
+                    report_missing(ledger, job_id, counts, f"task {task_index}")
                     return done_count
                 took = took or res
             if not took:
                 time.sleep(wait)
                 wait = min(poll, wait * 2)
+        report_missing(ledger, job_id, counts, f"task {task_index}")
     return done_count
+
+
+def missing_note(events) -> str:
+    """The finished job's note summing its ``missing_source`` events (empty when none)."""
+    found = [e for e in events if e.kind == "missing_source"]
+    skipped = sum(int(e.fields.get("skipped", 0)) for e in found)
+    partial = sum(int(e.fields.get("partial", 0)) for e in found)
+    if not (skipped or partial):
+        return ""
+    return f"; {skipped} skipped and {partial} partly written: source chunks missing (no data written as 0)"
+
+
+def report_missing(ledger: Ledger, job_id: str, counts: dict, who: str) -> None:
+    """One ``missing_source`` event summing the blocks a worker found without source chunks
+    (skipped: nothing written) or partly without (their no-data voxels written as 0)."""
+    skipped, partial = int(counts.get("skipped", 0)), int(counts.get("partial", 0))
+    if skipped or partial:
+        ledger.add_event(job_id, "missing_source",
+                         f"{who}: {skipped} block(s) skipped, their source chunks do not exist (missing "
+                         f"tissue; nothing written); {partial} block(s) read partly missing source chunks "
+                         f"(output voxels restored from them written as 0: no data)",
+                         skipped=skipped, partial=partial)
+        counts.clear()
+
+
+def _training_volume(plan: TrainPlan) -> np.ndarray:
+    """The training region; missing chunks show the nearest present tissue (none: refused)."""
+    from ..errors import FailedPrecondition
+    cut = LayerReader(plan.source).read(plan.read, plan.mip)
+    if cut.all_missing:
+        raise FailedPrecondition("region", f"no source chunk exists in the training region {plan.read} "
+                                           "(missing tissue); choose a region inside the tissue")
+    if cut.missing:
+        return fill_from_nearest(cut.data, cut.present, tuple(plan.voxel_size_nm)[::-1])
+    return cut.data
 
 
 def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int:
@@ -283,7 +343,7 @@ def run_training(ledger: Ledger, job_id: str, plan: TrainPlan, log=print) -> int
     if not ledger.try_acquire_lease(job_id, 0, owner, LEASE_TTL_S):
         return 0
     try:
-        vol = pc.read_zyx(plan.source, plan.read.start, plan.read.stop, plan.mip)
+        vol = _training_volume(plan)
         task = make_task("isotropic", plan.factor)
         if plan.base_model:
             model = RestorationModel.load(plan.base_model)

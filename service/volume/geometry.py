@@ -1,7 +1,8 @@
 """Box: an axis-aligned box of voxels in zyx order (in the manner of daisy/funlib's Roi).
 
-The whole service works in zyx; xyz appears only at the edges (the API's messages and the
-Precomputed info/chunk names), converted there with :meth:`Box.from_xyz` / :meth:`Box.xyz`.
+Boxes, blocks, reads, writes and arrays are z, y, x. Values the outside world gives in x, y, z
+(request fields, server settings, Precomputed info and chunk names) carry an ``_xyz`` suffix and
+become boxes with :meth:`Box.from_xyz` (back with :attr:`Box.start_xyz` / :attr:`Box.stop_xyz`).
 ``start`` is inclusive, ``stop`` exclusive.
 """
 

@@ -12,7 +12,9 @@ import numpy as np
 from ..errors import EmrestoreError
 from .stores import (
     SourceNotFound,
+    StoreError,
     VolumeError,
+    backend_for,
     join_url,
     normalize_url,
     object_exists,
@@ -176,22 +178,27 @@ def _open_cv(url: str, mip: int, field_name: str, **kwargs):
 
 
 def _run_io(fn, url: str, field_name: str):
+    """``fn()``; a store's failure becomes a VolumeError naming the store (UNAVAILABLE,
+    PERMISSION_DENIED, NOT_FOUND, or INTERNAL for a reply we cannot use) — never the
+    INVALID_ARGUMENT a library's ValueError would otherwise be answered with."""
     try:
         return fn()
     except EmrestoreError:
         raise
-    except Exception as exc:  # noqa: BLE001 - translated when it is a store failure
+    except Exception as exc:  # noqa: BLE001 - translated: a store failure, not the user's
         err = translate_store_error(exc, url, field_name)
-        if err is not None:
-            raise err from exc
-        raise
+        if err is None:
+            err = StoreError(field_name, f"the store holding {url[:200]} failed ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:200]})")
+        raise err from exc
 
 
 def _info_exists(url: str, field_name: str) -> bool:
-    if url.startswith("memory://"):
-        raise VolumeError(field_name, f"{url}: cloud-volume cannot reach fsspec memory://; use file://, s3://, gs:// or a registered alias")
-    if url.startswith(("mem://", "gs://")):
-        # cloud-files' own protocols (gs:// without requiring gcsfs); cloud-files retries failures.
+    backend, url = backend_for(url)
+    if not backend.volumes:
+        raise VolumeError(field_name, f"{url}: cloud-volume cannot reach {backend.name}; use file://, s3://, gs:// "
+                                      "or a registered alias")
+    if url.startswith("mem://"):  # cloud-files' memory store: only cloud-files sees it
         from cloudfiles import CloudFiles
 
         return bool(_run_io(lambda: CloudFiles(url).exists("info"), url, field_name))
@@ -312,20 +319,3 @@ def _check_box(info: VolumeInfo, start_zyx: Sequence[int], stop_zyx: Sequence[in
     if any(a < l for a, l in zip(start, lo)) or any(b > h for b, h in zip(stop, hi)):
         raise VolumeError(field_name, f"box {_fmt_box(start, stop)} lies outside the layer bounds {_fmt_box(lo, hi)}")
     return start, stop
-
-
-def read_zyx(url: str, bbox_zyx_start: Sequence[int], bbox_zyx_stop: Sequence[int], mip: int = 0, *, fill_missing: bool = False) -> np.ndarray:
-    """Read the box ``[start, stop)`` (absolute zyx voxels) of ``url`` at ``mip`` as a (Z, Y, X) array."""
-    url = normalize_url(url)
-    cv = _open_cv(url, 0, "source", fill_missing=fill_missing)
-    _check_mip(cv.info, mip, "source")
-    cv.mip = int(mip)
-    info = _volume_info_from_dict(cv.info, int(mip), url)
-    (z0, y0, x0), (z1, y1, x1) = _check_box(info, bbox_zyx_start, bbox_zyx_stop, "box")
-    cut = _run_io(lambda: cv[x0:x1, y0:y1, z0:z1], url, "source")
-    arr = np.asarray(cut)
-    if arr.ndim == 4:
-        arr = arr[..., 0]
-    return np.ascontiguousarray(arr.transpose(2, 1, 0))
-
-

@@ -14,10 +14,9 @@ import json
 import os
 
 from ..errors import EmrestoreError, PermissionDenied, quote
-from .stores import _ENDPOINTS, _scheme, normalize_url
+from .stores import _scheme, normalize_url, supported_schemes
 
 ALLOW_ENV = "EMRESTORE_ALLOW_STORES"
-_SCHEMES = {"file", "s3", "gs", "http", "https", "memory"}
 
 
 def _resolved(url: str, field: str) -> str:
@@ -25,8 +24,8 @@ def _resolved(url: str, field: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise EmrestoreError(field, "required: a store URL")
     scheme = _scheme(url.strip())
-    if scheme is not None and scheme not in _SCHEMES and scheme not in _ENDPOINTS and scheme != "precomputed":
-        allowed = ", ".join(sorted(f"{s}://" for s in _SCHEMES | set(_ENDPOINTS)))
+    if scheme is not None and scheme not in supported_schemes() and scheme != "precomputed":
+        allowed = ", ".join(sorted(f"{s}://" for s in supported_schemes()))
         raise EmrestoreError(field, f"{quote(url)}: unsupported scheme {scheme!r:.40}; allowed: {allowed}")
     try:
         norm = normalize_url(url)

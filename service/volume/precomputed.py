@@ -2,7 +2,7 @@
 
 All coordinates are absolute voxel coordinates of the layer (the ``voxel_offset`` included), in
 engine order ``(z, y, x)``. cloud-volume's ``(x, y, z, channel)`` arrays are converted in
-info.py (reading) and layers.py (creating, writing) and nowhere else; this module is their
+info.py and reader.py (reading) and layers.py (creating, writing) and nowhere else; this module is their
 public face.
 
 Frame of an isotropic output layer (odd factor k, h = (k−1)/2): output z voxel ``j = k·i + h``
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from .info import (  # noqa: F401 - the module's public face: reading
     ALLOWED_DTYPES, VolumeInfo, _as_vec3, _fmt_box, _info_exists, _open_cv, _run_io, _volume_info_from_dict,
-    open_layer, open_source, read_zyx,
+    open_layer, open_source,
 )
+from .reader import Cutout, LayerReader, read_zyx  # noqa: F401 - reading boxes (one reader per worker and layer)
 from .layers import (  # noqa: F401 - the module's public face: creating layers
     create_output_layer, create_source_layer, create_uncertainty_layer, encode_uncertainty, output_geometry,
 )
@@ -43,6 +44,8 @@ __all__ = [
     "open_source",
     "open_layer",
     "read_zyx",
+    "LayerReader",
+    "Cutout",
     "create_source_layer",
     "output_geometry",
     "downsample_factors",

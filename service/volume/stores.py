@@ -4,10 +4,14 @@ URLs used by emrestore:
 
 - ``file:///abs/path`` (plain local paths are normalised to this form),
 - ``memory://path`` (fsspec's in-memory filesystem; not visible to cloud-volume),
-- ``s3://bucket/key`` and ``gs://bucket/key`` (default credentials of the process),
+- ``s3://bucket/key`` and ``gs://bucket/key`` (default credentials of the process; gs:// goes
+  through google-cloud-storage and cloud-files, which both honour ``$STORAGE_EMULATOR_HOST``),
 - ``https://host/path`` (read-only, e.g. public Precomputed layers),
 - ``ALIAS://bucket/key`` for an S3-compatible endpoint registered with
   :func:`register_s3_endpoint` (cloud-volume cannot parse ``s3://http://host:port/...``).
+
+:data:`BACKENDS` is the one place that maps a URL scheme to its store, for volumes (info.py,
+reader.py, layers.py), models (engine/model.py) and the ledger (objects.py).
 
 Registration is per process: every process (service, worker) that touches an aliased URL
 must call :func:`register_s3_endpoint` before using it.
@@ -15,14 +19,13 @@ must call :func:`register_s3_endpoint` before using it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 
@@ -33,6 +36,12 @@ __all__ = [
     "SourceNotFound",
     "StoreUnreachable",
     "PermissionDenied",
+    "StoreError",
+    "Backend",
+    "BACKENDS",
+    "backend_for",
+    "open_store",
+    "supported_schemes",
     "S3Endpoint",
     "register_s3_endpoint",
     "registered_endpoint",
@@ -67,6 +76,12 @@ class StoreUnreachable(VolumeError):
     code = "UNAVAILABLE"
 
 
+
+
+class StoreError(VolumeError):
+    """The store answered, but not as its protocol says (a reply we cannot use, a corrupt
+    object): the store's failure, never the user's (INTERNAL; the message names the store)."""
+    code = "INTERNAL"
 
 
 # --------------------------------------------------------------------------------------
@@ -240,7 +255,7 @@ def join_url(url: str, *parts: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# fsspec
+# Backends: the one place that maps a URL scheme to its store
 # --------------------------------------------------------------------------------------
 
 
@@ -260,34 +275,109 @@ def _s3fs(storage_options: dict[str, Any], fail_fast: bool):
     return fs
 
 
-def open_fs(url: str, *, fail_fast: bool = False):
-    """``(filesystem, path)`` for an fsspec filesystem holding ``url``.
+@dataclass(frozen=True)
+class Backend:
+    """What one kind of store is, for every layer of the service.
 
-    Supports ``file://`` and plain paths, ``memory://``, ``s3://``, ``gs://`` (needs gcsfs),
-    ``http(s)://`` (read-only) and registered aliases (s3fs with the alias's endpoint and credentials). ``fail_fast``
-    turns off retries so that a probe of an unreachable store returns within seconds.
+    ``fs(url, fail_fast)`` gives ``(fsspec filesystem, path)`` — models, the ledger, probes;
+    ``atomic`` names the ledger's atomic store class in objects.py (how create-if-absent and
+    compare-and-swap are done there); ``volumes`` says whether cloud-volume/cloud-files reach
+    it (Precomputed layers), ``writable`` whether anything may be written there.
     """
+
+    name: str
+    fs: Callable[[str, bool], tuple[Any, str]]
+    atomic: str
+    volumes: bool = True
+    writable: bool = True
+
+
+def _rest(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def _memory_fs(url: str, fail_fast: bool):
+    fs = fsspec.filesystem("memory")
+    return fs, fs._strip_protocol(url)
+
+
+def _gcs_fs(url: str, fail_fast: bool):
+    from .gcs import GCSFileSystem
+    return GCSFileSystem(fail_fast=fail_fast), _rest(url)
+
+
+def _cloudfiles_only(url: str, fail_fast: bool):
+    raise VolumeError("url", f"{url[:200]}: cloud-files' mem:// holds Precomputed layers only (no models or ledger); "
+                             "use memory:// or file://")
+
+
+#: scheme → backend. Adding a store is one entry here (and, if its conditional writes differ
+#: from the others', one atomic store class in objects.py). Registered S3-compatible aliases
+#: are S3 with the alias's endpoint (see :func:`backend_for`).
+BACKENDS: dict[str, Backend] = {
+    "file": Backend("local files", lambda url, ff: (fsspec.filesystem("file"), _rest(url)), "local"),
+    "memory": Backend("fsspec memory", _memory_fs, "memory", volumes=False),
+    "mem": Backend("cloud-files memory", _cloudfiles_only, "none"),
+    "s3": Backend("S3", lambda url, ff: (_s3fs({}, ff), _rest(url)), "s3"),
+    "gs": Backend("Google Cloud Storage", _gcs_fs, "gcs"),
+    "http": Backend("HTTP (read-only)", lambda url, ff: (fsspec.filesystem("http"), url), "fs", writable=False),
+    "https": Backend("HTTPS (read-only)", lambda url, ff: (fsspec.filesystem("http"), url), "fs", writable=False),
+}
+
+
+def supported_schemes() -> set[str]:
+    """Schemes a URL may use in this process: the backends' and the registered aliases'."""
+    return set(BACKENDS) | set(_ENDPOINTS)
+
+
+def backend_for(url: str) -> tuple[Backend, str]:
+    """``(backend, canonical url)``; INVALID_ARGUMENT naming the allowed schemes otherwise."""
     url = normalize_url(url)
     scheme = _scheme(url)
-    rest = url.split("://", 1)[1]
-    if scheme == "file":
-        return fsspec.filesystem("file"), rest
-    if scheme == "memory":
-        fs = fsspec.filesystem("memory")
-        return fs, fs._strip_protocol(url)
-    if scheme == "s3":
-        return _s3fs({}, fail_fast), rest
-    if scheme in ("http", "https"):
-        return fsspec.filesystem("http"), url
-    if scheme == "gs":
-        if importlib.util.find_spec("gcsfs") is None:
-            raise VolumeError("url", f"{url[:200]} needs the gcsfs package for fsspec access", "UNAVAILABLE")
-        return fsspec.filesystem("gs"), rest
-    endpoint = _ENDPOINTS.get(scheme)
-    if endpoint is not None:
-        return _s3fs(endpoint.storage_options(), fail_fast), rest
-    allowed = ", ".join(["file://", "memory://", "s3://", "gs://", "http(s)://"] + [f"{a}://" for a in sorted(_ENDPOINTS)])
-    raise VolumeError("url", f"scheme {scheme}:// of {url} is not supported; allowed: {allowed}")
+    backend = BACKENDS.get(scheme)  # type: ignore[arg-type]
+    if backend is None:
+        endpoint = _ENDPOINTS.get(scheme)  # type: ignore[arg-type]
+        if endpoint is not None:
+            opts = endpoint.storage_options()
+            backend = Backend(f"S3-compatible store {scheme}:// ({endpoint.endpoint_url})",
+                              lambda u, ff: (_s3fs(opts, ff), _rest(u)), "s3")
+    if backend is None:
+        allowed = ", ".join(sorted(f"{s}://" for s in supported_schemes()))
+        raise VolumeError("url", f"scheme {scheme}:// of {url[:200]} is not supported; allowed: {allowed}")
+    return backend, url
+
+
+def open_store(url: str, storage_options: dict | None = None, settle_s: float = 0.25,
+               conditional: bool | None = None):
+    """The ledger's atomic store for a URL (objects.py, gcs.py): the class its backend names.
+    With ``storage_options``, fsspec opens ``url`` with them (plain s3:// with an endpoint, in a
+    process that has no alias registered)."""
+    from . import objects
+
+    backend, url = backend_for(url)
+    if backend.atomic not in ("local", "memory", "s3", "gcs", "fs") or not backend.writable:
+        raise ValueError(f"ledger: {backend.name} cannot hold a ledger (read-only or no object store)")
+    if storage_options is not None:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    else:
+        fs, path = backend.fs(url, False)
+    if backend.atomic == "local":
+        return objects._LocalStore(path)
+    if backend.atomic == "memory":
+        return objects._MemoryStore(fs, path, 0.0)
+    if backend.atomic == "s3":
+        return objects._S3Store(fs, path, settle_s, conditional)
+    if backend.atomic == "gcs":
+        from .gcs import GCSStore
+        return GCSStore(fs, path, settle_s, conditional)
+    return objects._FsStore(fs, path, settle_s)
+
+
+def open_fs(url: str, *, fail_fast: bool = False):
+    """``(filesystem, path)`` for an fsspec filesystem holding ``url`` (see :data:`BACKENDS`).
+    ``fail_fast`` turns off retries so that a probe of an unreachable store returns within seconds."""
+    backend, url = backend_for(url)
+    return backend.fs(url, fail_fast)
 
 
 # --------------------------------------------------------------------------------------
@@ -312,6 +402,9 @@ def _client_error_code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code") or "") or None
+    code = getattr(exc, "code", None)  # google.api_core's HTTP errors carry the status as an int
+    if isinstance(code, int) and type(exc).__module__.startswith("google."):
+        return str(code)
     return None
 
 
@@ -350,6 +443,12 @@ def translate_store_error(exc: BaseException, url: str, field: str) -> Emrestore
             }
         ) or (module.startswith("requests") and name in {"ConnectionError", "Timeout", "ConnectTimeout"}):
             return StoreUnreachable(field, f"the store holding {url} is unreachable ({name}: {e})")
+        if module.startswith("google.auth") and name in {"DefaultCredentialsError", "RefreshError"}:
+            return PermissionDenied(field, f"no usable Google credentials for {url} ({name}); set "
+                                           "GOOGLE_APPLICATION_CREDENTIALS or a cloud-volume google-secret.json")
+    for e in chain:
+        if _client_error_code(e) in {"500", "502", "503", "504", "429"}:
+            return StoreUnreachable(field, f"the store holding {url} is unavailable ({type(e).__name__}: {e})")
     for e in chain:
         if isinstance(e, FileNotFoundError):
             return SourceNotFound(field, f"{url} does not exist")
@@ -374,4 +473,5 @@ def object_exists(url: str, field: str = "url") -> bool:
             return False
         if err is not None:
             raise err from exc
-        raise StoreUnreachable(field, f"could not check {url} ({type(exc).__name__}: {exc})") from exc
+        raise StoreError(field, f"the store holding {url} could not say whether it exists "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc

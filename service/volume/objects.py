@@ -1,5 +1,7 @@
 """Atomic object stores under the ledger: create-if-absent and read-modify-write of small
-objects, over local files, memory://, S3 (conditional writes) or any fsspec store.
+objects, over local files, memory://, S3 (conditional writes), GCS (generation preconditions)
+or any fsspec store. Which class serves a URL is decided by its backend in stores.py
+(``stores.open_store``).
 
 Every back-end implements the same interface (``read``, ``read_many``, ``list``, ``create``,
 ``update``, ``guarantee``) and is tested by one contract test run over all of them.
@@ -15,7 +17,9 @@ Concurrency guarantees depend on the store (see ``Ledger.lease_guarantee``):
 * S3 and S3-compatible stores: conditional PUT (``If-None-Match: *`` to
   create, ``If-Match: <etag>`` to replace) and conditional DELETE, probed once
   per ledger. Exact when the server enforces the conditions.
-* S3 without conditional writes, and other fsspec stores: write, wait
+* GCS: ``ifGenerationMatch`` on upload (0 to create, the read generation to replace) and on
+  delete, probed once per ledger like S3's. Exact when the server enforces them (GCS does).
+* S3 or GCS without conditional writes, and other fsspec stores: write, wait
   ``settle_s``, read back and confirm. Two writers can both win when one reads
   before the other's write and writes after the other's read-back; use it only
   where a duplicated block is acceptable (blocks are idempotent).
@@ -36,12 +40,10 @@ import time
 import uuid
 from typing import Callable, Iterable, Protocol
 
-import fsspec
 import fsspec.asyn
 
-from ..volume.stores import open_fs
 
-__all__ = ["AtomicStore", "KEEP", "DELETE", "open_store"]
+__all__ = ["AtomicStore", "KEEP", "DELETE"]
 
 
 class AtomicStore(Protocol):
@@ -58,13 +60,6 @@ class AtomicStore(Protocol):
 
 KEEP = object()     # update(): leave the object as it is
 DELETE = object()   # update(): remove the object
-
-
-def _open_fs(url: str, storage_options: dict | None = None):
-    """(fs, path) for a store URL: registered aliases through service.volume.stores.open_fs."""
-    if storage_options is None:
-        return open_fs(url)
-    return fsspec.core.url_to_fs(url, **storage_options)
 
 
 class _FsStore:
@@ -396,21 +391,3 @@ class _S3Store(_FsStore):
                     raise
             time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
         raise TimeoutError(f"ledger object {key} kept changing under concurrent writers")
-
-
-def _make_store(fs, path: str, settle_s: float, conditional: bool | None):
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        return _LocalStore(path)
-    if "memory" in protocols:
-        return _MemoryStore(fs, path, 0.0)
-    if "s3" in protocols or "s3a" in protocols:
-        return _S3Store(fs, path, settle_s, conditional)
-    return _FsStore(fs, path, settle_s)
-
-
-def open_store(url: str, storage_options: dict | None = None, settle_s: float = 0.25,
-               conditional: bool | None = None):
-    """The atomic store for a URL (file://, a plain path, memory://, s3://, an alias, …)."""
-    fs, path = _open_fs(url, storage_options)
-    return _make_store(fs, path, settle_s, conditional)
