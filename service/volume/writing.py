@@ -67,7 +67,7 @@ def _check_aligned(info: VolumeInfo, unit: Vec3, start: Vec3, stop: Vec3, what: 
         )
 
 
-def _put(cv, url: str, mip: int, start: Vec3, arr: np.ndarray) -> None:
+def _put(cv, url: str, mip: int, start: Vec3, arr: np.ndarray, sharded: bool = False) -> None:
     (z0, y0, x0) = start
     z1, y1, x1 = (a + s for a, s in zip(start, arr.shape))
     data = np.asfortranarray(arr.transpose(2, 1, 0))[..., np.newaxis]
@@ -75,7 +75,11 @@ def _put(cv, url: str, mip: int, start: Vec3, arr: np.ndarray) -> None:
     def put():
         with cv.emrestore_lock:
             cv.mip = int(mip)
-            cv[x0:x1, y0:y1, z0:z1] = data
+            cv.delete_black_uploads = sharded  # see _put_shard_file
+            try:
+                cv[x0:x1, y0:y1, z0:z1] = data
+            finally:
+                cv.delete_black_uploads = False
 
     _run_io(put, url, "output")
 
@@ -104,13 +108,18 @@ def _write_scale(cv, url: str, mip: int, start_zyx: Sequence[int], arr: np.ndarr
         if url.startswith("file://"):
             _put_shard_file(cv, url, mip, scale.key, sb, part)
         else:  # S3 and GCS replace an object in one PUT: readers see the old shard or the new one
-            _put(cv, url, mip, sb.start, part)
+            _put(cv, url, mip, sb.start, part, sharded=True)
 
 
 def _put_shard_file(cv, url: str, mip: int, key: str, box: Box, arr: np.ndarray) -> None:
     """A shard on a local disk: encoded by cloud-volume, written to a temporary file and renamed
     over the old one, so a worker killed while writing never leaves half a shard (cloud-files
-    writes files in place)."""
+    writes files in place).
+
+    All-zero chunks (no data: a shard's blocks without source tissue) are left out of the shard,
+    as they are absent from the source: readers fill them with 0. (cloud-volume 12.15 would
+    otherwise encode the first zero chunk once and reuse its bytes for every other one, also for
+    the smaller chunks at the scale's bounds, which then cannot be decoded.)"""
     import os
     import uuid
 
@@ -121,7 +130,11 @@ def _put_shard_file(cv, url: str, mip: int, key: str, box: Box, arr: np.ndarray)
     def make():
         with cv.emrestore_lock:
             cv.mip = int(mip)
-            return cv.image.make_shard(data, Bbox((x0, y0, z0), (x1, y1, z1)), int(mip))
+            cv.delete_black_uploads = True
+            try:
+                return cv.image.make_shard(data, Bbox((x0, y0, z0), (x1, y1, z1)), int(mip))
+            finally:
+                cv.delete_black_uploads = False
 
     filename, blob = _run_io(make, url, "output")
     d = os.path.join(url[len("file://"):], key)
