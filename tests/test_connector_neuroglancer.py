@@ -27,8 +27,9 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("ng")
     src, models_dir, _ = make_source_and_model(root)
     # a wider source (128×128) so that a restored region leaves most of the view untouched, stored
-    # as labs store EM (jpeg, sharded): restored regions follow it (jpeg, sharded outputs), and
-    # Neuroglancer reads both through the static server's byte ranges
+    # as labs store EM (jpeg, sharded): restored regions follow its encoding (jpeg) in unsharded
+    # layers (a sharded write would restore whole shards), and Neuroglancer reads the sharded
+    # source through the static server's byte ranges
     wide = f"file://{root}/data/wide"
     vol = phantom.to_uint8(phantom.make_phantom((25, 128, 128), seed=3))[::3]
     pc.create_source_layer(wide, vol, (8, 8, 24), chunk_size_xyz=(32, 32, 3),
@@ -180,7 +181,8 @@ def test_viewer_key_action_restores_region_in_browser(service, tmp_path):
         assert (job.start_xyz, job.stop_xyz) == drawn  # the tool's box is what was restored
         out_info = json.loads(open(service["svc"].manager.get(job.job_id).outputs["output"][len("file://"):]
                                    + "/info").read())
-        assert out_info["scales"][0]["encoding"] == "jpeg" and out_info["scales"][0]["sharding"]  # as the source
+        # jpeg as the source; a region's new layer unsharded
+        assert out_info["scales"][0]["encoding"] == "jpeg" and not out_info["scales"][0].get("sharding")
         short = job.job_id[-8:]
         names = [layer.name for layer in viewer.viewer.state.layers]
         assert f"restored {short}" in names and f"uncertainty {short}" in names

@@ -183,6 +183,15 @@ def test_dry_run_writes_nothing_and_bad_formats_name_their_field(tiny_iso_model,
     from service.jobs.estimate import format_estimate
     text = format_estimate(est)
     assert "nothing written" in text and "GPU-hours" in text and "shards" in text
+    # a region job's new layer: jpeg as the source but unsharded (a sharded write would restore the
+    # whole shard around the region), unless sharding is asked for
+    region = dict(region_start_xyz=(16, 0, 3), region_stop_xyz=(48, 32, 6))
+    est = mgr.submit(RestoreSpec(source=src, model=model_url, output=f"{root}/r", **region), dry_run=True)
+    assert est["output_format"] == "jpeg (quality 95), unsharded"
+    est = mgr.submit(RestoreSpec(source=src, model=model_url, output=f"{root}/r", **region), dry_run=True,
+                     output_sharding="sharded")
+    assert est["output_format"] == "jpeg (quality 95), sharded"
+    assert objects() == before and mgr.ledger.list_jobs()[0] == []
     # refusals: each names its field, and nothing is written
     u16 = f"{root}/em16"
     pc.create_source_layer(u16, np.zeros((5, 32, 32), np.uint16) + 7, (8, 8, 24), chunk_size_xyz=(32, 32, 3))

@@ -119,9 +119,13 @@ def existing_layer(url: str, field: str) -> dict | None:
 
 
 def output_format(src_dtype: str, src_fmt: dict, existing: dict | None, encoding: str = "",
-                  jpeg_quality: int = 0, sharding: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES) -> LayerFormat:
+                  jpeg_quality: int = 0, sharding: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  region: bool = False) -> LayerFormat:
     """The output layer's format: what was asked for; else the existing layer's (a resume keeps
-    its layer as it is); else the source's (a jpeg, sharded source gets jpeg, sharded outputs).
+    its layer as it is); else the source's (a jpeg, sharded source gets jpeg, sharded outputs) —
+    except that a region job's new layer is unsharded unless sharding is asked for: a sharded
+    write covers whole shards (up to the 1 GiB target each), so a small region in the viewer
+    would restore a whole shard around it.
     Refusals name the request field (output_encoding, jpeg_quality, output_sharding)."""
     if encoding and encoding not in ENCODINGS:
         raise EmrestoreError("output_encoding", f"{quote(encoding)}; allowed: {', '.join(ENCODINGS)} (or empty: as the source)")
@@ -139,7 +143,7 @@ def output_format(src_dtype: str, src_fmt: dict, existing: dict | None, encoding
         enc = "raw"
     q = jpeg_quality or (s0.get("jpeg_quality") if s0 else None) or src_fmt.get("jpeg_quality") or DEFAULT_JPEG_QUALITY
     if sharding == "auto":
-        sharded = bool(s0.get("sharding")) if s0 else bool(src_fmt.get("sharded"))
+        sharded = bool(s0.get("sharding")) if s0 else bool(src_fmt.get("sharded")) and not region
     else:
         sharded = sharding == "sharded"
     fmt = LayerFormat(encoding=enc, jpeg_quality=int(q), sharded=sharded, shard_bytes=int(shard_bytes))
@@ -284,7 +288,8 @@ class Planner:
         scale = scale_for(task, factor)
         existing = existing_layer(spec.output, "output")
         fmt = output_format(src.dtype, source_format(spec.source, spec.mip), existing, output_encoding,
-                            jpeg_quality, output_sharding, self.shard_bytes)
+                            jpeg_quality, output_sharding, self.shard_bytes,
+                            region=spec.region_start_xyz is not None)
         n_scales = len(existing["scales"]) if existing else None
         geom = self.output_geometry(src, scale, src.dtype, n_scales)
         try:
