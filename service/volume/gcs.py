@@ -26,7 +26,7 @@ from typing import Callable
 
 import fsspec
 
-from .objects import DELETE, KEEP, _FsStore
+from .objects import DELETE, KEEP, _ConditionalStore
 
 __all__ = ["GCSFileSystem", "GCSStore", "PreconditionFailed"]
 
@@ -193,25 +193,10 @@ class GCSFileSystem(fsspec.AbstractFileSystem):
         pass
 
 
-class GCSStore(_FsStore):
+class GCSStore(_ConditionalStore):
     """GCS through gcs.GCSFileSystem: generation preconditions when the server enforces them."""
 
-    def __init__(self, fs, root: str, settle_s: float, conditional: bool | None):
-        super().__init__(fs, root, settle_s)
-        self._conditional = conditional
-        self._conditional_delete = conditional
-        self._probe_lock = threading.Lock()
-
-    @property
-    def guarantee(self) -> str:  # type: ignore[override]
-        return "gcs-conditional" if self._cond() else "best-effort"
-
-    def _cond(self) -> bool:
-        if self._conditional is None:
-            with self._probe_lock:
-                if self._conditional is None:
-                    self._conditional = self._probe()
-        return bool(self._conditional)
+    GUARANTEE = "gcs-conditional"
 
     def _probe(self) -> bool:
         """Check once whether the server refuses writes (and deletes) on a wrong generation;

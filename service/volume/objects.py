@@ -269,8 +269,13 @@ def _s3_conflict(exc: BaseException) -> bool:
     return status in (409, 412)
 
 
-class _S3Store(_FsStore):
-    """S3 through s3fs: conditional PUT/DELETE when the server enforces them."""
+class _ConditionalStore(_FsStore):
+    """An object store whose atomic create/replace uses the server's preconditions when it
+    enforces them (probed once, on first use; ``conditional`` given: no probe), else the
+    lock-file protocol of _FsStore. Subclasses name ``GUARANTEE`` and implement ``_probe`` (whether
+    conditional writes are refused on a wrong precondition; it sets ``_conditional_delete``)."""
+
+    GUARANTEE = ""
 
     def __init__(self, fs, root: str, settle_s: float, conditional: bool | None):
         super().__init__(fs, root, settle_s)
@@ -280,7 +285,23 @@ class _S3Store(_FsStore):
 
     @property
     def guarantee(self) -> str:  # type: ignore[override]
-        return "s3-conditional" if self._cond() else "best-effort"
+        return self.GUARANTEE if self._cond() else "best-effort"
+
+    def _cond(self) -> bool:
+        if self._conditional is None:
+            with self._probe_lock:
+                if self._conditional is None:
+                    self._conditional = self._probe()
+        return bool(self._conditional)
+
+    def _probe(self) -> bool:
+        raise NotImplementedError
+
+
+class _S3Store(_ConditionalStore):
+    """S3 through s3fs: conditional PUT/DELETE when the server enforces them."""
+
+    GUARANTEE = "s3-conditional"
 
     def _bk(self, key: str) -> tuple[str, str]:
         bucket, k, _ = self.fs.split_path(self.path(key))
@@ -316,14 +337,7 @@ class _S3Store(_FsStore):
         data, etag = fsspec.asyn.sync(fs.loop, go)
         return (data or None), etag
 
-    def _cond(self) -> bool:
-        if self._conditional is None:
-            with self._probe_lock:
-                if self._conditional is None:
-                    self._probe()
-        return bool(self._conditional)
-
-    def _probe(self) -> None:
+    def _probe(self) -> bool:
         """Check once whether the server enforces If-None-Match / If-Match."""
         key = f"_probe/{uuid.uuid4().hex}"
         wrong = '"00000000000000000000000000000000"'
@@ -343,8 +357,8 @@ class _S3Store(_FsStore):
         finally:
             with contextlib.suppress(Exception):
                 self._call("delete_object", key)
-        self._conditional = create_ok and replace_ok
-        self._conditional_delete = self._conditional and delete_ok
+        self._conditional_delete = create_ok and replace_ok and delete_ok
+        return create_ok and replace_ok
 
     def create(self, key: str, data: bytes, lock_key: str) -> bool:
         if not self._cond():
