@@ -1,5 +1,5 @@
-"""What the networks need from the host to run at the CPU's speed (measured: bench/realz.py's speed
-table, README "Where the time goes").
+"""What the networks need from the host to run at the CPU's speed (measured: bench/sampling_speed.py,
+README "Where the time goes").
 
 - **Memory**: every layer of a UNet evaluation allocates its activation anew. Tensors above glibc's
   mmap threshold (at most 32 MiB; a batch of 12 view images of 248 × 256 at 16 channels is 48 MiB)

@@ -14,10 +14,11 @@ import numpy as np
 
 from ..volume.pyramid import LayerFormat, ScaleSpec, layer_scales
 
-#: bytes per voxel of mip-0 shards of a *restored* real EM layer (FlyEM FIB-SEM, k = 5, 64×64×15
-#: chunks, the service's own output: bench/formats.py → bench/results/formats.md, 2026-12-04)
+#: bytes per voxel of mip-0 shards of a *restored* real EM layer (FlyEM FIB-SEM, k = 5, 64×64×10
+#: chunks, the service's own output of a tiny model trained on the kept sections: bench/formats.py →
+#: bench/results/formats.md, 2026-12-04)
 COMPRESSED_BYTES_PER_VOXEL = {
-    ("jpeg", 75): 0.145, ("jpeg", 85): 0.193, ("jpeg", 90): 0.249, ("jpeg", 95): 0.375, ("png", None): 0.574,
+    ("jpeg", 75): 0.142, ("jpeg", 85): 0.188, ("jpeg", 90): 0.238, ("jpeg", 95): 0.348, ("png", None): 0.553,
 }
 COMPRESSION_BASIS = ("bytes per voxel measured on a restored FlyEM FIB-SEM layer written by the service "
                      "(bench/results/formats.md, 2026-12-04)")
